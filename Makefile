@@ -1,0 +1,35 @@
+# Two commands for everything: `make repro` (run the pipeline) and `make test` (lint + tests).
+# Both create .venv on first use; nothing but Python >= 3.11 and git is needed beforehand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Installed first and on their own so that pip takes these exact wheels (they are on local disk in
+# our CI). Override for another CUDA/CPU build, e.g. make repro TORCH_PACKAGES="torch torchvision".
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: repro test lint install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+test: lint
+	pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,195 @@
+"""Typed parameters: the one place where params.yaml is read and validated.
+
+Every group of params.yaml is a frozen dataclass below. Types, ranges and allowed values are
+checked by pydantic (strictly: `0.3` is not accepted where an int is expected, `"yes"` is not a
+bool), unknown and missing keys are refused, and every problem is reported with its dotted key:
+
+    params.yaml: head.dropout: Input should be less than 1 (got 1.5)
+    params.yaml: image.mode: Input should be 'none', 'shrink' or 'crop' (got 'zoom')
+
+so that a stage fails before it does any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # class and split names: no paths, no spaces
+
+# Strict scalars: YAML's `0.3` is no int, `"yes"` no bool (an int is still a valid float).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+PositiveFloat = Annotated[Float, Field(gt=0.0)]
+Name = Annotated[Str, Field(pattern=_NAME)]
+Shape = Literal["circle", "square", "triangle", "star", "hexagon", "cross"]  # see synthetic.py
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or a value in it is not allowed (the message names the key)."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SyntheticParams:
+    seed: Annotated[Int, Field(ge=0)]
+    n_train: PositiveInt
+    n_val: PositiveInt
+    classes: Annotated[list[Shape], Field(min_length=1)]
+    min_side: Annotated[Int, Field(ge=32, le=4096)]
+    max_side: Annotated[Int, Field(ge=32, le=4096)]
+    max_objects: Annotated[Int, Field(ge=1, le=50)]
+    difficult_below: Annotated[Int, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticParams:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {self.classes}")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataParams:
+    source: Literal["synthetic", "voc"]
+    root: Str
+    year: Annotated[Int, Field(ge=2007, le=2012)]
+    train_split: Name
+    val_split: Name
+    download: Bool
+    on_error: Literal["raise", "skip"]
+    synthetic: SyntheticParams
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.train_split == self.val_split:
+            raise ValueError(f"train_split and val_split are both {self.train_split!r}")
+        if self.download and (self.source != "voc" or self.year != 2012):
+            raise ValueError("download fetches VOC2012 only: set source: voc and year: 2012")
+        if self.download and Path(self.root).name != "VOCdevkit":
+            raise ValueError(
+                f"with download: true, root must be a folder named VOCdevkit (got {self.root!r}): "
+                "the archive unpacks VOCdevkit/VOC2012 into root's parent"
+            )
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ImageParams:
+    mode: Literal["none", "shrink", "crop"]
+    size: Annotated[Int, Field(ge=32, le=2048)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ReportParams:
+    samples: Annotated[Int, Field(ge=0, le=64)]
+    mode_samples: Annotated[Int, Field(ge=0, le=16)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class BackboneParams:
+    name: Name
+    weights: Literal["imagenet", "random"]
+    device: Literal["auto", "cpu", "cuda"]
+    store_dtype: Literal["float16", "float32"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class HeadParams:
+    dropout: Probability
+    hidden: PositiveInt
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainParams:
+    seed: Annotated[Int, Field(ge=0)]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: Annotated[Float, Field(ge=0.0)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GridParams:
+    num_cells: Annotated[Int, Field(ge=1, le=64)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EvalParams:
+    score_threshold: Probability
+    nms_iou: Annotated[Float, Field(gt=0.0, le=1.0)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Params:
+    data: DataParams
+    image: ImageParams
+    report: ReportParams
+    backbone: BackboneParams
+    head: HeadParams
+    train: TrainParams
+    grid: GridParams
+    eval: EvalParams
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from YAML) into `Params`, or raise `ParamsError`."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of groups, got {type(raw).__name__}")
+    try:
+        return TypeAdapter(Params).validate_python(raw)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ParamsError("\n".join(f"{source}: {line}" for line in lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))
+
+
+def _describe(error: dict) -> str:
+    """One line per pydantic error: dotted key, what is wrong, what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        allowed = ", ".join(_field_names(loc[:-1]))
+        return f"{key}: unknown key (allowed here: {allowed})"
+    if kind in ("missing_argument", "missing"):
+        return f"{key}: missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":
+        message = "must be a plain name of letters, digits, '_' or '-' (no paths or spaces)"
+    if kind == "value_error" or "input" not in error or isinstance(error["input"], dict):
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def _field_names(loc: list[str]) -> list[str]:
+    """Field names of the dataclass found by walking `loc` down from `Params`."""
+    cls: Any = Params
+    for part in loc:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return []
+        cls = hints[part]
+    return [field.name for field in dataclasses.fields(cls)]

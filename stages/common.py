@@ -1,0 +1,30 @@
+"""What the stage scripts share: the output locations named in dvc.yaml, and clean failures."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from pipeline_lib.params import ParamsError
+from pipeline_lib.voc import DatasetError
+
+# Keep in step with dvc.yaml.
+SYNTHETIC_DIR = Path("data/synthetic")
+SYNTHETIC_DATASET = SYNTHETIC_DIR / "VOCdevkit" / "VOCshapes"
+PREPARED_DIR = Path("data/prepared")
+PREPARE_REPORTS = Path("reports/prepare")
+
+PARAMS_OPTION = typer.Option("params.yaml", "--params", help="The params file to read.")
+
+
+@contextlib.contextmanager
+def clean_errors() -> Iterator[None]:
+    """Turn the library's input errors into one 'error: ...' line on stderr and exit code 1."""
+    try:
+        yield
+    except (ParamsError, DatasetError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None

@@ -1,0 +1,103 @@
+"""Stage `prepare`: VOC annotations -> Parquet tables in data/prepared + an exploration report.
+
+    python -m stages.prepare [--params params.yaml]
+
+Reads the synthetic dataset (data.source: synthetic) or a VOCdevkit folder (data.source: voc,
+optionally downloading VOC2012 first), then writes
+- data/prepared/{images,objects}.parquet and dataset.json (see pipeline_lib/tables.py),
+- reports/prepare/metrics.json: counts per split (images, objects, difficult, truncated, skipped,
+  objects per class),
+- reports/prepare/skipped.json: the images dropped under data.on_error: skip, and why,
+- reports/prepare/figures/*.png: size histograms, class counts, samples, image modes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline_lib import plots
+from pipeline_lib.files import atomic_dir, write_json
+from pipeline_lib.params import load_params
+from pipeline_lib.tables import read_prepared, split_summary, write_prepared
+from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
+from stages.common import (
+    PARAMS_OPTION,
+    PREPARE_REPORTS,
+    PREPARED_DIR,
+    SYNTHETIC_DATASET,
+    clean_errors,
+)
+
+app = typer.Typer(add_completion=False)
+GRID_DPI = 60  # image grids: keeps the PNGs of noisy photos well under 1 MB
+
+
+@app.command()
+def main(params_file: Path = PARAMS_OPTION) -> None:
+    """Parse the annotations of data.train_split and data.val_split into tables and a report."""
+    with clean_errors():
+        params = load_params(params_file)
+        data = params.data
+        if data.source == "synthetic":
+            dataset_dir, classes = SYNTHETIC_DATASET, list(data.synthetic.classes)
+        else:
+            if data.download:
+                download_voc2012(Path(data.root).parent)
+            dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
+        splits = {"train": data.train_split, "val": data.val_split}
+        rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error)
+        for skip in rows.skipped:
+            typer.secho(f"warning: skipped {skip['reason']}", err=True, fg=typer.colors.YELLOW)
+        if rows.skipped:
+            typer.secho(f"warning: skipped {len(rows.skipped)} images", err=True, bold=True)
+        if not rows.images:
+            raise DatasetError(f"{dataset_dir}: no valid image in the splits {splits}")
+
+        info = {
+            "source": data.source,
+            "dataset_dir": dataset_dir.as_posix(),
+            "classes": classes,
+            "splits": splits,
+        }
+        write_prepared(PREPARED_DIR, rows.images, rows.objects, info)
+
+    prepared = read_prepared(PREPARED_DIR)
+    summary = split_summary(prepared.images, prepared.objects, classes, list(splits))
+    for role, stats in summary.items():
+        stats["skipped"] = sum(skip["split"] == role for skip in rows.skipped)
+    write_json(PREPARE_REPORTS / "metrics.json", summary)
+    write_json(PREPARE_REPORTS / "skipped.json", rows.skipped)
+    write_figures(prepared, dataset_dir, summary, params)
+    for role, stats in summary.items():
+        typer.echo(f"{role}: {stats['images']} images, {stats['objects']} objects")
+
+
+def write_figures(prepared, dataset_dir: Path, summary: dict, params) -> None:
+    """reports/prepare/figures: class counts, and per split sizes, samples and image modes."""
+    images, objects, classes = prepared.images, prepared.objects, prepared.classes
+    with atomic_dir(PREPARE_REPORTS / "figures") as out:
+        plots.save_figure(plots.class_count_chart(summary, classes), out / "class_counts.png")
+        for split in summary:
+            mine = images[images["split"] == split]
+            if mine.empty:
+                continue
+            plots.save_figure(plots.size_histograms(mine, split), out / f"sizes_{split}.png")
+            samples = plots.exploration_panels(
+                dataset_dir, plots.pick_evenly(mine, params.report.samples), objects
+            )
+            if samples:
+                cols = 4
+                grid = [samples[i : i + cols] for i in range(0, len(samples), cols)]
+                figure = plots.image_grid(grid, classes, f"{split}: samples")
+                plots.save_figure(figure, out / f"samples_{split}.png", dpi=GRID_DPI)
+            shown = samples[: params.report.mode_samples]
+            if shown:
+                rows = plots.mode_rows(shown, params.image.size)
+                figure = plots.image_grid(rows, classes, f"{split}: image modes")
+                plots.save_figure(figure, out / f"modes_{split}.png", dpi=GRID_DPI)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,64 @@
+"""Shared fixtures: the repository's params, the genuine VOC2007 subset, small VOC folders."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VOC = REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007"
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    """params.yaml as a plain dict (a fresh copy to modify)."""
+    return copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def shared_voc() -> Path:
+    if not (SHARED_VOC / "Annotations").is_dir():
+        pytest.skip(f"genuine VOC2007 subset not found at {SHARED_VOC} (it ships beside the repo)")
+    return SHARED_VOC
+
+
+def voc_xml(filename="a.jpg", width=100, height=80, objects=("<object><name>cat</name>"
+            "<bndbox><xmin>10</xmin><ymin>20</ymin><xmax>50</xmax><ymax>60</ymax></bndbox>"
+            "</object>",), extra="") -> str:  # fmt: skip
+    """A small VOC annotation; `objects` are raw <object> XML snippets."""
+    return (
+        f"<annotation><filename>{filename}</filename>"
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{extra}{''.join(objects)}</annotation>"
+    )
+
+
+class VocFolder:
+    """Builds a tiny dataset folder: Annotations/, JPEGImages/, ImageSets/Main/."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def add(self, image_id: str, xml: str | None = None, size=(100, 80), image=True) -> None:
+        if xml is not None:
+            (self.root / "Annotations" / f"{image_id}.xml").write_text(xml)
+        if image:
+            Image.new("RGB", size, (90, 120, 200)).save(
+                self.root / "JPEGImages" / f"{image_id}.jpg"
+            )
+
+    def split(self, name: str, ids: list[str]) -> None:
+        (self.root / "ImageSets" / "Main" / f"{name}.txt").write_text(
+            "".join(f"{i}\n" for i in ids)
+        )
+
+
+@pytest.fixture
+def voc_folder(tmp_path) -> VocFolder:
+    return VocFolder(tmp_path / "VOCdevkit" / "VOC2007")

@@ -1,0 +1,97 @@
+"""VOC2012 download against a real HTTP server on 127.0.0.1: fetch, MD5 check, extraction."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+
+import pytest
+from conftest import VocFolder, voc_xml
+
+from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
+
+ARCHIVE = "VOCtrainval_11-May-2012.tar"  # torchvision's file name for VOC2012 trainval
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """Serve tmp_path/site over HTTP on 127.0.0.1; yields (site folder, base URL)."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def make_archive(tmp_path, extra_member: str | None = None) -> bytes:
+    """A tiny VOC2012-shaped tar: VOCdevkit/VOC2012/{Annotations,JPEGImages,ImageSets/Main}."""
+    folder = VocFolder(tmp_path / "src" / "VOCdevkit" / "VOC2012")
+    objects = ["<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax>"
+               "<ymax>30</ymax></bndbox></object>"]  # fmt: skip
+    folder.add("2012_000001", voc_xml("2012_000001.jpg", objects=objects))
+    folder.split("train", ["2012_000001"])
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(tmp_path / "src" / "VOCdevkit", arcname="VOCdevkit")
+        if extra_member:
+            info = tarfile.TarInfo(extra_member)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    return buffer.getvalue()
+
+
+def test_download_extract_and_read(server, tmp_path):
+    site, base = server
+    data = make_archive(tmp_path)
+    (site / ARCHIVE).write_bytes(data)
+    dest = tmp_path / "data"
+    dataset = download_voc2012(dest, f"{base}/{ARCHIVE}", hashlib.md5(data).hexdigest())
+    assert dataset == dest / "VOCdevkit" / "VOC2012"
+    rows = read_voc(dataset, {"train": "train"}, VOC_CLASSES, progress=False)
+    assert [o["class_name"] for o in rows.objects] == ["dog"]
+    assert not (dest / ARCHIVE).exists()  # the 2 GB archive is not kept
+    # A second call finds the dataset and downloads nothing (the server no longer has it).
+    (site / ARCHIVE).unlink()
+    assert download_voc2012(dest, f"{base}/{ARCHIVE}", "0" * 32) == dataset
+
+
+def test_checksum_mismatch_is_rejected(server, tmp_path):
+    site, base = server
+    (site / ARCHIVE).write_bytes(make_archive(tmp_path))
+    dest = tmp_path / "data"
+    with pytest.raises(DatasetError, match="failed its MD5 check"):
+        download_voc2012(dest, f"{base}/{ARCHIVE}", "0" * 32)
+    assert list(dest.iterdir()) == []  # neither the corrupt archive nor a partial dataset
+
+
+def test_unsafe_archive_member_is_refused(server, tmp_path):
+    site, base = server
+    data = make_archive(tmp_path, extra_member="../escaped.txt")
+    (site / ARCHIVE).write_bytes(data)
+    with pytest.raises(DatasetError, match="cannot unpack"):
+        download_voc2012(tmp_path / "data", f"{base}/{ARCHIVE}", hashlib.md5(data).hexdigest())
+    assert not (tmp_path / "escaped.txt").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # no archive, no partial dataset
+
+
+def test_offline_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DatasetError) as info:
+        download_voc2012(tmp_path / "data", f"http://127.0.0.1:{port}/{ARCHIVE}", "0" * 32)
+    message = str(info.value)
+    assert "could not download VOC2012" in message
+    assert "Without internet, download" in message and "VOCdevkit/VOC2012/Annotations" in message

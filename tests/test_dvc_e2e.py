@@ -1,0 +1,68 @@
+"""The real `dvc` CLI in a temporary git repository, on a tiny synthetic configuration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def run(cwd: Path, *args: str) -> str:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dvc and python
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC repository holding this project's pipeline with tiny params."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("stages", "pipeline_lib"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["synthetic"].update(n_train=8, n_val=4, min_side=96, max_side=128)
+    params["report"].update(samples=2, mode_samples=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(root, "git", "init", "-q")
+    run(root, "git", "config", "user.email", "test@example.com")
+    run(root, "git", "config", "user.name", "test")
+    run(root, "dvc", "init", "-q")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "pipeline")
+    return root
+
+
+def test_repro_runs_prepare_then_nothing(project):
+    first = run(project, "dvc", "repro")
+    assert "Running stage 'synthesize'" in first and "Running stage 'prepare'" in first
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"synthesize", "prepare"}
+    assert (project / "data/prepared/images.parquet").is_file()
+    metrics = run(project, "dvc", "metrics", "show")
+    assert "train.images" in metrics and "val.objects" in metrics
+
+    second = run(project, "dvc", "repro")
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date" in second
+
+
+def test_changing_an_image_param_reruns_prepare_only(project):
+    run(project, "dvc", "repro")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["image"]["size"] = 160
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run(project, "dvc", "repro")
+    assert "Running stage 'prepare'" in output
+    assert "Running stage 'synthesize'" not in output

@@ -1,0 +1,48 @@
+"""Image modes on boxes and images, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_lib.geometry import crop_window, output_size, transform_boxes, transform_image
+
+BOXES = torch.tensor([[100.0, 100.0, 300.0, 200.0], [10.0, 10.0, 60.0, 50.0]])
+
+
+def test_none_keeps_everything():
+    boxes, keep = transform_boxes(BOXES, 500, 375, "none", 224)
+    assert torch.equal(boxes, BOXES.double()) and keep.all()
+    assert output_size(500, 375, "none", 224) == (500, 375)
+
+
+def test_shrink_scales_each_axis():
+    boxes, keep = transform_boxes(BOXES, 500, 375, "shrink", 224)
+    # 224/500 = 0.448 and 224/375 = 0.597333...
+    expected = torch.tensor(
+        [[44.8, 59.7333333, 134.4, 119.4666667], [4.48, 5.9733333, 26.88, 29.8666667]]
+    )
+    assert torch.allclose(boxes, expected.double(), atol=1e-6) and keep.all()
+
+
+def test_crop_shifts_clips_and_drops():
+    # 500x375 -> centre 224 window starts at ((500-224)/2, (375-224)/2) = (138, 75.5 -> 76)
+    assert crop_window(500, 375, 224) == (138, 76)
+    boxes, keep = transform_boxes(BOXES, 500, 375, "crop", 224)
+    assert keep.tolist() == [True, False]  # the second box lies left of the window
+    assert boxes.tolist() == [[0.0, 24.0, 162.0, 124.0]]
+
+
+def test_crop_of_a_small_image_pads():
+    assert crop_window(100, 300, 224) == (-62, 38)
+    image = transform_image(Image.new("RGB", (100, 300), (255, 255, 255)), "crop", 224)
+    assert image.size == (224, 224)
+    assert image.getpixel((0, 100)) == (0, 0, 0) and image.getpixel((100, 100)) == (255, 255, 255)
+    boxes, _ = transform_boxes(torch.tensor([[0.0, 38.0, 100.0, 100.0]]), 100, 300, "crop", 224)
+    assert boxes.tolist() == [[62.0, 0.0, 162.0, 62.0]]
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="allowed: none, shrink, crop"):
+        transform_boxes(BOXES, 500, 375, "zoom", 224)

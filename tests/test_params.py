@@ -1,0 +1,88 @@
+"""params.yaml validation: every problem names its key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_lib.params import ParamsError, load_params, parse_params
+
+
+def error_for(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_repository_params_are_valid(raw_params):
+    params = parse_params(raw_params)
+    assert params.data.source == "synthetic"
+    assert params.head.dropout == raw_params["head"]["dropout"]
+    assert params.image.mode in ("none", "shrink", "crop")
+
+
+@pytest.mark.parametrize(
+    ("group", "key", "value", "expected"),
+    [
+        ("head", "dropout", 1.5, "head.dropout: Input should be less than 1 (got 1.5)"),
+        ("head", "dropout", -0.1, "head.dropout: Input should be greater than or equal to 0"),
+        ("image", "mode", "zoom", "image.mode: Input should be 'none', 'shrink' or 'crop'"),
+        ("data", "source", "coco", "data.source: Input should be 'synthetic' or 'voc'"),
+        ("data", "on_error", "ignore", "data.on_error: Input should be 'raise' or 'skip'"),
+        ("data", "year", 2013, "data.year: Input should be less than or equal to 2012"),
+        ("data", "download", "yes", "data.download: Input should be a valid boolean (got 'yes')"),
+        ("train", "epochs", 2.5, "train.epochs: Input should be a valid integer (got 2.5)"),
+        ("train", "lr", 0, "train.lr: Input should be greater than 0"),
+        ("data", "train_split", "../x", "data.train_split: must be a plain name"),
+        ("image", "size", "224", "image.size: Input should be a valid integer (got '224')"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(raw_params, group, key, value, expected):
+    raw_params[group][key] = value
+    assert expected in error_for(raw_params)
+
+
+def test_unknown_and_missing_keys(raw_params):
+    raw_params["head"]["dropuot"] = 0.3
+    assert "head.dropuot: unknown key (allowed here: dropout, hidden)" in error_for(raw_params)
+    del raw_params["head"]["dropuot"]
+    raw_params["extra_group"] = {}
+    assert "extra_group: unknown key (allowed here: data, image," in error_for(raw_params)
+    del raw_params["extra_group"]
+    del raw_params["data"]["synthetic"]["seed"]
+    assert "data.synthetic.seed: missing" in error_for(raw_params)
+
+
+def test_all_errors_reported_at_once(raw_params):
+    raw_params["head"]["dropout"] = 2.0
+    raw_params["image"]["mode"] = "zoom"
+    message = error_for(raw_params)
+    assert "head.dropout" in message and "image.mode" in message
+
+
+def test_cross_field_rules(raw_params):
+    raw_params["data"]["synthetic"]["min_side"] = 500
+    assert "data.synthetic: min_side (500) must be <= max_side" in error_for(raw_params)
+    raw_params["data"]["synthetic"]["min_side"] = 160
+    raw_params["data"]["synthetic"]["classes"] = ["circle", "blob"]
+    assert "data.synthetic.classes.1: Input should be 'circle'" in error_for(raw_params)
+    raw_params["data"]["synthetic"]["classes"] = ["circle", "circle"]
+    assert "classes must be unique" in error_for(raw_params)
+    raw_params["data"]["synthetic"]["classes"] = ["circle"]
+    raw_params["data"]["download"] = True
+    assert "download fetches VOC2012 only" in error_for(raw_params)
+    raw_params["data"].update(source="voc", year=2012, root="data/voc")
+    assert "root must be a folder named VOCdevkit" in error_for(raw_params)
+    raw_params["data"].update(root="data/VOCdevkit", val_split="train")
+    assert "train_split and val_split are both 'train'" in error_for(raw_params)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)

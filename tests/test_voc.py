@@ -1,0 +1,181 @@
+"""The VOC parser on small hand-written files: every rule and every bad input of the module doc."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import voc_xml
+
+from pipeline_lib.voc import AnnotationError, DatasetError, parse_annotation, read_voc
+
+CLASSES = ["cat", "dog", "person"]
+IDS = {name: i for i, name in enumerate(CLASSES)}
+
+
+def obj(name="cat", box=(10, 20, 50, 60), inner=""):
+    xmin, ymin, xmax, ymax = box
+    return (
+        f"<object><name>{name}</name>{inner}<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+        f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+    )
+
+
+def parse(tmp_path, xml):
+    path = tmp_path / "x.xml"
+    path.write_text(xml)
+    return parse_annotation(path, IDS)
+
+
+def error_of(tmp_path, xml) -> AnnotationError:
+    with pytest.raises(AnnotationError) as info:
+        parse(tmp_path, xml)
+    assert str(tmp_path / "x.xml") in str(info.value)  # the message names the file
+    return info.value
+
+
+def test_fields_and_documented_defaults(tmp_path):
+    image, objects = parse(tmp_path, voc_xml(objects=[obj("dog", (1, 2, 100, 80))]))
+    assert image == {"filename": "a.jpg", "width": 100, "height": 80, "depth": 3,
+                     "segmented": False}  # fmt: skip
+    assert objects == [
+        {"object_index": 0, "class_name": "dog", "class_id": 1, "xmin": 1.0, "ymin": 2.0,
+         "xmax": 100.0, "ymax": 80.0, "difficult": False, "truncated": False, "occluded": None,
+         "pose": "Unspecified"}
+    ]  # fmt: skip
+
+
+def test_flags_pose_and_decimal_coordinates(tmp_path):
+    inner = (
+        "<pose>Left</pose><truncated>1</truncated><occluded>0</occluded><difficult>1</difficult>"
+    )
+    _, [o] = parse(tmp_path, voc_xml(objects=[obj("cat", ("10.5", "20", "49.75", "60"), inner)]))
+    assert (o["xmin"], o["xmax"]) == (10.5, 49.75)
+    assert (o["pose"], o["truncated"], o["occluded"], o["difficult"]) == ("Left", True, False, True)
+
+
+def test_parts_and_owner_are_not_objects(tmp_path):
+    part = "<part><name>hand</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>" \
+           "<ymax>5</ymax></bndbox></part>"  # fmt: skip
+    owner = "<owner><flickrid>x</flickrid><name>Some Person</name></owner>"
+    _, objects = parse(tmp_path, voc_xml(objects=[obj("person", inner=part)], extra=owner))
+    assert [o["class_name"] for o in objects] == ["person"]
+
+
+@pytest.mark.parametrize(
+    ("xml", "field", "words"),
+    [
+        ("<annotation><filename>a.jpg</filename", "xml", "malformed"),
+        (voc_xml(objects=[obj("unicorn")]), "object[0]/name", "unknown class 'unicorn'"),
+        (voc_xml(objects=[obj(box=(50, 20, 50, 60))]), "object[0]/bndbox", "empty or outside"),
+        (voc_xml(objects=[obj(box=(10, 60, 50, 20))]), "object[0]/bndbox", "empty or outside"),
+        (voc_xml(objects=[obj(box=(10, 20, 101, 60))]), "object[0]/bndbox", "outside"),
+        (voc_xml(objects=[obj(box=(-1, 20, 50, 60))]), "object[0]/bndbox", "outside"),
+        (voc_xml(objects=[obj(), obj(box=("nan", 1, 2, 3))]), "object[1]/bndbox/xmin", "finite"),
+        (voc_xml(objects=[obj(box=("ten", 1, 2, 3))]), "object[0]/bndbox/xmin", "not a number"),
+        (voc_xml(objects=["<object><name>cat</name></object>"]), "object[0]/bndbox", "missing"),
+        (voc_xml(width="abc"), "size/width", "not a number"),
+        (voc_xml(width=0), "size/width", "positive whole"),
+        (voc_xml(filename="../outside.jpg"), "filename", "plain file name"),
+        (voc_xml(filename="/etc/passwd"), "filename", "plain file name"),
+        (voc_xml(filename="sub\\x.jpg"), "filename", "plain file name"),
+        (voc_xml(filename=".."), "filename", "plain file name"),
+        (
+            "<annotation><size><width>1</width><height>1</height></size></annotation>",
+            "filename",
+            "missing",
+        ),
+        ("<other/>", "annotation", "root element"),
+        (voc_xml(objects=[obj(inner="<difficult>2</difficult>")]), "object[0]/difficult", "0 or 1"),
+    ],
+)
+def test_bad_annotations_name_file_and_field(tmp_path, xml, field, words):
+    error = error_of(tmp_path, xml)
+    assert error.field == field
+    assert words in error.message
+
+
+def test_entity_expansion_is_refused(tmp_path):
+    bomb = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        '<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>'
+        "<annotation><filename>&lol2;</filename></annotation>"
+    )
+    assert "unsafe XML" in error_of(tmp_path, bomb).message
+
+
+def test_external_entity_is_refused(tmp_path):
+    xxe = (
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        "<annotation><filename>&x;</filename></annotation>"
+    )
+    assert "unsafe XML" in error_of(tmp_path, xxe).message
+
+
+def test_read_voc_rows_and_roles(voc_folder):
+    voc_folder.add("a", voc_xml("a.jpg", objects=[obj("cat"), obj("dog", (1, 1, 9, 9))]))
+    voc_folder.add("b", voc_xml("b.jpg", objects=[obj("person")]))
+    voc_folder.split("mytrain", ["a"])
+    voc_folder.split("myval", ["b"])
+    rows = read_voc(voc_folder.root, {"train": "mytrain", "val": "myval"}, CLASSES, progress=False)
+    assert [(i["image_id"], i["split"], i["path"], i["n_objects"]) for i in rows.images] == [
+        ("a", "train", "JPEGImages/a.jpg", 2),
+        ("b", "val", "JPEGImages/b.jpg", 1),
+    ]
+    assert [(o["image_id"], o["class_id"]) for o in rows.objects] == [("a", 0), ("a", 1), ("b", 2)]
+    assert rows.skipped == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        (
+            lambda f: f.add("a", voc_xml(), size=(101, 80)),
+            "says 100x80 but JPEGImages/a.jpg is 101x80",
+        ),
+        (lambda f: f.add("a", None), "annotation listed in the split does not exist"),
+        (lambda f: f.add("a", voc_xml(), image=False), "does not exist"),
+        (lambda f: f.add("a", voc_xml(filename="zzz.jpg")), "zzz.jpg does not exist"),
+    ],
+)
+def test_image_checks_raise_or_skip(voc_folder, setup, words):
+    setup(voc_folder)
+    voc_folder.add("ok", voc_xml("ok.jpg"))
+    voc_folder.split("train", ["a", "ok"])
+    voc_folder.split("val", ["ok2"])
+    voc_folder.add("ok2", voc_xml("ok2.jpg"))
+    with pytest.raises(AnnotationError, match=words):
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    rows = read_voc(voc_folder.root, {"train": "train", "val": "val"}, CLASSES, "skip", False)
+    assert [i["image_id"] for i in rows.images] == ["ok", "ok2"]
+    assert len(rows.skipped) == 1
+    assert rows.skipped[0]["image_id"] == "a" and rows.skipped[0]["split"] == "train"
+    assert words in rows.skipped[0]["reason"]
+
+
+def test_corrupt_image_is_named(voc_folder):
+    voc_folder.add("a", voc_xml(), image=False)
+    (voc_folder.root / "JPEGImages" / "a.jpg").write_bytes(b"not a jpeg at all")
+    voc_folder.split("train", ["a"])
+    with pytest.raises(AnnotationError, match=r"a\.jpg: image: not a readable image"):
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+
+
+def test_split_ids_cannot_leave_the_folder(voc_folder):
+    voc_folder.split("train", ["../../etc/passwd"])
+    with pytest.raises(AnnotationError, match="not a plain image id"):
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+
+
+def test_dataset_level_errors(voc_folder, tmp_path):
+    with pytest.raises(DatasetError, match="no Annotations"):
+        read_voc(tmp_path / "nowhere", {"train": "train"}, CLASSES, progress=False)
+    voc_folder.split("train", ["a", "b"])
+    voc_folder.split("val", ["b"])
+    with pytest.raises(
+        DatasetError, match=r"nope\.txt: split list not found; lists there: train, val"
+    ):
+        read_voc(voc_folder.root, {"train": "train", "val": "nope"}, CLASSES, progress=False)
+    with pytest.raises(DatasetError, match="share 1 images"):
+        read_voc(voc_folder.root, {"train": "train", "val": "val"}, CLASSES, progress=False)
+    voc_folder.split("dup", ["a", "a"])
+    with pytest.raises(DatasetError, match="listed twice: a"):
+        read_voc(voc_folder.root, {"train": "dup"}, CLASSES, progress=False)
