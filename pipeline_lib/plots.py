@@ -60,7 +60,7 @@ def class_count_chart(summary: dict, classes: list[str]) -> Figure:
     """Horizontal bars: objects per class, one bar per split."""
     splits = list(summary)
     figure = Figure(
-        figsize=(8, 0.3 * len(classes) * max(1, len(splits)) + 1.2), layout="constrained"
+        figsize=(8, 0.2 * len(classes) * max(1, len(splits)) + 1.5), layout="constrained"
     )
     ax = figure.subplots()
     height = 0.8 / max(1, len(splits))
@@ -133,7 +133,7 @@ def mode_rows(panels: list[Panel], size: int) -> list[list[Panel]]:
             ids = [i for i, k in zip(panel.class_ids, keep.tolist(), strict=True) if k]
             image = transform_image(panel.image, mode, size)
             label = mode if mode == "none" else f"{mode} {size}x{size}"
-            row.append(Panel(image, boxes, ids, f"{panel.title.split()[0]}: {label}"))
+            row.append(Panel(image, boxes, ids, f"{panel.title}: {label}"))
         rows.append(row)
     return rows
 

@@ -316,7 +316,7 @@ def _image_size(path: Path, xml_path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:  # reads the header only
             return image.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise AnnotationError(path, "image", f"not a readable image ({exc})") from None
 
 

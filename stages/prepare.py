@@ -19,8 +19,8 @@ import typer
 
 from pipeline_lib import plots
 from pipeline_lib.files import atomic_dir, write_json
-from pipeline_lib.params import load_params
-from pipeline_lib.tables import read_prepared, split_summary, write_prepared
+from pipeline_lib.params import Params, load_params
+from pipeline_lib.tables import Prepared, read_prepared, split_summary, write_prepared
 from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
 from stages.common import (
     PARAMS_OPTION,
@@ -74,7 +74,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         typer.echo(f"{role}: {stats['images']} images, {stats['objects']} objects")
 
 
-def write_figures(prepared, dataset_dir: Path, summary: dict, params) -> None:
+def write_figures(prepared: Prepared, dataset_dir: Path, summary: dict, params: Params) -> None:
     """reports/prepare/figures: class counts, and per split sizes, samples and image modes."""
     images, objects, classes = prepared.images, prepared.objects, prepared.classes
     with atomic_dir(PREPARE_REPORTS / "figures") as out:
@@ -84,15 +84,15 @@ def write_figures(prepared, dataset_dir: Path, summary: dict, params) -> None:
             if mine.empty:
                 continue
             plots.save_figure(plots.size_histograms(mine, split), out / f"sizes_{split}.png")
-            samples = plots.exploration_panels(
-                dataset_dir, plots.pick_evenly(mine, params.report.samples), objects
-            )
+            wanted = max(params.report.samples, params.report.mode_samples)
+            panels = plots.exploration_panels(dataset_dir, plots.pick_evenly(mine, wanted), objects)
+            samples = panels[: params.report.samples]
             if samples:
                 cols = 4
                 grid = [samples[i : i + cols] for i in range(0, len(samples), cols)]
                 figure = plots.image_grid(grid, classes, f"{split}: samples")
                 plots.save_figure(figure, out / f"samples_{split}.png", dpi=GRID_DPI)
-            shown = samples[: params.report.mode_samples]
+            shown = panels[: params.report.mode_samples]
             if shown:
                 rows = plots.mode_rows(shown, params.image.size)
                 figure = plots.image_grid(rows, classes, f"{split}: image modes")

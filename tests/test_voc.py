@@ -179,3 +179,13 @@ def test_dataset_level_errors(voc_folder, tmp_path):
     voc_folder.split("dup", ["a", "a"])
     with pytest.raises(DatasetError, match="listed twice: a"):
         read_voc(voc_folder.root, {"train": "dup"}, CLASSES, progress=False)
+
+
+def test_decompression_bomb_guard_is_kept(voc_folder, monkeypatch):
+    from PIL import Image
+
+    voc_folder.add("a", voc_xml())  # a 100x80 image
+    voc_folder.split("train", ["a"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 8,000 pixels > 2 x limit: refused
+    with pytest.raises(AnnotationError, match=r"a\.jpg: image: not a readable image"):
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
