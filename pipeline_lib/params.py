@@ -21,6 +21,8 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from pipeline_lib.errors import PipelineError
+
 _STRICT = ConfigDict(extra="forbid")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # class and split names: no paths, no spaces
 
@@ -36,7 +38,25 @@ Name = Annotated[Str, Field(pattern=_NAME)]
 Shape = Literal["circle", "square", "triangle", "star", "hexagon", "cross"]  # see synthetic.py
 
 
-class ParamsError(ValueError):
+# Backbones and their feature layers (implemented in backbones.py); the first layer is the default,
+# the last feature map before global pooling.
+_RESNET_LAYERS = ("layer4", "layer3")
+BACKBONE_LAYERS = {
+    "efficientnet_lite0": ("head", "blocks"),  # 1280-channel head conv / 320-channel last block
+    "resnet18": _RESNET_LAYERS,
+    "resnet34": _RESNET_LAYERS,
+    "resnet50": _RESNET_LAYERS,
+    "resnet101": _RESNET_LAYERS,
+    "resnet152": _RESNET_LAYERS,
+    "densenet121": ("features",),
+    "squeezenet1_1": ("features",),
+    "mobilenet_v3_large": ("features",),
+    "efficientnet_b0": ("features",),
+    "convnext_tiny": ("features",),
+}
+
+
+class ParamsError(PipelineError, ValueError):
     """params.yaml is unreadable or a value in it is not allowed (the message names the key)."""
 
 
@@ -100,9 +120,22 @@ class ReportParams:
 @dataclass(frozen=True, config=_STRICT)
 class BackboneParams:
     name: Name
+    layer: Str
     weights: Literal["imagenet", "random"]
     device: Literal["auto", "cpu", "cuda"]
     store_dtype: Literal["float16", "float32"]
+    batch_size: Annotated[Int, Field(ge=1, le=4096)]
+    workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneParams:
+        if self.name not in BACKBONE_LAYERS:
+            known = ", ".join(BACKBONE_LAYERS)
+            raise ValueError(f"name {self.name!r} is unknown; allowed: {known}")
+        if self.layer not in BACKBONE_LAYERS[self.name]:
+            allowed = ", ".join(BACKBONE_LAYERS[self.name])
+            raise ValueError(f"layer {self.layer!r} is not in {self.name}; allowed: {allowed}")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)

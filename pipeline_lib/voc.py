@@ -39,6 +39,8 @@ from defusedxml.ElementTree import ParseError
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline_lib.errors import PipelineError
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -47,7 +49,7 @@ VOC_CLASSES = (
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """The dataset as a whole cannot be read (missing folder or split list, conflicting splits)."""
 
 

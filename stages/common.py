@@ -8,14 +8,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.params import ParamsError
-from pipeline_lib.voc import DatasetError
+from pipeline_lib.errors import PipelineError
 
 # Keep in step with dvc.yaml.
 SYNTHETIC_DIR = Path("data/synthetic")
 SYNTHETIC_DATASET = SYNTHETIC_DIR / "VOCdevkit" / "VOCshapes"
 PREPARED_DIR = Path("data/prepared")
 PREPARE_REPORTS = Path("reports/prepare")
+FEATURES_DIR = Path("data/features")
+EXTRACT_REPORTS = Path("reports/extract")
 
 PARAMS_OPTION = typer.Option("params.yaml", "--params", help="The params file to read.")
 
@@ -25,6 +26,6 @@ def clean_errors() -> Iterator[None]:
     """Turn the library's input errors into one 'error: ...' line on stderr and exit code 1."""
     try:
         yield
-    except (ParamsError, DatasetError) as exc:
+    except PipelineError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None

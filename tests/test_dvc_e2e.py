@@ -34,6 +34,7 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["synthetic"].update(n_train=8, n_val=4, min_side=96, max_side=128)
     params["report"].update(samples=2, mode_samples=1)
+    params["backbone"].update(batch_size=8, workers=0)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(root, "git", "init", "-q")
     run(root, "git", "config", "user.email", "test@example.com")
@@ -44,11 +45,22 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def test_repro_runs_prepare_then_nothing(project):
+def set_param(project: Path, group: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[group][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_runs_everything_then_nothing(project):
     first = run(project, "dvc", "repro")
-    assert "Running stage 'synthesize'" in first and "Running stage 'prepare'" in first
+    assert stages_run(first) == {"synthesize", "prepare", "extract"}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"synthesize", "prepare"}
+    assert set(lock["stages"]) == {"synthesize", "prepare", "extract"}
+    assert (project / "data/features/train.safetensors").is_file()
     assert (project / "data/prepared/images.parquet").is_file()
     metrics = run(project, "dvc", "metrics", "show")
     assert "train.images" in metrics and "val.objects" in metrics
@@ -58,11 +70,11 @@ def test_repro_runs_prepare_then_nothing(project):
     assert "Data and pipelines are up to date" in second
 
 
-def test_changing_an_image_param_reruns_prepare_only(project):
+def test_each_param_group_reruns_only_its_stages(project):
     run(project, "dvc", "repro")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["image"]["size"] = 160
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    output = run(project, "dvc", "repro")
-    assert "Running stage 'prepare'" in output
-    assert "Running stage 'synthesize'" not in output
+    set_param(project, "head", "dropout", 0.3)  # read by training only: features stay cached
+    assert stages_run(run(project, "dvc", "repro")) == set()
+    set_param(project, "backbone", "store_dtype", "float32")
+    assert stages_run(run(project, "dvc", "repro")) == {"extract"}
+    set_param(project, "image", "size", 160)
+    assert stages_run(run(project, "dvc", "repro")) == {"prepare", "extract"}

@@ -1,0 +1,177 @@
+"""Benchmark feature extraction, side by side in one run, on the genuine VOC2007 subset.
+
+    .venv/bin/python benchmarks/extract.py [--voc PATH/TO/VOC2007] [--backbones resnet18,...]
+
+For each backbone it prints
+  (a) end-to-end images/s of the stage's path (decode -> features streamed to a file),
+  (b) model-only images/s on random tensors of the same shape,
+  (c) a naive baseline built like the original lab: a Dataset with PIL and
+      transforms.Resize/ToTensor/Normalize, DataLoader(batch_size=128, num_workers=2), NCHW float32
+      eager model,
+  (d) FLOPs per image and model throughput as a fraction of this machine's float32 matmul GFLOP/s,
+and the ratios the goals are about: (a)/(c) >= 1.8 and (a)/(b) >= 0.9 (resnet18, 2 CPU cores).
+Then peak RSS of the extraction path (via /usr/bin/time -v) at two dataset sizes: it must not grow
+with the number of images. Random weights are used for torchvision models (timing only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import typer
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+from pipeline_lib.backbones import load_backbone
+from pipeline_lib.features import extract_features, pick_device, prepare_model
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 224
+
+
+def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
+    ids = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()[:limit]
+    return [voc / "JPEGImages" / f"{i}.jpg" for i in ids], ids
+
+
+def end_to_end(backbone, paths, ids, batch_size: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = extract_features(backbone, paths, ids, Path(tmp) / "f.safetensors", "shrink", SIZE,
+                                  batch_size=batch_size, device="cpu", progress=False)  # fmt: skip
+    return result.images_per_second
+
+
+def model_only(backbone, n: int, batch_size: int) -> float:
+    forward = prepare_model(backbone, torch.device("cpu"))
+    batch = torch.randint(0, 256, (batch_size, 3, SIZE, SIZE), dtype=torch.uint8)
+    forward(batch)  # warm-up (oneDNN primitive creation)
+    start = time.perf_counter()
+    done = 0
+    while done < n:
+        forward(batch)
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+class NaiveDataset(Dataset):
+    """How the original lab loads images: PIL + torchvision transforms, float32 per image."""
+
+    def __init__(self, paths, mean, std):
+        self.paths = paths
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize((SIZE, SIZE)),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(Image.open(self.paths[index]).convert("RGB"))
+
+
+def naive(backbone, paths) -> float:
+    model = backbone.module.eval()
+    loader = DataLoader(NaiveDataset(paths, backbone.mean, backbone.std), batch_size=128,
+                        num_workers=2)  # fmt: skip
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in loader:
+            model(batch)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def flops_per_image(backbone) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        backbone.module.eval()(torch.zeros(1, 3, SIZE, SIZE))
+    return counter.get_total_flops()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
+    """Best of `rounds` timings of `repeats` float32 n x n matmuls."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def peak_rss_mib(voc: Path, limit: int) -> float | None:
+    """Peak RSS (MiB) of a child process that extracts `limit` images (resnet18)."""
+    if not Path("/usr/bin/time").exists():
+        return None
+    command = ["/usr/bin/time", "-v", sys.executable, __file__, "--voc", str(voc),
+               "--limit", str(limit), "--rss-probe", str(limit)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
+    kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    return int(kib.group(1)) / 1024 if kib else None
+
+
+def main(
+    voc: Path = REPO.parent / "shared/voc/VOCdevkit/VOC2007",
+    backbones: str = "resnet18,efficientnet_lite0",
+    limit: int = 384,
+    batch_size: int = 16,
+    rounds: int = 2,
+    rss_probe: int = 0,
+) -> None:
+    if not (voc / "JPEGImages").is_dir():
+        raise SystemExit(f"no VOC folder at {voc} (pass --voc)")
+    paths, ids = voc_images(voc, limit)
+    if rss_probe:  # child process of peak_rss_mib
+        backbone = load_backbone("resnet18", None, "random")
+        end_to_end(backbone, paths[:rss_probe], ids[:rss_probe], batch_size)
+        return
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    roofline = matmul_gflops()
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"float32 matmul {roofline:.0f} GFLOP/s; device for the stage: {pick_device('auto')}; "
+          f"{len(paths)} VOC images")  # fmt: skip
+    for name in backbones.split(","):
+        weights = "imagenet" if name == "efficientnet_lite0" else "random"
+        backbone = load_backbone(name, None, weights)
+        plain = load_backbone(name, None, weights)  # stays NCHW: prepare_model converts its module
+        flops = flops_per_image(backbone)
+        # Interleaved rounds, best of each: the machines are shared and noisy.
+        fast = model = slow = 0.0
+        for _ in range(rounds):
+            fast = max(fast, end_to_end(backbone, paths, ids, batch_size))
+            model = max(model, model_only(backbone, len(paths), batch_size))
+            slow = max(slow, naive(plain, paths))
+        print(f"{name}: {flops / 1e9:.2f} GFLOP/image")
+        print(f"  (a) end-to-end (stage path)   {fast:6.1f} images/s")
+        print(f"  (b) model only                {model:6.1f} images/s = "
+              f"{model * flops / 1e9 / roofline:.0%} of the matmul roofline")  # fmt: skip
+        print(f"  (c) naive lab-style baseline  {slow:6.1f} images/s")
+        print(f"  end-to-end / naive = {fast / slow:.2f}x (goal >= 1.8x); "
+              f"end-to-end / model-only = {fast / model:.0%} (goal >= 90%)")  # fmt: skip
+
+    small, large = 96, len(voc_images(voc, 10**6)[0])
+    rss = [peak_rss_mib(voc, n) for n in (small, large)]
+    if None in rss:
+        print("peak RSS: /usr/bin/time not available")
+    else:
+        print(f"peak RSS (resnet18 extraction, /usr/bin/time -v): {small} images {rss[0]:.0f} MiB, "
+              f"{large} images {rss[1]:.0f} MiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    typer.run(main)

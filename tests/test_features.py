@@ -1,0 +1,155 @@
+"""Feature extraction: file layout, equality with a plain forward pass, bad images, interruption."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torchvision.transforms.v2 import functional as F
+
+from pipeline_lib.backbones import load_backbone
+from pipeline_lib.features import ImageError, extract_features, read_features
+from pipeline_lib.params import ParamsError
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return load_backbone("resnet18", "layer4", "random")
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """Five small photos-like images of different sizes (and one greyscale, one CMYK)."""
+    torch.manual_seed(1)
+    paths = []
+    for i, (w, h, mode) in enumerate([(120, 90, "RGB"), (64, 128, "RGB"), (100, 100, "L"),
+                                      (150, 80, "CMYK"), (90, 90, "RGB")]):  # fmt: skip
+        pixels = (torch.rand(h, w, 3) * 255).to(torch.uint8).numpy()
+        image = Image.fromarray(pixels).convert(mode)
+        path = tmp_path / f"img{i}.jpg"
+        image.save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def direct_forward(backbone, path: Path, mode: str, size: int) -> torch.Tensor:
+    """The textbook path: PIL resize / centre crop, to float, normalise, NCHW float32 forward."""
+    image = Image.open(path).convert("RGB")
+    if mode == "shrink":
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        image = F.center_crop(image, [size, size])
+    x = F.normalize(F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True),
+                    list(backbone.mean), list(backbone.std))  # fmt: skip
+    with torch.no_grad():
+        return backbone.module.eval()(x[None])[0]
+
+
+@pytest.mark.parametrize("mode", ["shrink", "crop"])
+def test_features_equal_a_direct_forward_pass(resnet18, images, tmp_path, mode):
+    ids = [f"id{i}" for i in range(len(images))]
+    out = tmp_path / "train.safetensors"
+    result = extract_features(resnet18, images, ids, out, mode, 96, batch_size=2, workers=1,
+                              progress=False)  # fmt: skip
+    features = read_features(out)
+    assert features.image_ids == ids == result.image_ids
+    assert features.features.shape == (5, 512, 3, 3) and features.features.dtype == torch.float16
+    for row, path in enumerate(images):
+        expected = direct_forward(resnet18, path, mode, 96)
+        assert torch.allclose(features.features[row].float(), expected, rtol=1e-2, atol=2e-2)
+    assert features.metadata["backbone"]["name"] == "resnet18"
+    assert features.metadata["image_mode"] == mode
+
+
+def test_file_is_plain_safetensors_with_float32_option(resnet18, images, tmp_path):
+    out = tmp_path / "val.safetensors"
+    extract_features(resnet18, images[:3], ["a", "b", "c"], out, "shrink", 64,
+                     store_dtype="float32", workers=0, progress=False)  # fmt: skip
+    with safe_open(str(out), framework="pt") as handle:
+        assert list(handle.keys()) == ["features"]
+        tensor = handle.get_tensor("features")
+        assert json.loads(handle.metadata()["image_ids"]) == ["a", "b", "c"]
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 512, 2, 2)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def bad_files(tmp_path, good: Path) -> dict[str, Path]:
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    png = tmp_path / "png_named.jpg"
+    Image.open(good).save(png, format="PNG")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    return {"truncated": truncated, "png": png, "empty": empty, "missing": tmp_path / "gone.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("truncated", "cannot decode"),
+        ("png", "a PNG file named .jpg"),
+        ("empty", "cannot decode"),
+        ("missing", "missing (was it deleted since prepare ran?)"),
+    ],
+)
+def test_bad_image_raises_naming_the_file_or_is_skipped(resnet18, images, tmp_path, kind, words):
+    bad = bad_files(tmp_path, images[0])[kind]
+    paths = [images[0], bad, images[1]]
+    out = tmp_path / "f.safetensors"
+    with pytest.raises(ImageError, match=re.escape(words)) as info:
+        extract_features(resnet18, paths, ["a", "bad", "b"], out, "shrink", 64, workers=0,
+                         progress=False)  # fmt: skip
+    assert bad.name in str(info.value)
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    result = extract_features(resnet18, paths, ["a", "bad", "b"], out, "shrink", 64, workers=1,
+                              on_error="skip", progress=False)  # fmt: skip
+    assert result.image_ids == ["a", "b"]
+    assert [s["image_id"] for s in result.skipped] == ["bad"] and words in result.skipped[0][
+        "reason"
+    ]
+    stored = read_features(out)
+    assert stored.image_ids == ["a", "b"] and stored.features.shape[0] == 2
+
+
+def test_decompression_bomb_guard(resnet18, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every test image is > 2x this
+    with pytest.raises(ImageError, match="cannot decode.*decompression bomb"):
+        extract_features(resnet18, images[:1], ["a"], tmp_path / "f.safetensors", "shrink", 64,
+                         workers=0, progress=False)  # fmt: skip
+
+
+def test_mode_none_is_refused(resnet18, images, tmp_path):
+    with pytest.raises(ParamsError, match="image.mode: none"):
+        extract_features(resnet18, images, list("abcde"), tmp_path / "f.safetensors", "none", 64)
+
+
+def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch):
+    import pipeline_lib.features as features_module
+
+    calls = {"n": 0}
+    real = features_module.prepare_model
+
+    def interrupted_after_one_batch(backbone, device):
+        forward = real(backbone, device)
+
+        def wrapped(batch):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return forward(batch)
+
+        return wrapped
+
+    monkeypatch.setattr(features_module, "prepare_model", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(resnet18, images, list("abcde"), tmp_path / "f.safetensors", "shrink", 64,
+                         batch_size=2, workers=0, progress=False)  # fmt: skip
+    assert calls["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in images)
