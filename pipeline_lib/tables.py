@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_dir
 
 IMAGE_SCHEMA = pa.schema(
@@ -83,6 +84,13 @@ def write_prepared(
 def read_prepared(out_dir: str | Path) -> Prepared:
     """Read what `write_prepared` wrote."""
     out_dir = Path(out_dir)
+    missing = [n for n in ("dataset.json", "images.parquet", "objects.parquet")
+               if not (out_dir / n).is_file()]  # fmt: skip
+    if missing:
+        raise PipelineError(
+            f"{out_dir}: no prepared tables ({', '.join(missing)} missing); run the prepare "
+            "stage first (dvc repro prepare)"
+        )
     info = json.loads((out_dir / "dataset.json").read_text(encoding="utf-8"))
     images = pq.read_table(out_dir / "images.parquet").to_pandas()
     objects = pq.read_table(out_dir / "objects.parquet").to_pandas()

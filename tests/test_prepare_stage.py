@@ -108,3 +108,13 @@ def test_invalid_params_fail_before_any_work(workdir):
         assert result.exit_code == 1
         assert "params.yaml: head.dropout: Input should be less than 1 (got 1.5)" in result.output
     assert list(folder.iterdir()) == [folder / "params.yaml"]
+
+
+def test_extract_without_prepared_tables_says_what_to_run(workdir):
+    from stages import extract
+
+    folder, raw = workdir
+    write_params(folder, raw)
+    result = runner.invoke(extract.app, [])
+    assert result.exit_code == 1
+    assert "no prepared tables" in result.output and "dvc repro prepare" in result.output
