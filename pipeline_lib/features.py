@@ -265,6 +265,6 @@ def read_features(path: str | Path) -> Features:
         tensor = handle.get_tensor("features")
     image_ids = json.loads(metadata.pop("image_ids"))
     if len(image_ids) != tensor.shape[0]:
-        raise ValueError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
+        raise PipelineError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
     metadata["backbone"] = json.loads(metadata["backbone"])
     return Features(tensor, image_ids, metadata)
