@@ -1,7 +1,9 @@
 """Box geometry under the image modes, in the style of torchvision.ops: pure functions on tensors.
 
 Boxes are (N, 4) float tensors in (xmin, ymin, xmax, ymax) pixel coordinates of the image they
-belong to. Image sizes are given as (width, height) in pixels.
+belong to, unless a docstring says "encoded": then they are (cx, cy, w, h), each a fraction of the
+image's width or height (what the heads predict). Image sizes are given as (width, height) in
+pixels. VOC coordinates are used as written in the XML (as the original lab does).
 
 Image modes (params `image.mode`, `image.size` = S):
 - `none`:   the image as it is.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torchvision.ops import clip_boxes_to_image
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 IMAGE_MODES = ("none", "shrink", "crop")
 
@@ -63,6 +65,69 @@ def transform_boxes(
     clipped = clip_boxes_to_image(shifted, (size, size))
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return clipped[keep], keep
+
+
+def untransform_boxes(
+    boxes: torch.Tensor, width: int, height: int, mode: str, size: int
+) -> torch.Tensor:
+    """Map (N, 4) xyxy boxes of the output image back to the original `width` x `height` image.
+
+    The inverse of `transform_boxes` for the boxes it keeps; under `crop`, boxes are clipped to the
+    part of the window that lies on the original image.
+    """
+    _check_mode(mode)
+    boxes = boxes.to(torch.float64)
+    if mode == "none":
+        return boxes
+    if mode == "shrink":
+        scale = torch.tensor([width / size, height / size, width / size, height / size])
+        return boxes * scale.to(boxes.dtype)
+    left, top = crop_window(width, height, size)
+    shifted = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    return clip_boxes_to_image(shifted, (height, width))
+
+
+def encode_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(N, 4) xyxy pixel boxes of a `width` x `height` image -> (N, 4) encoded (cx, cy, w, h)."""
+    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
+    return box_convert(boxes, "xyxy", "cxcywh") / scale
+
+
+def decode_boxes(encoded: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(N, 4) encoded (cx, cy, w, h) -> (N, 4) xyxy pixel boxes of a `width` x `height` image."""
+    scale = torch.tensor([width, height, width, height], dtype=encoded.dtype)
+    return box_convert(encoded * scale, "cxcywh", "xyxy")
+
+
+def encoded_to_image(
+    encoded: torch.Tensor, width: int, height: int, mode: str, size: int
+) -> torch.Tensor:
+    """(N, 4) encoded boxes of the output image -> xyxy pixels of the original `width` x `height`
+    image it came from through `mode` / `size`."""
+    out_width, out_height = output_size(width, height, mode, size)
+    boxes = decode_boxes(encoded.double(), out_width, out_height)
+    return untransform_boxes(boxes, width, height, mode, size)
+
+
+def largest_box(encoded: torch.Tensor) -> int:
+    """Index of the box with the largest w * h among (N, 4) encoded boxes (the first on a tie)."""
+    if len(encoded) == 0:
+        raise ValueError("largest_box: no boxes")
+    return int(torch.argmax(encoded[:, 2] * encoded[:, 3]))
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) IoU of a[i] with b[i] for (N, 4) xyxy boxes.
+
+    torchvision's `box_iou` computes all N x M pairs; this is its diagonal without the N x N matrix.
+    """
+    top_left = torch.maximum(a[:, :2], b[:, :2])
+    bottom_right = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    union = area_a + area_b - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
 def _check_mode(mode: str) -> None:

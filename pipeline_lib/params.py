@@ -126,6 +126,7 @@ class BackboneParams:
     store_dtype: Literal["float16", "float32"]
     batch_size: Annotated[Int, Field(ge=1, le=4096)]
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
+    compile: Bool
 
     @model_validator(mode="after")
     def _check(self) -> BackboneParams:
@@ -142,6 +143,8 @@ class BackboneParams:
 class HeadParams:
     dropout: Probability
     hidden: PositiveInt
+    classifier: Literal["flatten", "pooled"]
+    classifier_dropout: Probability
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -151,6 +154,11 @@ class TrainParams:
     batch_size: PositiveInt
     lr: PositiveFloat
     weight_decay: Annotated[Float, Field(ge=0.0)]
+    lr_schedule: Literal["constant", "cosine"]
+    monitor: Literal["box_loss_plus_error", "loss"]
+    box_weight: Annotated[Float, Field(ge=0.0)]
+    class_weight: Annotated[Float, Field(ge=0.0)]
+    device: Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -162,6 +170,8 @@ class GridParams:
 class EvalParams:
     score_threshold: Probability
     nms_iou: Annotated[Float, Field(gt=0.0, le=1.0)]
+    iou_threshold: Annotated[Float, Field(gt=0.0, le=1.0)]
+    samples: Annotated[Int, Field(ge=0, le=64)]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -145,3 +145,82 @@ def pick_evenly(frame: pd.DataFrame, count: int) -> pd.DataFrame:
         return frame.iloc[:0]
     index = np.unique(np.linspace(0, len(frame) - 1, min(count, len(frame))).round().astype(int))
     return frame.iloc[index]
+
+
+TRUE_COLOUR, PREDICTED_COLOUR = "#2ca02c", "#d62728"
+
+
+@dataclass
+class Comparison:
+    """An image with its true boxes (drawn green) and predicted ones (red), xyxy pixels."""
+
+    image: Image.Image
+    true_boxes: torch.Tensor
+    true_texts: list[str]
+    predicted_boxes: torch.Tensor
+    predicted_texts: list[str]
+    title: str = ""
+
+
+def comparison_grid(items: list[Comparison], columns: int = 4, title: str = "") -> Figure:
+    """Images with true (green) and predicted (red, with score) boxes, `columns` per row."""
+    n_rows = max(1, -(-len(items) // columns))
+    n_cols = min(columns, max(1, len(items)))
+    figure = Figure(figsize=(3.2 * n_cols, 3.1 * n_rows), layout="constrained")
+    axes = figure.subplots(n_rows, n_cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items, strict=False):
+        ax.imshow(item.image)
+        for boxes, texts, colour, below in (
+            (item.true_boxes, item.true_texts, TRUE_COLOUR, False),
+            (item.predicted_boxes, item.predicted_texts, PREDICTED_COLOUR, True),
+        ):
+            for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.8, ec=colour))
+                ax.text(
+                    x0, y1 if below else y0, text, fontsize=6, color="white",
+                    va="top" if below else "bottom",
+                    bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
+                )  # fmt: skip
+        ax.set_title(item.title, fontsize=8)
+    if title:
+        figure.suptitle(f"{title}  (green: truth, red: prediction)")
+    return figure
+
+
+def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str = "") -> Figure:
+    """Heat map of a (K, K) confusion matrix (rows: actual, columns: predicted), counts written."""
+    size = max(4.0, 0.4 * len(classes) + 2)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(matrix.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    threshold = matrix.max().item() / 2
+    for (i, j), count in np.ndenumerate(matrix.numpy()):
+        if count:
+            colour = "white" if count > threshold else "black"
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=6, color=colour)
+    ax.set_title(title or "Confusion matrix")
+    return figure
+
+
+def training_curves(history: list[dict], best_epoch: int, title: str) -> Figure:
+    """Per-epoch train and val curves of every measure in `history` (fit's), best epoch marked."""
+    names = list(history[0]["val"])
+    epochs = np.arange(1, len(history) + 1)
+    figure = Figure(figsize=(3.2 * len(names), 3.0), layout="constrained")
+    for ax, name in zip(figure.subplots(1, len(names), squeeze=False)[0], names, strict=True):
+        for split, style in (("train", "--"), ("val", "-")):
+            ax.plot(epochs, [h[split][name] for h in history], style, label=split)
+        ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    figure.suptitle(f"{title}: training curves (dotted: best epoch {best_epoch})")
+    return figure

@@ -17,6 +17,8 @@ PREPARED_DIR = Path("data/prepared")
 PREPARE_REPORTS = Path("reports/prepare")
 FEATURES_DIR = Path("data/features")
 EXTRACT_REPORTS = Path("reports/extract")
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")  # train_<kind>/ and evaluate_<kind>/ per head kind
 
 PARAMS_OPTION = typer.Option("params.yaml", "--params", help="The params file to read.")
 

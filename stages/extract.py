@@ -58,6 +58,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                     store_dtype=bb.store_dtype,
                     batch_size=bb.batch_size,
                     device=bb.device,
+                    compile=bb.compile,
                     workers=bb.workers,
                     on_error=params.data.on_error,
                     description=f"extract {split}",

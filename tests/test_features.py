@@ -67,6 +67,21 @@ def test_features_equal_a_direct_forward_pass(resnet18, images, tmp_path, mode):
     assert features.metadata["image_mode"] == mode
 
 
+def test_compiled_path_equals_eager_with_a_padded_last_batch(images, tmp_path):
+    """backbone.compile: 5 images in batches of 2 -> the last batch (1 image) is padded, not
+    recompiled, and the features match the eager path."""
+    torch.manual_seed(0)
+    backbone = load_backbone("squeezenet1_1", "features", "random")
+    ids = [f"id{i}" for i in range(len(images))]
+    eager, compiled = tmp_path / "eager.safetensors", tmp_path / "compiled.safetensors"
+    for out, flag in ((eager, False), (compiled, True)):
+        extract_features(backbone, images, ids, out, "shrink", 64, store_dtype="float32",
+                         batch_size=2, workers=0, compile=flag, progress=False)  # fmt: skip
+    a, b = read_features(eager), read_features(compiled)
+    assert a.image_ids == b.image_ids == ids and a.features.shape == b.features.shape
+    assert torch.allclose(a.features, b.features, rtol=1e-3, atol=1e-3)
+
+
 def test_file_is_plain_safetensors_with_float32_option(resnet18, images, tmp_path):
     out = tmp_path / "val.safetensors"
     extract_features(resnet18, images[:3], ["a", "b", "c"], out, "shrink", 64,
@@ -136,8 +151,8 @@ def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch)
     calls = {"n": 0}
     real = features_module.prepare_model
 
-    def interrupted_after_one_batch(backbone, device):
-        forward = real(backbone, device)
+    def interrupted_after_one_batch(backbone, device, *args):
+        forward = real(backbone, device, *args)
 
         def wrapped(batch):
             calls["n"] += 1

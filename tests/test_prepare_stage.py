@@ -118,3 +118,18 @@ def test_extract_without_prepared_tables_says_what_to_run(workdir):
     result = runner.invoke(extract.app, [])
     assert result.exit_code == 1
     assert "no prepared tables" in result.output and "dvc repro prepare" in result.output
+
+
+def test_train_and_evaluate_say_what_is_missing(workdir):
+    from stages import evaluate, train
+
+    folder, raw = workdir
+    write_params(folder, raw)
+    result = runner.invoke(train.app, ["single"])
+    assert result.exit_code == 1 and "no prepared tables" in result.output
+    result = runner.invoke(evaluate.app, ["single"])
+    assert result.exit_code == 1
+    assert (
+        "models/single.safetensors: no such model file (run the train stage first)" in result.output
+    )
+    assert "Traceback" not in result.output

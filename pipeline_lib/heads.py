@@ -1,0 +1,132 @@
+"""Detection heads trained on cached backbone features, and their self-describing checkpoints.
+
+SingleObjectHead (the lab's first task): from a (B, C, H, W) feature map, the encoded box
+(cx, cy, w, h in [0, 1]) and the class logits of the image's largest object.
+
+A checkpoint is a safetensors file: the head's tensors plus, in its metadata under "pipeline", a
+JSON description (kind, head config, classes, backbone, image mode and size, training summary) that
+is enough to rebuild the head and run it on new images. Nothing is unpickled when loading.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.files import atomic_file
+
+CLASSIFIERS = ("flatten", "pooled")
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A model file is missing, not ours, truncated or does not fit (the message names the file)."""
+
+
+class SingleObjectHead(nn.Module):
+    """Box regression and classification of the largest object.
+
+    regression:     Flatten -> Dropout -> Linear(C*H*W, hidden) -> ReLU -> BatchNorm1d -> Dropout
+                    -> Linear(hidden, 4) -> Sigmoid                       (as in the original lab)
+    classification: `flatten`: Flatten -> Dropout(classifier_dropout) -> Linear(C*H*W, n_classes)
+                    `pooled`:  global average pool -> Dropout(classifier_dropout) -> Linear(C, ...)
+    """
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, int, int],
+        n_classes: int,
+        hidden: int = 1024,
+        dropout: float = 0.5,
+        classifier: str = "pooled",
+        classifier_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        channels, height, width = feature_shape
+        flat = channels * height * width
+        self.regression = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(flat, hidden),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 4),
+            nn.Sigmoid(),
+        )
+        pool = [nn.AdaptiveAvgPool2d(1)] if classifier == "pooled" else []
+        inputs = channels if classifier == "pooled" else flat
+        self.classification = nn.Sequential(
+            *pool, nn.Flatten(), nn.Dropout(classifier_dropout), nn.Linear(inputs, n_classes)
+        )
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) float -> (boxes (B, 4) encoded, class logits (B, n_classes))."""
+        return self.regression(features), self.classification(features)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model file: the head (in eval mode) and its description."""
+
+    head: nn.Module
+    info: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+
+def build_head(info: dict[str, Any]) -> nn.Module:
+    """The head described by a checkpoint's `info` (kind + config), with fresh weights."""
+    config = info["head"]
+    if info["kind"] == "single":
+        return SingleObjectHead(
+            tuple(info["feature_shape"]),
+            len(info["classes"]),
+            hidden=config["hidden"],
+            dropout=config["dropout"],
+            classifier=config["classifier"],
+            classifier_dropout=config["classifier_dropout"],
+        )
+    raise CheckpointError(f"unknown head kind {info['kind']!r}")
+
+
+def save_checkpoint(path: str | Path, head: nn.Module, info: dict[str, Any]) -> None:
+    """Write the head's tensors and `info` (JSON-serialisable) to `path`, atomically."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"pipeline": json.dumps(info)})
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild the head saved in `path`; CheckpointError unless it is a complete model of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file (run the train stage first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors model file ({error})") from None
+    if "pipeline" not in metadata:
+        raise CheckpointError(f"{path}: a safetensors file, but not a model of this pipeline")
+    try:
+        info = json.loads(metadata["pipeline"])
+        head = build_head(info)
+        head.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: model description does not fit its tensors ({error})"
+        ) from None
+    return Checkpoint(head.eval(), info)

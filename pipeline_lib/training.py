@@ -1,0 +1,191 @@
+"""The training loop shared by the heads: cached features in, best checkpoint state out.
+
+Features stay in RAM in their stored dtype (float16 by default) and each batch is cast to float32
+on the fly. A task plugs in two functions of (head outputs, batch targets):
+- `loss_fn` -> dict of scalar tensors, "loss" being minimised (e.g. losses.single_object_loss),
+- `measure_fn` -> dict of per-batch *sums* (e.g. correct predictions), averaged over the samples.
+Every epoch reports, for train and val, the sample-weighted mean of each loss part and measure;
+the epoch with the lowest monitor value on val is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+Outputs = tuple[torch.Tensor, ...]
+LossFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, torch.Tensor]]
+MeasureFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, float]]
+
+MONITORS = {
+    # The lab's choice: box regression and classification on one scale.
+    "box_loss_plus_error": lambda stats: stats["box_loss"] + 1.0 - stats["accuracy"],
+    "loss": lambda stats: stats["loss"],
+}
+
+
+@dataclass
+class Dataset:
+    """Features (N, C, H, W) and the targets aligned with them on the first dimension."""
+
+    features: torch.Tensor
+    targets: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None, device=None):
+        """(float32 features, targets) per batch on `device`, in `order` (a permutation) or in
+        row order."""
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            rows = slice(start, end) if order is None else order[start:end]
+            x = self.features[rows].to(device, non_blocking=True).float()
+            yield x, tuple(t[rows].to(device, non_blocking=True) for t in self.targets)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_schedule: str = "constant"  # constant | cosine
+    seed: int = 0
+    monitor: str = "box_loss_plus_error"
+    device: str = "cpu"
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based
+    best_monitor: float
+    best_state: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)  # per epoch: {"train": {...}, "val": {...}}
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels (same params, same
+    numbers on the same machine)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run_epoch(
+    head: nn.Module,
+    data: Dataset,
+    loss_fn: LossFn,
+    measure_fn: MeasureFn,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    device: str = "cpu",
+    desc: str = "",
+    progress: bool = False,
+) -> dict[str, float]:
+    """One pass over `data`: trains (shuffled) when an optimizer is given, else evaluates.
+
+    Returns the sample-weighted means of the loss parts and of the measures.
+    """
+    training = optimizer is not None
+    head.train(training)
+    order = torch.randperm(len(data), generator=generator) if training else None
+    sums: dict[str, float] = {}
+    seen = 0
+    total_batches = math.ceil(len(data) / batch_size)
+    with torch.set_grad_enabled(training):
+        batches = data.batches(batch_size, order, device)
+        bar = tqdm(batches, total=total_batches, desc=desc, unit="batch", leave=False,
+                   disable=not progress)  # fmt: skip
+        for x, targets in bar:
+            if training and len(x) == 1 and _has_batchnorm(head):
+                continue  # BatchNorm cannot train on a batch of one
+            seen += len(x)
+            outputs = head(x)
+            losses = loss_fn(outputs, targets)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(x)
+            with torch.no_grad():
+                for name, value in measure_fn(outputs, targets).items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+    return {name: value / max(seen, 1) for name, value in sums.items()}
+
+
+def fit(
+    head: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    loss_fn: LossFn,
+    measure_fn: MeasureFn,
+    config: TrainConfig,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train `head` with Adam for `config.epochs`; return the state of the best epoch on val."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"nothing to train on: {len(train)} train and {len(val)} val samples")
+    if config.monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {list(MONITORS)}, got {config.monitor!r}")
+    head.to(config.device)
+    # fused: one kernel per step instead of many full-size temporaries (2.5x faster on CPU for
+    # the 64M-parameter box MLP on flattened EfficientNet-Lite0 features).
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr,
+                                 weight_decay=config.weight_decay, fused=True)  # fmt: skip
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+        if config.lr_schedule == "cosine"
+        else None
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    result = FitResult(best_epoch=0, best_monitor=math.inf, best_state={})
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        desc = f"epoch {epoch}/{config.epochs}"
+        train_stats = run_epoch(head, train, loss_fn, measure_fn, config.batch_size, optimizer,
+                                generator, config.device, desc, progress)  # fmt: skip
+        val_stats = run_epoch(head, val, loss_fn, measure_fn, config.batch_size,
+                              device=config.device)  # fmt: skip
+        stats = {"train": train_stats, "val": val_stats, "lr": optimizer.param_groups[0]["lr"]}
+        if scheduler is not None:
+            scheduler.step()
+        monitor = MONITORS[config.monitor](val_stats)
+        if monitor < result.best_monitor:
+            result.best_epoch, result.best_monitor = epoch, monitor
+            result.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()
+            }
+        result.history.append(stats)
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    result.seconds = time.perf_counter() - start
+    head.to("cpu")
+    return result
+
+
+@torch.no_grad()
+def predict(head: nn.Module, features: torch.Tensor, batch_size: int = 256) -> Outputs:
+    """Run `head` in eval mode over (N, C, H, W) features; outputs concatenated over batches."""
+    head.eval()
+    parts = [
+        head(features[i : i + batch_size].float()) for i in range(0, len(features), batch_size)
+    ]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -1,0 +1,201 @@
+"""Single-object task: largest-object targets, box encoding, head, training loop, checkpoints."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline_lib.geometry import (
+    IMAGE_MODES,
+    encode_boxes,
+    encoded_to_image,
+    largest_box,
+    output_size,
+    paired_iou,
+    transform_boxes,
+)
+from pipeline_lib.heads import CheckpointError, SingleObjectHead, load_checkpoint, save_checkpoint
+from pipeline_lib.losses import single_object_loss
+from pipeline_lib.metrics import confusion_matrix, single_object_batch_sums, single_object_metrics
+from pipeline_lib.targets import single_object_targets
+from pipeline_lib.training import Dataset, TrainConfig, fit, predict, seed_everything
+from pipeline_lib.voc import VOC_CLASSES, parse_annotation
+
+
+def tables(image_id: str, width: int, height: int, objects: list[tuple]) -> tuple:
+    """Prepared-like tables for one image; objects are (class_id, xmin, ymin, xmax, ymax)."""
+    images = pd.DataFrame([{"image_id": image_id, "width": width, "height": height}])
+    rows = [dict(zip(["class_id", "xmin", "ymin", "xmax", "ymax"], o, strict=True)) | {
+        "image_id": image_id} for o in objects]  # fmt: skip
+    return images, pd.DataFrame(rows)
+
+
+def test_lab_example_largest_object():
+    # The lab's example, as encoded (cx, cy, w, h) fractions of the image.
+    encoded = torch.tensor([[0.524, 0.5735294117647058, 0.836, 0.753393665158371],
+                            [0.447, 0.23868778280542988, 0.262, 0.27828054298642535]])  # fmt: skip
+    assert largest_box(encoded) == 0
+    # The same objects as VOC pixel boxes of a 500 x 442 image, derived by hand:
+    # cx 0.524 * 500 = 262, w 0.836 * 500 = 418 -> x 53..471; cy * 442 = 253.5, h * 442 = 333
+    # -> y 87..420; second: x 223.5 -/+ 65.5 -> 158..289, y 105.5 -/+ 61.5 -> 44..167.
+    images, objects = tables("lab", 500, 442, [(5, 53, 87, 471, 420), (0, 158, 44, 289, 167)])
+    targets = single_object_targets(images, objects, ["lab"], "none", 224)
+    expected = torch.tensor([[0.5240, 0.5735, 0.8360, 0.7534]])
+    assert torch.allclose(targets.boxes, expected, atol=5e-5)
+    assert torch.allclose(targets.boxes, encoded[:1], atol=1e-7)
+    assert targets.labels.tolist() == [5] and targets.present.tolist() == [True]
+
+
+def test_real_voc_file_encoded_by_hand(shared_voc):
+    """000009.xml (500 x 375): horse (69,172)-(270,330) 201 x 158 = 31758 px^2 beats the persons
+    (79 x 143 = 11297, 42 x 130, 39 x 131)."""
+    class_ids = {name: k for k, name in enumerate(VOC_CLASSES)}
+    image, objects = parse_annotation(shared_voc / "Annotations" / "000009.xml", class_ids)
+    images, objects = pd.DataFrame([image | {"image_id": "000009"}]), pd.DataFrame(objects)
+    objects["image_id"] = "000009"
+    horse = VOC_CLASSES.index("horse")
+    shrink = single_object_targets(images, objects, ["000009"], "shrink", 224)
+    # shrink scales both axes, so the fractions are the original ones:
+    # cx = (69 + 270) / 2 / 500, cy = (172 + 330) / 2 / 375, w = 201 / 500, h = 158 / 375
+    expected = torch.tensor([[0.339, 251 / 375, 0.402, 158 / 375]])
+    assert torch.allclose(shrink.boxes, expected, atol=1e-6)
+    assert shrink.labels.tolist() == [horse]
+    # crop 224: window at left = round(276 / 2) = 138, top = round(151 / 2) = 76 (half to even);
+    # horse -> (-69, 96, 132, 254) clipped to (0, 96, 132, 224): 132 x 128 still the largest.
+    crop = single_object_targets(images, objects, ["000009"], "crop", 224)
+    expected = torch.tensor([[66 / 224, 160 / 224, 132 / 224, 128 / 224]])
+    assert torch.allclose(crop.boxes, expected, atol=1e-6)
+    assert crop.labels.tolist() == [horse]
+
+
+def test_no_object_left_is_marked_absent():
+    # crop 100 of a 400 x 400 image keeps 150..250: the only box lies outside the window.
+    images, objects = tables("x", 400, 400, [(1, 0, 0, 50, 50)])
+    targets = single_object_targets(images, objects, ["x", "missing"], "crop", 100)
+    assert targets.present.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_encode_decode_round_trip(mode):
+    torch.manual_seed(0)
+    width, height, size = 500, 333, 224
+    xy = torch.rand(50, 2) * torch.tensor([width - 20, height - 20])
+    boxes = torch.cat([xy, xy + 5 + torch.rand(50, 2) * 200], dim=1).double()
+    boxes = boxes.minimum(torch.tensor([width, height, width, height], dtype=torch.float64))
+    out, keep = transform_boxes(boxes, width, height, mode, size)
+    encoded = encode_boxes(out, *output_size(width, height, mode, size))
+    back = encoded_to_image(encoded, width, height, mode, size)
+    if mode == "crop":  # the part of each kept box inside the window comes back
+        assert 0 < keep.sum() < len(boxes)
+        left, top = 138, 54  # round(276 / 2), round(109 / 2) = round(54.5) -> 54 (half to even)
+        window = torch.tensor([left, top, left + size, top + size], dtype=torch.float64)
+        inside = [boxes[keep, :2].maximum(window[:2]), boxes[keep, 2:].minimum(window[2:])]
+        boxes = torch.cat(inside, dim=1)
+    assert torch.allclose(back, boxes, atol=1e-9)
+
+
+def test_paired_iou_by_hand():
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
+    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 1, 1], [2, 2, 3, 3]])
+    assert torch.allclose(paired_iou(a, b), torch.tensor([1 / 7, 1.0, 0.0]))
+
+
+def test_confusion_matrix_and_metrics_by_hand():
+    classes = ["a", "b", "c"]
+    labels = torch.tensor([0, 0, 1, 2])
+    logits = torch.tensor([[5.0, 0, 0], [0, 5, 0], [0, 5, 0], [0, 0, 5]])
+    assert confusion_matrix(labels, logits.argmax(1), 3).tolist() == [
+        [1, 1, 0],
+        [0, 1, 0],
+        [0, 0, 1],
+    ]
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5]]).repeat(4, 1)
+    # image 2's prediction is shifted by half a width: IoU (0.25 * 0.5) / (2 * 0.25 - 0.125) = 1/3
+    pred = boxes.clone()
+    pred[2, 0] = 0.75
+    m = single_object_metrics(pred, logits, boxes, labels, classes)
+    assert m["accuracy"] == 0.75 and m["hit_rate"] == 0.5  # image 1 wrong class, image 2 IoU 1/3
+    assert m["mean_iou"] == round((3 + 1 / 3) / 4, 4)
+    assert m["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 1.0}
+    # SmoothL1 (beta 1) over 16 coordinates, one off by 0.25: 0.5 * 0.25^2 / 16
+    assert m["box_loss"] == pytest.approx(0.5 * 0.0625 / 16, abs=1e-6)
+
+
+def learnable_data(n: int, n_classes: int = 4, seed: int = 0) -> Dataset:
+    """Features whose channels announce the class and whose spatial peak sits at the box centre."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    cells = torch.randint(0, 4, (n, 2), generator=g)
+    features = torch.randn(n, 8, 4, 4, generator=g) * 0.5
+    features[torch.arange(n), labels] += 1.5
+    features[torch.arange(n), 7, cells[:, 0], cells[:, 1]] += 3.0
+    centre = (cells.flip(1).float() + 0.5) / 4
+    boxes = torch.cat([centre, torch.full((n, 2), 0.3)], dim=1)
+    return Dataset(features.half(), (boxes, labels))
+
+
+def train_tiny(epochs=15, seed=0, classifier="pooled"):
+    seed_everything(seed)
+    head = SingleObjectHead((8, 4, 4), 4, hidden=32, dropout=0.1, classifier=classifier)
+    config = TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, weight_decay=0.0, seed=seed)
+
+    def loss_fn(outputs, targets):
+        return single_object_loss(*outputs, *targets)
+
+    train, val = learnable_data(128), learnable_data(64, seed=1)
+    result = fit(head, train, val, loss_fn, single_object_batch_sums, config, progress=False)
+    return head, result, train
+
+
+@pytest.mark.parametrize("classifier", ["pooled", "flatten"])
+def test_head_learns_clearly_better_than_chance(classifier):
+    head, result, train = train_tiny(classifier=classifier)
+    first, last = result.history[0]["train"], result.history[-1]["train"]
+    assert last["accuracy"] > 0.8  # chance: 0.25
+    assert last["box_loss"] < first["box_loss"] / 2
+    assert result.history[result.best_epoch - 1]["val"]["accuracy"] > 0.6
+
+
+def test_same_seed_same_numbers_and_checkpoint_round_trip(tmp_path):
+    head_a, a, train = train_tiny(epochs=3)
+    _, b, _ = train_tiny(epochs=3)
+    assert a.history == b.history and a.best_epoch == b.best_epoch
+    head_a.load_state_dict(a.best_state)
+    info = {"kind": "single", "classes": ["a", "b", "c", "d"], "feature_shape": [8, 4, 4],
+            "head": {"hidden": 32, "dropout": 0.1, "classifier": "pooled",
+                     "classifier_dropout": 0.0}}  # fmt: skip
+    path = tmp_path / "single.safetensors"
+    save_checkpoint(path, head_a, info)
+    loaded = load_checkpoint(path)
+    assert loaded.info == info and not loaded.head.training
+    for x, y in zip(
+        predict(head_a, train.features), predict(loaded.head, train.features), strict=True
+    ):
+        assert torch.equal(x, y)
+
+
+def test_bad_model_files_are_refused(tmp_path):
+    head = SingleObjectHead((8, 4, 4), 4, hidden=32)
+    info = {"kind": "single", "classes": list("abcd"), "feature_shape": [8, 4, 4],
+            "head": {"hidden": 32, "dropout": 0.1, "classifier": "pooled",
+                     "classifier_dropout": 0.0}}  # fmt: skip
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, head, info)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    pickle = tmp_path / "pickle.safetensors"
+    torch.save(head.state_dict(), pickle)
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    wrong = tmp_path / "wrong.safetensors"
+    save_checkpoint(wrong, head, info | {"feature_shape": [8, 2, 2]})
+    for path, words in [(tmp_path / "none.safetensors", "no such model file"),
+                        (truncated, "not a readable"), (pickle, "not a readable"),
+                        (foreign, "not a model of this pipeline"),
+                        (wrong, "does not fit its tensors")]:  # fmt: skip
+        with pytest.raises(CheckpointError, match=words) as error:
+            load_checkpoint(path)
+        assert path.name in str(error.value)
