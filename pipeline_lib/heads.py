@@ -2,6 +2,9 @@
 
 SingleObjectHead (the lab's first task): from a (B, C, H, W) feature map, the encoded box
 (cx, cy, w, h in [0, 1]) and the class logits of the image's largest object.
+MultiObjectHead (the second): per cell of an S x S grid, a box (centre relative to the cell,
+size relative to the image), class logits and an objectness logit -- an MLP slid over the feature
+map as 1x1 convolutions.
 
 A checkpoint is a safetensors file: the head's tensors plus, in its metadata under "pipeline", a
 JSON description (kind, head config, classes, backbone, image mode and size, training summary) that
@@ -74,6 +77,50 @@ class SingleObjectHead(nn.Module):
         return self.regression(features), self.classification(features)
 
 
+class MultiObjectHead(nn.Module):
+    """Grid head, as in the lab.
+
+    regression:     2 x [Dropout -> Conv1x1(hidden) -> ReLU -> BatchNorm2d] -> Conv1x1(4) -> Sigmoid
+    classification: Dropout -> Conv1x1(n_classes + 1): class logits, then one objectness logit.
+    A feature map larger than num_cells x num_cells is average-pooled to it first (adaptive
+    pooling); a smaller one is refused.
+    """
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, int, int],
+        n_classes: int,
+        num_cells: int = 7,
+        hidden: int = 512,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        channels, height, width = feature_shape
+        if height < num_cells or width < num_cells:
+            raise ValueError(
+                f"grid.num_cells {num_cells} is larger than the {height}x{width} feature map; "
+                f"use at most {min(height, width)} (or a larger image.size)"
+            )
+        self.num_cells = num_cells
+        same = (height, width) == (num_cells, num_cells)
+        self.pool = nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
+        layers: list[nn.Module] = []
+        inputs = channels
+        for _ in range(2):
+            layers += [nn.Dropout(dropout), nn.Conv2d(inputs, hidden, 1), nn.ReLU(),
+                       nn.BatchNorm2d(hidden)]  # fmt: skip
+            inputs = hidden
+        self.regression = nn.Sequential(*layers, nn.Conv2d(hidden, 4, 1), nn.Sigmoid())
+        self.classification = nn.Sequential(
+            nn.Dropout(dropout), nn.Conv2d(channels, n_classes + 1, 1)
+        )
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> (boxes (B, 4, S, S) in [0, 1], logits (B, n_classes + 1, S, S))."""
+        x = self.pool(features)
+        return self.regression(x), self.classification(x)
+
+
 @dataclass
 class Checkpoint:
     """A loaded model file: the head (in eval mode) and its description."""
@@ -97,6 +144,14 @@ def build_head(info: dict[str, Any]) -> nn.Module:
             dropout=config["dropout"],
             classifier=config["classifier"],
             classifier_dropout=config["classifier_dropout"],
+        )
+    if info["kind"] == "multi":
+        return MultiObjectHead(
+            tuple(info["feature_shape"]),
+            len(info["classes"]),
+            num_cells=info["num_cells"],
+            hidden=config["hidden"],
+            dropout=config["dropout"],
         )
     raise CheckpointError(f"unknown head kind {info['kind']!r}")
 

@@ -145,6 +145,7 @@ class HeadParams:
     hidden: PositiveInt
     classifier: Literal["flatten", "pooled"]
     classifier_dropout: Probability
+    grid_hidden: PositiveInt
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -158,6 +159,10 @@ class TrainParams:
     monitor: Literal["box_loss_plus_error", "loss"]
     box_weight: Annotated[Float, Field(ge=0.0)]
     class_weight: Annotated[Float, Field(ge=0.0)]
+    obj_weight: Annotated[Float, Field(ge=0.0)]
+    obj_loss: Literal["bce", "focal"]
+    focal_gamma: Annotated[Float, Field(ge=0.0)]
+    focal_alpha: Annotated[Float, Field(ge=0.0, le=1.0)]
     device: Literal["auto", "cpu", "cuda"]
 
 
@@ -171,6 +176,8 @@ class EvalParams:
     score_threshold: Probability
     nms_iou: Annotated[Float, Field(gt=0.0, le=1.0)]
     iou_threshold: Annotated[Float, Field(gt=0.0, le=1.0)]
+    max_detections: Annotated[Int, Field(ge=1, le=10000)]
+    draw_score: Probability
     samples: Annotated[Int, Field(ge=0, le=64)]
 
 

@@ -224,3 +224,66 @@ def training_curves(history: list[dict], best_epoch: int, title: str) -> Figure:
     figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
     figure.suptitle(f"{title}: training curves (dotted: best epoch {best_epoch})")
     return figure
+
+
+def _draw_boxes(ax: Axes, boxes: torch.Tensor, texts: list[str], colour, dashed=False, below=False):
+    for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=colour,
+                               ls="--" if dashed else "-"))  # fmt: skip
+        ax.text(x0, y1 if below else y0, text, fontsize=5.5, color="white",
+                va="top" if below else "bottom",
+                bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.8})  # fmt: skip
+
+
+def nms_grid(rows: list[tuple[Comparison, Comparison]], title: str = "") -> Figure:
+    """Per row one image twice: detections before and after NMS (red, with scores), the ground
+    truth dashed green on both."""
+    n_rows = max(1, len(rows))
+    figure = Figure(figsize=(6.4, 3.0 * n_rows), layout="constrained")
+    axes = figure.subplots(n_rows, 2, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, pair in enumerate(rows):
+        for ax, item in zip(axes[r], pair, strict=True):
+            ax.imshow(item.image)
+            _draw_boxes(ax, item.true_boxes, item.true_texts, TRUE_COLOUR, dashed=True)
+            _draw_boxes(
+                ax, item.predicted_boxes, item.predicted_texts, PREDICTED_COLOUR, below=True
+            )
+            ax.set_title(item.title, fontsize=8)
+    figure.suptitle(title or "Detections before and after NMS (dashed green: truth)")
+    return figure
+
+
+def pr_curves(curves: dict[str, tuple[list[float], list[float], float | None]]) -> Figure:
+    """Precision-recall curve per class: {name: (recall, precision, AP)}."""
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    ax = figure.subplots()
+    for k, (name, (recall, precision, ap)) in enumerate(curves.items()):
+        if ap is None:
+            continue
+        ax.plot(recall, precision, color=class_colour(k), lw=1.2, label=f"{name} ({ap:.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, ncols=2, loc="upper right", title="class (AP)", title_fontsize=7)
+    ax.set_title("Precision-recall per class")
+    return figure
+
+
+def ap_chart(aps: dict[str, float | None], title: str) -> Figure:
+    """Horizontal bars: AP per class (classes without ground truth shown as 'n/a')."""
+    names = list(aps)
+    figure = Figure(figsize=(7, 0.25 * len(names) + 1.2), layout="constrained")
+    ax = figure.subplots()
+    values = [aps[n] or 0.0 for n in names]
+    bars = ax.barh(range(len(names)), values, color=[class_colour(k) for k in range(len(names))])
+    ax.bar_label(bars, labels=[f"{aps[n]:.2f}" if aps[n] is not None else "n/a" for n in names],
+                 fontsize=7, padding=2)  # fmt: skip
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("average precision")
+    ax.set_title(title)
+    return figure

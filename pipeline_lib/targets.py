@@ -2,6 +2,10 @@
 
 Single-object task: for each image, the class and encoded box (cx, cy, w, h as fractions of the
 output image, see geometry.py) of its largest object after the image mode.
+
+Multi-object task (YOLO-like grid of S x S cells): the cell hosting an object's centre is
+responsible for it; its box is stored as the centre relative to that cell (cx*S - j, cy*S - i)
+and the width/height relative to the image.
 """
 
 from __future__ import annotations
@@ -63,3 +67,96 @@ def single_object_targets(
             k = largest_box(encoded)
             boxes[row], labels[row], present[row] = encoded[k].float(), classes[k], True
     return SingleTargets(boxes, labels, present)
+
+
+@dataclass
+class GridTargets:
+    """Grid targets for the rows of a feature file, S = num_cells.
+
+    boxes: (N, 4, S, S) float32 -- (cx, cy) relative to the hosting cell, (w, h) to the image;
+    has_obj: (N, S, S) uint8; labels: (N, S, S) int64; objects: (N,) objects per image after the
+    image mode; dropped: (N,) of those, how many lost their cell to a later object (collisions).
+    """
+
+    boxes: torch.Tensor
+    has_obj: torch.Tensor
+    labels: torch.Tensor
+    objects: torch.Tensor
+    dropped: torch.Tensor
+
+
+def grid_cells(encoded: torch.Tensor, num_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row i, column j) of the cell hosting each (K, 4) encoded box's centre, as int64 (K,).
+
+    A centre exactly on the right or bottom edge (1.0) belongs to the last cell.
+    """
+    j = (encoded[:, 0] * num_cells).floor().long().clamp(0, num_cells - 1)
+    i = (encoded[:, 1] * num_cells).floor().long().clamp(0, num_cells - 1)
+    return i, j
+
+
+def grid_targets(
+    encoded: torch.Tensor, labels: torch.Tensor, num_cells: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One image's (K, 4) encoded boxes and (K,) labels -> its grid targets.
+
+    Returns boxes (4, S, S) float32, has_obj (S, S) uint8, labels (S, S) int64 and the number of
+    objects overwritten by a later object whose centre falls in the same cell (the later one wins,
+    as in the lab).
+    """
+    s = num_cells
+    boxes = torch.zeros(4, s, s, dtype=torch.float32)
+    has_obj = torch.zeros(s, s, dtype=torch.uint8)
+    cell_labels = torch.zeros(s, s, dtype=torch.int64)
+    encoded = encoded.double()
+    i, j = grid_cells(encoded, s)
+    for k in range(len(encoded)):
+        cx, cy, w, h = encoded[k].tolist()
+        cell = (cx * s - j[k].item(), cy * s - i[k].item(), w, h)
+        boxes[:, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
+        has_obj[i[k], j[k]] = 1
+        cell_labels[i[k], j[k]] = labels[k]
+    return boxes, has_obj, cell_labels, len(encoded) - int(has_obj.sum())
+
+
+def targets_to_grid_cell_tensor(objects: list[dict], num_cells: int):
+    """The lab's interface: objects as [{'bndbox': {'cx', 'cy', 'width', 'height'}, 'class'}]
+    (fractions of the image) -> (bboxes (4, S, S) float32, has_obj (S, S) uint8, labels (S, S)
+    int32)."""
+    encoded = torch.tensor(
+        [[o["bndbox"][k] for k in ("cx", "cy", "width", "height")] for o in objects],
+        dtype=torch.float64,
+    ).reshape(-1, 4)
+    labels = torch.tensor([o["class"] for o in objects], dtype=torch.int64)
+    boxes, has_obj, cell_labels, _ = grid_targets(encoded, labels, num_cells)
+    return boxes, has_obj, cell_labels.to(torch.int32)
+
+
+def multi_object_targets(
+    images: pd.DataFrame,
+    objects: pd.DataFrame,
+    image_ids: list[str],
+    mode: str,
+    size: int,
+    num_cells: int,
+) -> GridTargets:
+    """Grid targets of every image in `image_ids` (rows of the prepared tables)."""
+    sizes = images.set_index("image_id")[["width", "height"]]
+    by_image = dict(tuple(objects.groupby("image_id", sort=False)))
+    n, s = len(image_ids), num_cells
+    out = GridTargets(
+        boxes=torch.zeros(n, 4, s, s),
+        has_obj=torch.zeros(n, s, s, dtype=torch.uint8),
+        labels=torch.zeros(n, s, s, dtype=torch.int64),
+        objects=torch.zeros(n, dtype=torch.int64),
+        dropped=torch.zeros(n, dtype=torch.int64),
+    )
+    for row, image_id in enumerate(image_ids):
+        if image_id not in by_image:
+            continue
+        width, height = (int(v) for v in sizes.loc[image_id])
+        encoded, classes = image_boxes(by_image[image_id], width, height, mode, size)
+        boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s)
+        out.boxes[row], out.has_obj[row], out.labels[row] = boxes, has_obj, labels
+        out.objects[row], out.dropped[row] = len(encoded), dropped
+    return out

@@ -3,7 +3,8 @@
 Features stay in RAM in their stored dtype (float16 by default) and each batch is cast to float32
 on the fly. A task plugs in two functions of (head outputs, batch targets):
 - `loss_fn` -> dict of scalar tensors, "loss" being minimised (e.g. losses.single_object_loss),
-- `measure_fn` -> dict of per-batch *sums* (e.g. correct predictions), averaged over the samples.
+- `measure_fn` -> dict of per-batch (sum, count) pairs (e.g. correct predictions, predictions),
+  averaged as total sum / total count over the epoch.
 Every epoch reports, for train and val, the sample-weighted mean of each loss part and measure;
 the epoch with the lowest monitor value on val is kept.
 """
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 Outputs = tuple[torch.Tensor, ...]
 LossFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, torch.Tensor]]
-MeasureFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, float]]
+MeasureFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, tuple[float, float]]]
 
 MONITORS = {
     # The lab's choice: box regression and classification on one scale.
@@ -96,12 +97,13 @@ def run_epoch(
 ) -> dict[str, float]:
     """One pass over `data`: trains (shuffled) when an optimizer is given, else evaluates.
 
-    Returns the sample-weighted means of the loss parts and of the measures.
+    Returns the sample-weighted means of the loss parts, and the measures (sum / count).
     """
     training = optimizer is not None
     head.train(training)
     order = torch.randperm(len(data), generator=generator) if training else None
     sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
     seen = 0
     total_batches = math.ceil(len(data) / batch_size)
     with torch.set_grad_enabled(training):
@@ -120,10 +122,12 @@ def run_epoch(
                 optimizer.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * len(x)
+                counts[name] = counts.get(name, 0.0) + len(x)
             with torch.no_grad():
-                for name, value in measure_fn(outputs, targets).items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-    return {name: value / max(seen, 1) for name, value in sums.items()}
+                for name, (total, count) in measure_fn(outputs, targets).items():
+                    sums[name] = sums.get(name, 0.0) + float(total)
+                    counts[name] = counts.get(name, 0.0) + float(count)
+    return {name: sums[name] / counts[name] if counts[name] else 0.0 for name in sums}
 
 
 def fit(

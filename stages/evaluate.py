@@ -1,8 +1,19 @@
-"""Stage evaluate_single: measure a trained head on the validation features.
+"""Stages evaluate_single and evaluate_multi: measure a trained head on the validation features.
 
     python -m stages.evaluate single [--params params.yaml]
+    python -m stages.evaluate multi  [--params params.yaml]
 
-Writes reports/evaluate_single/
+evaluate_multi writes reports/evaluate_multi/
+- metrics.json (DVC metrics): PASCAL VOC mAP at eval.iou_threshold (all-point, "map", and 11-point,
+  "map_11point"; difficult objects ignored), per-class AP (both), COCO mAP@[.5:.95] from
+  torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
+  collisions (and by crop), detections per image, evaluation seconds,
+- pr_curves.json (DVC plot, x = recall, y = precision, one curve per class),
+- figures/pr_curves.png, figures/per_class_ap.png, figures/nms_before_after.png (eval.samples val
+  images, detections scoring eval.draw_score or more before and after NMS, the truth dashed).
+Detections are compared with every object of the original images (in their pixels).
+
+evaluate_single writes reports/evaluate_single/
 - metrics.json (DVC metrics): box_loss (the lab's SmoothL1), accuracy, mean_iou, hit_rate (IoU >=
   eval.iou_threshold and the right class), per_class_accuracy, and the image count,
 - confusion.json: one {actual, predicted} row per image (DVC's confusion template),
@@ -12,28 +23,39 @@ Writes reports/evaluate_single/
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 import typer
 from PIL import Image
 
+from pipeline_lib.detection import cell_scores, decode_image, grid_to_encoded
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import read_features
+from pipeline_lib.features import Features, read_features
 from pipeline_lib.files import write_json
 from pipeline_lib.geometry import encoded_to_image
-from pipeline_lib.heads import load_checkpoint
-from pipeline_lib.metrics import confusion_matrix, single_object_metrics
+from pipeline_lib.heads import Checkpoint, load_checkpoint
+from pipeline_lib.metrics import (
+    coco_map,
+    confusion_matrix,
+    mean_ap,
+    single_object_metrics,
+    voc_average_precision,
+)
 from pipeline_lib.params import load_params
 from pipeline_lib.plots import (
     Comparison,
+    ap_chart,
     comparison_grid,
     confusion_figure,
+    nms_grid,
     pick_evenly,
+    pr_curves,
     save_figure,
 )
-from pipeline_lib.tables import read_prepared
-from pipeline_lib.targets import single_object_targets
+from pipeline_lib.tables import Prepared, read_prepared
+from pipeline_lib.targets import BOX_COLUMNS, multi_object_targets, single_object_targets
 from pipeline_lib.training import predict
 from stages.common import (
     FEATURES_DIR,
@@ -57,21 +79,8 @@ def single(params_file: Path = PARAMS_OPTION) -> None:
     """Single-object head: accuracy, IoU and the lab's box loss on val."""
     with clean_errors():
         params = load_params(params_file)
-        checkpoint = load_checkpoint(MODELS_DIR / "single.safetensors")
+        checkpoint, prepared, features = load_inputs("single")
         info, classes = checkpoint.info, checkpoint.classes
-        prepared = read_prepared(PREPARED_DIR)
-        features = read_features(FEATURES_DIR / "val.safetensors")
-        if features.metadata["backbone"] != info["backbone"]:
-            raise PipelineError(
-                f"data/features/val.safetensors comes from {features.metadata['backbone']['name']} "
-                f"but {MODELS_DIR / 'single.safetensors'} was trained on "
-                f"{info['backbone']['name']}: run dvc repro"
-            )
-        if prepared.classes != classes:
-            raise PipelineError(
-                f"data/prepared has classes {prepared.classes} but the model was trained on "
-                f"{classes}: run dvc repro"
-            )
         mode, size = info["image_mode"], info["image_size"]
         targets = single_object_targets(
             prepared.images, prepared.objects, features.image_ids, mode, size
@@ -121,6 +130,120 @@ def single(params_file: Path = PARAMS_OPTION) -> None:
             f"{metrics['mean_iou']:.3f}, hit rate {metrics['hit_rate']:.3f}, box loss "
             f"{metrics['box_loss']:.4f} -> {out / 'metrics.json'}"
         )
+
+
+@app.command()
+def multi(params_file: Path = PARAMS_OPTION) -> None:
+    """Grid head: PASCAL VOC mAP (all-point and 11-point), COCO mAP, PR curves on val."""
+    with clean_errors():
+        ev = load_params(params_file).eval
+        checkpoint, prepared, features = load_inputs("multi")
+        info, classes = checkpoint.info, checkpoint.classes
+        mode, size, cells = info["image_mode"], info["image_size"], info["num_cells"]
+        start = time.perf_counter()
+        pred_boxes, logits = predict(checkpoint.head, features.features)
+        encoded = grid_to_encoded(pred_boxes)
+        scores, labels = cell_scores(logits)
+        sizes = prepared.images.set_index("image_id").loc[features.image_ids]
+        detections = [
+            decode_image(encoded[n], scores[n], labels[n], int(w), int(h), mode, size,
+                         ev.score_threshold, ev.nms_iou, ev.max_detections)
+            for n, (w, h) in enumerate(zip(sizes["width"], sizes["height"], strict=True))
+        ]  # fmt: skip
+        by_image = dict(tuple(prepared.objects.groupby("image_id", sort=False)))
+        empty = prepared.objects.iloc[:0]
+        truth = []
+        for image_id in features.image_ids:
+            mine = by_image.get(image_id, empty)
+            truth.append((
+                torch.tensor(mine[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4),
+                torch.tensor(mine["class_id"].to_numpy(), dtype=torch.int64),
+                torch.tensor(mine["difficult"].to_numpy(), dtype=torch.bool),
+            ))  # fmt: skip
+        found = [(d.boxes, d.scores, d.labels) for d in detections]
+        per_class = voc_average_precision(found, truth, len(classes), ev.iou_threshold)
+        grid = multi_object_targets(prepared.images, prepared.objects, features.image_ids, mode,
+                                    size, cells)  # fmt: skip
+        n_objects = sum(len(t[1]) for t in truth)
+        metrics = {
+            "images": len(truth),
+            "objects": n_objects,
+            "map": round(mean_ap(per_class), 4),
+            "map_11point": round(mean_ap(per_class, eleven_point=True), 4),
+            "iou_threshold": ev.iou_threshold,
+            "coco_map": round(coco_map(found, truth), 4),
+            **{f"map_iou_{t}": round(mean_ap(voc_average_precision(found, truth, len(classes), t)),
+                                     4) for t in (0.3, 0.1)},
+            # objects the grid can learn: not cut away by crop, not lost in a cell collision
+            "recall_upper_bound": round(int(grid.objects.sum() - grid.dropped.sum())
+                                        / max(n_objects, 1), 4),
+            "detections_per_image": round(sum(len(d) for d in detections) / len(truth), 3),
+            "per_class_ap": {n: _round(c.ap) for n, c in zip(classes, per_class, strict=True)},
+            "per_class_ap_11point": {n: _round(c.ap11) for n, c in zip(classes, per_class,
+                                                                          strict=True)},
+            "seconds": round(time.perf_counter() - start, 2),
+        }  # fmt: skip
+        out = REPORTS_DIR / "evaluate_multi"
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "pr_curves.json", [
+            {"class": name, "recall": round(r, 5), "precision": round(p, 5)}
+            for name, c in zip(classes, per_class, strict=True)
+            for r, p in zip(c.recall, c.precision, strict=True)
+        ])  # fmt: skip
+        curves = {n: (c.recall, c.precision, c.ap) for n, c in zip(classes, per_class, strict=True)}
+        save_figure(pr_curves(curves), out / "figures" / "pr_curves.png")
+        save_figure(ap_chart(metrics["per_class_ap"], f"AP@{ev.iou_threshold} per class (val)"),
+                    out / "figures" / "per_class_ap.png")  # fmt: skip
+        rows = sizes.reset_index()
+        rows["row"] = range(len(rows))
+        dataset_dir = Path(prepared.info["dataset_dir"])
+        pairs = []
+        for row in pick_evenly(rows, ev.samples).itertuples():
+            n = row.row
+            with Image.open(dataset_dir / row.path) as image:
+                rgb = image.convert("RGB")
+            gt_boxes, gt_labels, _ = truth[n]
+            texts = [classes[k] for k in gt_labels.tolist()]
+            pair = []
+            for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
+                d = decode_image(encoded[n], scores[n], labels[n], row.width, row.height, mode,
+                                 size, ev.draw_score, nms, ev.max_detections)  # fmt: skip
+                pairs_ks = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
+                found_texts = [f"{classes[k]} {s:.2f}" for k, s in pairs_ks]
+                pair.append(Comparison(rgb, gt_boxes, texts, d.boxes, found_texts,
+                                       f"{row.image_id}: {len(d)} {label}"))  # fmt: skip
+            pairs.append(tuple(pair))
+        save_figure(nms_grid(pairs), out / "figures" / "nms_before_after.png", dpi=56)
+        typer.echo(
+            f"val: {metrics['images']} images, mAP@{ev.iou_threshold} {metrics['map']:.3f} "
+            f"(11-point {metrics['map_11point']:.3f}), COCO mAP {metrics['coco_map']:.3f}, "
+            f"recall upper bound {metrics['recall_upper_bound']:.3f}, "
+            f"{metrics['detections_per_image']:.1f} detections/image -> {out / 'metrics.json'}"
+        )
+
+
+def load_inputs(kind: str) -> tuple[Checkpoint, Prepared, Features]:
+    """The trained head of `kind`, the prepared tables and the val features, checked to match."""
+    path = MODELS_DIR / f"{kind}.safetensors"
+    checkpoint = load_checkpoint(path)
+    info = checkpoint.info
+    prepared = read_prepared(PREPARED_DIR)
+    features = read_features(FEATURES_DIR / "val.safetensors")
+    if features.metadata["backbone"] != info["backbone"]:
+        raise PipelineError(
+            f"data/features/val.safetensors comes from {features.metadata['backbone']['name']} "
+            f"but {path} was trained on {info['backbone']['name']}: run dvc repro"
+        )
+    if prepared.classes != checkpoint.classes:
+        raise PipelineError(
+            f"data/prepared has classes {prepared.classes} but {path} was trained on "
+            f"{checkpoint.classes}: run dvc repro"
+        )
+    return checkpoint, prepared, features
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,34 @@
-"""Stage train_single: train a detection head on the cached features.
+"""Stages train_single and train_multi: train a detection head on the cached features.
 
     python -m stages.train single [--params params.yaml]
+    python -m stages.train multi  [--params params.yaml]
 
-Writes
-- models/single.safetensors: the head of the best epoch (train.monitor on val) with everything
+Writes, for KIND = single | multi,
+- models/KIND.safetensors: the head of the best epoch (train.monitor on val) with everything
   needed to use it: backbone, layer, normalisation, image mode and size, classes, head params
   (see pipeline_lib/heads.py),
-- reports/train_single/: dvclive's logs -- metrics.json (last epoch, plus the best epoch under
+- reports/train_KIND/: dvclive's logs -- metrics.json (last epoch, plus the best epoch under
   "best") and plots/metrics/{train,val}/*.tsv (one row per epoch) -- and training_curves.png.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import typer
 from dvclive import Live
 
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import pick_device, read_features
-from pipeline_lib.heads import SingleObjectHead, save_checkpoint
-from pipeline_lib.losses import single_object_loss
-from pipeline_lib.metrics import single_object_batch_sums
-from pipeline_lib.params import load_params
+from pipeline_lib.features import Features, pick_device, read_features
+from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, save_checkpoint
+from pipeline_lib.losses import multi_object_loss, single_object_loss
+from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.params import Params, load_params
 from pipeline_lib.plots import save_figure, training_curves
-from pipeline_lib.tables import read_prepared
-from pipeline_lib.targets import single_object_targets
+from pipeline_lib.tables import Prepared, read_prepared
+from pipeline_lib.targets import multi_object_targets, single_object_targets
 from pipeline_lib.training import Dataset, TrainConfig, fit, seed_everything
 from stages.common import (
     FEATURES_DIR,
@@ -38,12 +41,12 @@ from stages.common import (
 
 app = typer.Typer(add_completion=False, help="Train a head on the cached features.")
 
-CURVES = ("loss", "box_loss", "class_loss", "accuracy", "iou")
+SPLITS = ("train", "val")
 
 
 @app.callback()
 def main() -> None:
-    """One command per head kind (keeps `single` a subcommand)."""
+    """One command per head kind."""
 
 
 @app.command()
@@ -51,97 +54,153 @@ def single(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
     """Single-object head: class and box of each image's largest object."""
     with clean_errors():
         params = load_params(params_file)
-        head_params, train = params.head, params.train
-        seed_everything(train.seed)
-        prepared = read_prepared(PREPARED_DIR)
-        features = {s: read_features(FEATURES_DIR / f"{s}.safetensors") for s in ("train", "val")}
-        metadata = features["train"].metadata
-        mode, size = metadata["image_mode"], int(metadata["image_size"])
-        data, dropped = {}, {}
-        for split in ("train", "val"):
+        seed_everything(params.train.seed)
+        prepared, features, mode, size = load_inputs()
+        data = {}
+        for split in SPLITS:
             ids, tensor = features[split].image_ids, features[split].features
-            targets = single_object_targets(prepared.images, prepared.objects, ids, mode, size)
-            keep = targets.present
-            data[split] = Dataset(tensor[keep], (targets.boxes[keep], targets.labels[keep]))
-            dropped[split] = int((~keep).sum())
-            if not keep.any():
+            t = single_object_targets(prepared.images, prepared.objects, ids, mode, size)
+            if not t.present.any():
                 raise PipelineError(
                     f"{split}: none of {len(ids)} images has an object left after image.mode "
                     f"{mode} (size {size}); nothing to train or validate on"
                 )
-            if dropped[split]:
-                message = f"{dropped[split]} images have no object after image.mode {mode}"
-                typer.secho(f"warning: {split}: {message}; left out", err=True, fg="yellow")
-        feature_shape = tuple(data["train"].features.shape[1:])
-        head = SingleObjectHead(
-            feature_shape,
-            len(prepared.classes),
-            hidden=head_params.hidden,
-            dropout=head_params.dropout,
-            classifier=head_params.classifier,
-            classifier_dropout=head_params.classifier_dropout,
-        )
+            if not t.present.all():
+                left_out = int((~t.present).sum())
+                typer.secho(f"warning: {split}: {left_out} images have no object after "
+                            f"image.mode {mode}; left out", err=True, fg="yellow")  # fmt: skip
+            keep = t.present
+            data[split] = Dataset(tensor[keep], (t.boxes[keep], t.labels[keep]))
+        head_params, train = params.head, params.train
+        config = {
+            "hidden": head_params.hidden,
+            "dropout": head_params.dropout,
+            "classifier": head_params.classifier,
+            "classifier_dropout": head_params.classifier_dropout,
+        }
+        shape = tuple(data["train"].features.shape[1:])
+        head = SingleObjectHead(shape, len(prepared.classes), **config)
 
         def loss_fn(outputs, targets):
             return single_object_loss(*outputs, *targets, train.box_weight, train.class_weight)
 
-        config = TrainConfig(train.epochs, train.batch_size, train.lr, train.weight_decay,
-                             train.lr_schedule, train.seed, train.monitor,
-                             str(pick_device(train.device)))  # fmt: skip
-        reports = REPORTS_DIR / "train_single"
-        with Live(dir=str(reports), save_dvc_exp=False, dvcyaml=None) as live:
+        info = {"kind": "single", "head": config}
+        curves = ("loss", "box_loss", "class_loss", "accuracy", "iou")
+        run_training(params, head, data, loss_fn, single_object_batch_sums, curves, info,
+                     prepared, features, progress)  # fmt: skip
 
-            def on_epoch(epoch: int, stats: dict) -> None:
-                for split in ("train", "val"):
-                    for name in CURVES:
-                        live.log_metric(f"{split}/{name}", round(stats[split][name], 6))
-                live.log_metric("lr", stats["lr"])
-                live.next_step()
-                tr, va = stats["train"], stats["val"]
-                typer.echo(
-                    f"epoch {epoch:3d}/{train.epochs}: train loss {tr['loss']:.4f} "
-                    f"acc {tr['accuracy']:.3f} iou {tr['iou']:.3f} | val box {va['box_loss']:.4f} "
-                    f"acc {va['accuracy']:.3f} iou {va['iou']:.3f}"
-                )
 
-            result = fit(head, data["train"], data["val"], loss_fn, single_object_batch_sums,
-                         config, on_epoch, progress)  # fmt: skip
-            best = result.history[result.best_epoch - 1]
-            live.summary["best"] = {
-                "epoch": result.best_epoch,
-                "monitor": round(result.best_monitor, 6),
-                **{f"val_{k}": round(v, 6) for k, v in best["val"].items()},
-            }
-            live.summary["seconds_per_epoch"] = round(result.seconds / train.epochs, 2)
-            live.summary["images"] = {split: len(data[split]) for split in data}
-        head.load_state_dict(result.best_state)
-        info = {
-            "kind": "single",
-            "classes": prepared.classes,
-            "feature_shape": list(feature_shape),
-            "backbone": metadata["backbone"],
-            "image_mode": mode,
-            "image_size": size,
-            "head": {
-                "hidden": head_params.hidden,
-                "dropout": head_params.dropout,
-                "classifier": head_params.classifier,
-                "classifier_dropout": head_params.classifier_dropout,
-            },
-            "train": {
-                "best_epoch": result.best_epoch,
-                "monitor": train.monitor,
-                "best_monitor": result.best_monitor,
-                "epochs": train.epochs,
-            },
+@app.command()
+def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
+    """Multi-object grid head: box, class and objectness per cell."""
+    with clean_errors():
+        params = load_params(params_file)
+        seed_everything(params.train.seed)
+        prepared, features, mode, size = load_inputs()
+        cells = params.grid.num_cells
+        data, collisions = {}, {}
+        for split in SPLITS:
+            ids, tensor = features[split].image_ids, features[split].features
+            t = multi_object_targets(prepared.images, prepared.objects, ids, mode, size, cells)
+            data[split] = Dataset(tensor, (t.boxes, t.has_obj, t.labels))
+            collisions[split] = {"objects": int(t.objects.sum()), "dropped": int(t.dropped.sum())}
+            typer.echo(f"{split}: {collisions[split]['dropped']} of "
+                       f"{collisions[split]['objects']} objects share a grid cell with a later "
+                       f"one and are not learned ({cells}x{cells} cells)")  # fmt: skip
+        head_params, train = params.head, params.train
+        config = {"hidden": head_params.grid_hidden, "dropout": head_params.dropout}
+        shape = tuple(data["train"].features.shape[1:])
+        try:
+            head = MultiObjectHead(shape, len(prepared.classes), num_cells=cells, **config)
+        except ValueError as error:
+            raise PipelineError(str(error)) from None
+
+        def loss_fn(outputs, targets):
+            return multi_object_loss(*outputs, *targets, train.box_weight, train.class_weight,
+                                     train.obj_weight, train.obj_loss, train.focal_gamma,
+                                     train.focal_alpha)  # fmt: skip
+
+        info = {"kind": "multi", "head": config, "num_cells": cells, "collisions": collisions}
+        curves = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
+        run_training(params, head, data, loss_fn, multi_object_batch_sums, curves, info,
+                     prepared, features, progress)  # fmt: skip
+
+
+def load_inputs() -> tuple[Prepared, dict[str, Features], str, int]:
+    """The prepared tables, the train/val features, and the image mode and size they used."""
+    prepared = read_prepared(PREPARED_DIR)
+    features = {split: read_features(FEATURES_DIR / f"{split}.safetensors") for split in SPLITS}
+    metadata = features["train"].metadata
+    return prepared, features, metadata["image_mode"], int(metadata["image_size"])
+
+
+def run_training(
+    params: Params,
+    head: torch.nn.Module,
+    data: dict[str, Dataset],
+    loss_fn: Callable,
+    measure_fn: Callable,
+    curves: tuple[str, ...],
+    info: dict,
+    prepared: Prepared,
+    features: dict[str, Features],
+    progress: bool,
+) -> None:
+    """Fit `head` with dvclive logging, then save the best epoch's checkpoint and curves."""
+    kind, train = info["kind"], params.train
+    config = TrainConfig(train.epochs, train.batch_size, train.lr, train.weight_decay,
+                         train.lr_schedule, train.seed, train.monitor,
+                         str(pick_device(train.device)))  # fmt: skip
+    reports = REPORTS_DIR / f"train_{kind}"
+    with Live(dir=str(reports), save_dvc_exp=False, dvcyaml=None) as live:
+
+        def on_epoch(epoch: int, stats: dict) -> None:
+            for split in SPLITS:
+                for name in curves:
+                    live.log_metric(f"{split}/{name}", round(stats[split][name], 6))
+            live.log_metric("lr", stats["lr"])
+            live.next_step()
+            tr, va = stats["train"], stats["val"]
+            typer.echo(
+                f"epoch {epoch:3d}/{train.epochs}: train loss {tr['loss']:.4f} "
+                f"acc {tr['accuracy']:.3f} iou {tr['iou']:.3f} | val loss {va['loss']:.4f} "
+                f"box {va['box_loss']:.4f} acc {va['accuracy']:.3f} iou {va['iou']:.3f}"
+            )
+
+        result = fit(head, data["train"], data["val"], loss_fn, measure_fn, config, on_epoch,
+                     progress)  # fmt: skip
+        best = result.history[result.best_epoch - 1]
+        live.summary["best"] = {
+            "epoch": result.best_epoch,
+            "monitor": round(result.best_monitor, 6),
+            **{f"val_{k}": round(v, 6) for k, v in best["val"].items()},
         }
-        save_checkpoint(MODELS_DIR / "single.safetensors", head, info)
-        save_figure(training_curves(result.history, result.best_epoch, "single-object head"),
-                    reports / "training_curves.png")  # fmt: skip
-        typer.echo(
-            f"best epoch {result.best_epoch} ({train.monitor} {result.best_monitor:.4f}); "
-            f"{result.seconds / train.epochs:.2f} s/epoch -> {MODELS_DIR / 'single.safetensors'}"
-        )
+        live.summary["seconds_per_epoch"] = round(result.seconds / train.epochs, 2)
+        live.summary["images"] = {split: len(data[split]) for split in SPLITS}
+    head.load_state_dict(result.best_state)
+    metadata = features["train"].metadata
+    info = {
+        **info,
+        "classes": prepared.classes,
+        "feature_shape": list(data["train"].features.shape[1:]),
+        "backbone": metadata["backbone"],
+        "image_mode": metadata["image_mode"],
+        "image_size": int(metadata["image_size"]),
+        "train": {
+            "best_epoch": result.best_epoch,
+            "monitor": train.monitor,
+            "best_monitor": result.best_monitor,
+            "epochs": train.epochs,
+        },  # fmt: skip
+    }
+    path = MODELS_DIR / f"{kind}.safetensors"
+    save_checkpoint(path, head, info)
+    save_figure(training_curves(result.history, result.best_epoch, f"{kind}-object head"),
+                reports / "training_curves.png")  # fmt: skip
+    typer.echo(
+        f"best epoch {result.best_epoch} ({train.monitor} {result.best_monitor:.4f}); "
+        f"{result.seconds / train.epochs:.2f} s/epoch -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def project(tmp_path_factory) -> Path:
     params["data"]["synthetic"].update(n_train=8, n_val=4, min_side=96, max_side=128)
     params["report"].update(samples=2, mode_samples=1)
     params["backbone"].update(batch_size=8, workers=0)
-    params["head"].update(hidden=16)
+    params["head"].update(hidden=16, grid_hidden=16)
     params["train"].update(epochs=2, batch_size=4)
     params["eval"].update(samples=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -60,19 +60,32 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing(project):
     first = run(project, "dvc", "repro")
-    everything = {"synthesize", "prepare", "extract", "train_single", "evaluate_single"}
+    everything = {"synthesize", "prepare", "extract", "train_single", "evaluate_single",
+                  "train_multi", "evaluate_multi"}  # fmt: skip
     assert stages_run(first) == everything
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == everything
     assert (project / "data/features/train.safetensors").is_file()
     assert (project / "data/prepared/images.parquet").is_file()
     assert (project / "models/single.safetensors").is_file()
+    assert (project / "models/multi.safetensors").is_file()
     for figure in ("confusion.png", "predictions.png"):
         assert (project / "reports/evaluate_single/figures" / figure).is_file()
+    for figure in ("pr_curves.png", "per_class_ap.png", "nms_before_after.png"):
+        assert (project / "reports/evaluate_multi/figures" / figure).is_file()
     assert (project / "reports/train_single/plots/metrics/val/box_loss.tsv").is_file()
     metrics = run(project, "dvc", "metrics", "show")
     assert "train.images" in metrics and "val.objects" in metrics
-    for key in ("accuracy", "mean_iou", "hit_rate", "box_loss", "best.epoch"):
+    for key in (
+        "accuracy",
+        "mean_iou",
+        "hit_rate",
+        "box_loss",
+        "best.epoch",
+        "map_11point",
+        "coco_map",
+        "recall_upper_bound",
+    ):
         assert key in metrics
 
     second = run(project, "dvc", "repro")
@@ -82,16 +95,18 @@ def test_repro_runs_everything_then_nothing(project):
 
 def test_each_param_group_reruns_only_its_stages(project):
     run(project, "dvc", "repro")
+    heads = {"train_single", "evaluate_single", "train_multi", "evaluate_multi"}
     set_param(project, "head", "dropout", 0.3)  # read by training only: features stay cached
+    assert stages_run(run(project, "dvc", "repro")) == heads
+    set_param(project, "head", "classifier", "flatten")  # the single head's only
     assert stages_run(run(project, "dvc", "repro")) == {"train_single", "evaluate_single"}
+    set_param(project, "grid", "num_cells", 5)
+    assert stages_run(run(project, "dvc", "repro")) == {"train_multi", "evaluate_multi"}
     set_param(project, "eval", "samples", 1)
-    assert stages_run(run(project, "dvc", "repro")) == {"evaluate_single"}
+    assert stages_run(run(project, "dvc", "repro")) == {"evaluate_single", "evaluate_multi"}
+    set_param(project, "eval", "nms_iou", 0.4)
+    assert stages_run(run(project, "dvc", "repro")) == {"evaluate_multi"}
     set_param(project, "backbone", "store_dtype", "float32")
-    assert stages_run(run(project, "dvc", "repro")) == {
-        "extract",
-        "train_single",
-        "evaluate_single",
-    }
-    set_param(project, "image", "size", 160)
-    after = {"prepare", "extract", "train_single", "evaluate_single"}
-    assert stages_run(run(project, "dvc", "repro")) == after
+    assert stages_run(run(project, "dvc", "repro")) == {"extract"} | heads
+    set_param(project, "image", "size", 160)  # 5x5 feature maps: grid.num_cells is 5 by now
+    assert stages_run(run(project, "dvc", "repro")) == {"prepare", "extract"} | heads

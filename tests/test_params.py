@@ -44,8 +44,8 @@ def test_bad_values_name_key_and_allowed(raw_params, group, key, value, expected
 def test_unknown_and_missing_keys(raw_params):
     raw_params["head"]["dropuot"] = 0.3
     assert (
-        "head.dropuot: unknown key (allowed here: dropout, hidden, classifier, classifier_dropout)"
-        in error_for(raw_params)
+        "head.dropuot: unknown key (allowed here: dropout, hidden, classifier, "
+        "classifier_dropout, grid_hidden)" in error_for(raw_params)
     )
     del raw_params["head"]["dropuot"]
     raw_params["extra_group"] = {}

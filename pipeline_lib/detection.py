@@ -1,0 +1,70 @@
+"""From grid head outputs to detections in the original image's pixels.
+
+Score of a cell = sigmoid(objectness) x softmax class probability of its best class. Cells are
+kept from `score_threshold`, then per-class non-maximum suppression (torchvision's batched_nms)
+at `nms_iou`, then the `max_detections` best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import batched_nms
+
+from pipeline_lib.geometry import encoded_to_image
+
+
+@dataclass
+class Detections:
+    """One image's detections: boxes (D, 4) xyxy pixels, scores (D,), labels (D,) int64."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def grid_to_encoded(pred_boxes: torch.Tensor) -> torch.Tensor:
+    """(B, 4, S, S) cell-relative boxes -> (B, S*S, 4) encoded (cx, cy, w, h) image fractions,
+    cells in row-major order (row i, column j)."""
+    b, _, s, _ = pred_boxes.shape
+    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    cx = (pred_boxes[:, 0] + j) / s
+    cy = (pred_boxes[:, 1] + i) / s
+    return torch.stack([cx, cy, pred_boxes[:, 2], pred_boxes[:, 3]], dim=-1).reshape(b, s * s, 4)
+
+
+def cell_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K + 1, S, S) logits -> (scores (B, S*S), labels (B, S*S)) of each cell's best class."""
+    b, k1, s, _ = logits.shape
+    probs = torch.softmax(logits[:, :-1].float(), dim=1) * torch.sigmoid(logits[:, -1:].float())
+    scores, labels = probs.reshape(b, k1 - 1, s * s).max(dim=1)
+    return scores, labels
+
+
+def decode_image(
+    encoded: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    width: int,
+    height: int,
+    mode: str,
+    size: int,
+    score_threshold: float,
+    nms_iou: float | None,
+    max_detections: int,
+) -> Detections:
+    """One image's (S*S, 4) encoded boxes, scores and labels -> its detections in the original
+    `width` x `height` image (no NMS when `nms_iou` is None)."""
+    keep = scores >= score_threshold
+    scores, labels = scores[keep], labels[keep]
+    boxes = encoded_to_image(encoded[keep], width, height, mode, size)
+    if nms_iou is not None:
+        kept = batched_nms(boxes, scores.double(), labels, nms_iou)
+    else:
+        kept = torch.argsort(scores, descending=True, stable=True)
+    kept = kept[:max_detections]
+    return Detections(boxes[kept].float(), scores[kept], labels[kept])
