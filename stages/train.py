@@ -177,6 +177,8 @@ def run_training(
         }
         live.summary["seconds_per_epoch"] = round(result.seconds / train.epochs, 2)
         live.summary["images"] = {split: len(data[split]) for split in SPLITS}
+        if "collisions" in info:  # grid head: objects lost to shared cells bound the recall
+            live.summary["grid_collisions"] = info["collisions"]
     head.load_state_dict(result.best_state)
     metadata = features["train"].metadata
     info = {

@@ -85,6 +85,7 @@ def test_repro_runs_everything_then_nothing(project):
         "map_11point",
         "coco_map",
         "recall_upper_bound",
+        "grid_collisions.val.dropped",
     ):
         assert key in metrics
 
