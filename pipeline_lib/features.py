@@ -7,8 +7,8 @@ streamed to disk batch by batch, so memory does not grow with the number of imag
 Speed: images are decoded and transformed in DataLoader worker processes (uint8 tensors, so little
 to copy) while the main process runs the model: on CPU in channels_last under inference mode with
 all cores; on a GPU with pinned memory, non-blocking copies and autocast. Opt-in `compile=True`
-runs the model through torch.compile with weight freezing (measured on 2 CPU cores: about +50 %
-images/s for EfficientNet-Lite0, +5-10 % for resnet18, after 15-20 s of compilation).
+runs the model through torch.compile with weight freezing (measured on 2 CPU cores, model only:
++35-50 % images/s for EfficientNet-Lite0, 0-20 % for resnet18, after 15-30 s of compilation).
 """
 
 from __future__ import annotations
