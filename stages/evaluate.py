@@ -8,7 +8,8 @@ evaluate_multi writes reports/evaluate_multi/
   "map_11point"; difficult objects ignored), per-class AP (both), COCO mAP@[.5:.95] from
   torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
   collisions (and by crop), detections per image, evaluation seconds,
-- pr_curves.json (DVC plot, x = recall, y = precision, one curve per class),
+- pr_curves.json (DVC plot, x = recall, y = precision, one curve per class) and per_class_ap.json
+  (DVC plot: a bar per class),
 - figures/pr_curves.png, figures/per_class_ap.png, figures/nms_before_after.png (eval.samples val
   images, detections scoring eval.draw_score or more before and after NMS, the truth dashed).
 Detections are compared with every object of the original images (in their pixels).
@@ -189,6 +190,10 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
             {"class": name, "recall": round(r, 5), "precision": round(p, 5)}
             for name, c in zip(classes, per_class, strict=True)
             for r, p in zip(c.recall, c.precision, strict=True)
+        ])  # fmt: skip
+        write_json(out / "per_class_ap.json", [
+            {"class": name, "ap": c.ap} for name, c in zip(classes, per_class, strict=True)
+            if c.ap is not None
         ])  # fmt: skip
         curves = {n: (c.recall, c.precision, c.ap) for n, c in zip(classes, per_class, strict=True)}
         save_figure(pr_curves(curves), out / "figures" / "pr_curves.png")

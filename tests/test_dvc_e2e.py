@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ def project(tmp_path_factory) -> Path:
     run(root, "git", "config", "user.email", "test@example.com")
     run(root, "git", "config", "user.name", "test")
     run(root, "dvc", "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "pipeline")
     return root
@@ -111,3 +113,48 @@ def test_each_param_group_reruns_only_its_stages(project):
     assert stages_run(run(project, "dvc", "repro")) == {"extract"} | heads
     set_param(project, "image", "size", 160)  # 5x5 feature maps: grid.num_cells is 5 by now
     assert stages_run(run(project, "dvc", "repro")) == {"prepare", "extract"} | heads
+
+
+def test_experiments_metrics_diff_and_plots(project):
+    """The review workflow: commit a baseline, run an experiment, diff it, render the plots."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # back to the module's tiny set-up
+    set_param(project, "head", "dropout", params["head"]["dropout"])
+    run(project, "dvc", "repro")
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "baseline")
+
+    output = run(project, "dvc", "exp", "run", "-S", "head.dropout=0.1", "-n", "dropout01")
+    assert stages_run(output) == {
+        "train_single",
+        "evaluate_single",
+        "train_multi",
+        "evaluate_multi",
+    }
+    shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
+    assert "dropout01" in shown and "map_11point" in shown
+    diff = run(project, "dvc", "metrics", "diff")  # workspace (the experiment) against HEAD
+    for path in ("reports/train_single/metrics.json", "reports/train_multi/metrics.json"):
+        assert path in diff, diff  # dropout changes the training losses of both heads
+    assert "best.val_loss" in diff
+
+    rendered = json.loads(run(project, "dvc", "plots", "show", "--json"))
+    plots = set(rendered["data"])
+    for plot in ("train_single_loss", "train_multi_obj_loss", "evaluate_multi_pr_curves",
+                 "evaluate_multi_per_class_ap", "evaluate_single_confusion"):  # fmt: skip
+        assert plot in plots, sorted(plots)
+    pr = rendered["data"]["evaluate_multi_pr_curves"][0]["content"]["data"]["values"]
+    assert {"class", "recall", "precision"} <= set(pr[0])  # one curve per class
+    images = {p for p in plots if p.endswith(".png")}
+    for figure in ("confusion.png", "predictions.png", "pr_curves.png", "nms_before_after.png",
+                   "class_counts.png", "training_curves.png"):  # fmt: skip
+        assert any(p.endswith(figure) for p in images), sorted(images)
+    html = project / "plots_html"
+    run(project, "dvc", "plots", "show", "-o", str(html))
+    page = (html / "index.html").read_text()
+    assert "evaluate_multi_pr_curves" in page and "nms_before_after.png" in page
+
+    # A new backbone re-runs extract and everything after it, never prepare.
+    output = run(project, "dvc", "exp", "run", "-S", "backbone.name=resnet18",
+                 "-S", "backbone.layer=layer4", "-S", "backbone.weights=random")  # fmt: skip
+    assert stages_run(output) == {"extract", "train_single", "evaluate_single", "train_multi",
+                                  "evaluate_multi"}  # fmt: skip
