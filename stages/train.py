@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import typer
 from dvclive import Live
+from scmrepo.exceptions import SCMError
 
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import Features, pick_device, read_features
@@ -134,6 +135,17 @@ def load_inputs() -> tuple[Prepared, dict[str, Features], str, int]:
     return prepared, features, metadata["image_mode"], int(metadata["image_size"])
 
 
+def open_live(reports: Path) -> Live:
+    """dvclive's logger for `reports` (it reads the git repository, which needs one commit)."""
+    try:
+        return Live(dir=str(reports), save_dvc_exp=False, dvcyaml=None)
+    except SCMError as error:
+        raise PipelineError(
+            f"dvclive cannot read this git repository ({error}): commit once (git commit) "
+            "before running the training stages"
+        ) from None
+
+
 def run_training(
     params: Params,
     head: torch.nn.Module,
@@ -152,7 +164,7 @@ def run_training(
                          train.lr_schedule, train.seed, train.monitor,
                          str(pick_device(train.device)))  # fmt: skip
     reports = REPORTS_DIR / f"train_{kind}"
-    with Live(dir=str(reports), save_dvc_exp=False, dvcyaml=None) as live:
+    with open_live(reports) as live:
 
         def on_epoch(epoch: int, stats: dict) -> None:
             for split in SPLITS:
