@@ -68,3 +68,47 @@ def decode_image(
         kept = torch.argsort(scores, descending=True, stable=True)
     kept = kept[:max_detections]
     return Detections(boxes[kept].float(), scores[kept], labels[kept])
+
+
+def grid_detections(
+    pred_boxes: torch.Tensor,
+    logits: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    mode: str,
+    size: int,
+    score_threshold: float,
+    nms_iou: float | None,
+    max_detections: int,
+) -> list[Detections]:
+    """Grid head outputs for B images -> each image's detections in its own pixels.
+
+    pred_boxes (B, 4, S, S) and logits (B, K + 1, S, S) as `MultiObjectHead` returns them; `sizes`
+    the B original (width, height); `mode` / `size` the image mode the features were made with.
+    """
+    encoded = grid_to_encoded(pred_boxes)
+    scores, labels = cell_scores(logits)
+    return [
+        decode_image(encoded[n], scores[n], labels[n], width, height, mode, size,
+                     score_threshold, nms_iou, max_detections)
+        for n, (width, height) in enumerate(sizes)
+    ]  # fmt: skip
+
+
+def single_detections(
+    pred_boxes: torch.Tensor,
+    logits: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    mode: str,
+    size: int,
+) -> list[Detections]:
+    """Single-object head outputs for B images -> one detection each (its largest object, scored
+    by the softmax probability of its class), in the image's own pixels.
+
+    pred_boxes (B, 4) encoded, logits (B, K), `sizes` the B original (width, height).
+    """
+    scores, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
+    return [
+        Detections(encoded_to_image(pred_boxes[n : n + 1], width, height, mode, size).float(),
+                   scores[n : n + 1], labels[n : n + 1])
+        for n, (width, height) in enumerate(sizes)
+    ]  # fmt: skip

@@ -287,3 +287,39 @@ def ap_chart(aps: dict[str, float | None], title: str) -> Figure:
     ax.set_xlabel("average precision")
     ax.set_title(title)
     return figure
+
+
+def annotate(
+    image: Image.Image,
+    boxes: torch.Tensor,
+    texts: list[str],
+    class_ids: list[int],
+    cells: torch.Tensor | None = None,
+) -> Image.Image:
+    """A copy of `image` at full resolution with (N, 4) xyxy pixel boxes drawn in their class
+    colour, each with its text on a filled label; optional (M, 4) `cells` drawn as a thin grid.
+
+    Drawn with PIL rather than matplotlib: the output keeps the photo's own pixels and size.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    short = min(out.size)
+    width = max(2, round(short / 250))
+    font = ImageFont.load_default(size=max(11, round(short / 40)))
+    if cells is not None:
+        for cell in cells.tolist():
+            draw.rectangle(cell, outline=(255, 255, 255), width=1)
+    for box, text, class_id in zip(boxes.tolist(), texts, class_ids, strict=True):
+        colour = tuple(round(255 * c) for c in class_colour(class_id))
+        draw.rectangle(box, outline=colour, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x = min(max(box[0], 0), max(out.width - (right - left) - 2 * width, 0))
+        y = box[1] - (bottom - top) - 2 * width  # above the box, or inside it at the image top
+        y = box[1] if y < 0 else y
+        label = (x, y, x + right - left + 2 * width, y + bottom - top + 2 * width)
+        draw.rectangle(label, fill=colour)
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)  # readable on light or dark
+        draw.text((x + width - left, y + width - top), text, fill=ink, font=font)
+    return out

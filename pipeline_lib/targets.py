@@ -10,6 +10,7 @@ and the width/height relative to the image.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -48,21 +49,28 @@ def image_boxes(
     return encode_boxes(boxes, out_width, out_height), labels[keep]
 
 
+def encoded_objects(
+    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(row, encoded boxes, class ids) per image of `image_ids` that has objects in the tables,
+    as `image_boxes` gives them (possibly none left after crop)."""
+    sizes = images.set_index("image_id")[["width", "height"]]
+    by_image = dict(tuple(objects.groupby("image_id", sort=False)))
+    for row, image_id in enumerate(image_ids):
+        if image_id in by_image:
+            width, height = (int(v) for v in sizes.loc[image_id])
+            yield row, *image_boxes(by_image[image_id], width, height, mode, size)
+
+
 def single_object_targets(
     images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
 ) -> SingleTargets:
     """The largest object of each image in `image_ids` (rows of the prepared tables)."""
-    sizes = images.set_index("image_id")[["width", "height"]]
-    by_image = dict(tuple(objects.groupby("image_id", sort=False)))
     n = len(image_ids)
     boxes = torch.zeros(n, 4, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.int64)
     present = torch.zeros(n, dtype=torch.bool)
-    for row, image_id in enumerate(image_ids):
-        if image_id not in by_image:
-            continue
-        width, height = (int(v) for v in sizes.loc[image_id])
-        encoded, classes = image_boxes(by_image[image_id], width, height, mode, size)
+    for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
         if len(encoded):
             k = largest_box(encoded)
             boxes[row], labels[row], present[row] = encoded[k].float(), classes[k], True
@@ -141,8 +149,6 @@ def multi_object_targets(
     num_cells: int,
 ) -> GridTargets:
     """Grid targets of every image in `image_ids` (rows of the prepared tables)."""
-    sizes = images.set_index("image_id")[["width", "height"]]
-    by_image = dict(tuple(objects.groupby("image_id", sort=False)))
     n, s = len(image_ids), num_cells
     out = GridTargets(
         boxes=torch.zeros(n, 4, s, s),
@@ -151,11 +157,7 @@ def multi_object_targets(
         objects=torch.zeros(n, dtype=torch.int64),
         dropped=torch.zeros(n, dtype=torch.int64),
     )
-    for row, image_id in enumerate(image_ids):
-        if image_id not in by_image:
-            continue
-        width, height = (int(v) for v in sizes.loc[image_id])
-        encoded, classes = image_boxes(by_image[image_id], width, height, mode, size)
+    for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
         boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s)
         out.boxes[row], out.has_obj[row], out.labels[row] = boxes, has_obj, labels
         out.objects[row], out.dropped[row] = len(encoded), dropped

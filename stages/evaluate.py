@@ -31,7 +31,7 @@ import torch
 import typer
 from PIL import Image
 
-from pipeline_lib.detection import cell_scores, decode_image, grid_to_encoded
+from pipeline_lib.detection import grid_detections
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import Features, read_features
 from pipeline_lib.files import write_json
@@ -143,14 +143,12 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
         mode, size, cells = info["image_mode"], info["image_size"], info["num_cells"]
         start = time.perf_counter()
         pred_boxes, logits = predict(checkpoint.head, features.features)
-        encoded = grid_to_encoded(pred_boxes)
-        scores, labels = cell_scores(logits)
         sizes = prepared.images.set_index("image_id").loc[features.image_ids]
-        detections = [
-            decode_image(encoded[n], scores[n], labels[n], int(w), int(h), mode, size,
-                         ev.score_threshold, ev.nms_iou, ev.max_detections)
-            for n, (w, h) in enumerate(zip(sizes["width"], sizes["height"], strict=True))
-        ]  # fmt: skip
+        image_sizes = [
+            (int(w), int(h)) for w, h in zip(sizes["width"], sizes["height"], strict=True)
+        ]
+        detections = grid_detections(pred_boxes, logits, image_sizes, mode, size,
+                                     ev.score_threshold, ev.nms_iou, ev.max_detections)  # fmt: skip
         by_image = dict(tuple(prepared.objects.groupby("image_id", sort=False)))
         empty = prepared.objects.iloc[:0]
         truth = []
@@ -211,8 +209,9 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
             texts = [classes[k] for k in gt_labels.tolist()]
             pair = []
             for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
-                d = decode_image(encoded[n], scores[n], labels[n], row.width, row.height, mode,
-                                 size, ev.draw_score, nms, ev.max_detections)  # fmt: skip
+                (d,) = grid_detections(pred_boxes[n : n + 1], logits[n : n + 1],
+                                       [image_sizes[n]], mode, size, ev.draw_score, nms,
+                                       ev.max_detections)  # fmt: skip
                 pairs_ks = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
                 found_texts = [f"{classes[k]} {s:.2f}" for k, s in pairs_ks]
                 pair.append(Comparison(rgb, gt_boxes, texts, d.boxes, found_texts,

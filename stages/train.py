@@ -197,6 +197,7 @@ def run_training(
         **info,
         "classes": prepared.classes,
         "feature_shape": list(data["train"].features.shape[1:]),
+        "feature_dtype": str(features["train"].features.dtype).removeprefix("torch."),
         "backbone": metadata["backbone"],
         "image_mode": metadata["image_mode"],
         "image_size": int(metadata["image_size"]),

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def project(tmp_path_factory) -> Path:
     params["train"].update(epochs=2, batch_size=4)
     params["eval"].update(samples=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(root, "git", "init", "-q")
+    run(root, "git", "init", "-q", "-b", "main")
     run(root, "git", "config", "user.email", "test@example.com")
     run(root, "git", "config", "user.name", "test")
     run(root, "dvc", "init", "-q")
@@ -136,6 +137,14 @@ def test_experiments_metrics_diff_and_plots(project):
     for path in ("reports/train_single/metrics.json", "reports/train_multi/metrics.json"):
         assert path in diff, diff  # dropout changes the training losses of both heads
     assert "best.val_loss" in diff
+    diff = run(project, "dvc", "metrics", "diff", "main", "dropout01")  # by name, from anywhere
+    assert "reports/train_multi/metrics.json" in diff and "best.val_loss" in diff, diff
+
+    # What a pull request shows: each plot with one curve per revision.
+    rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "dropout01", "--json"))
+    for plot in ("train_single_loss", "evaluate_multi_pr_curves"):
+        revisions = {rev for entry in rendered["data"][plot] for rev in entry["revisions"]}
+        assert revisions == {"main", "dropout01"}, (plot, revisions)
 
     rendered = json.loads(run(project, "dvc", "plots", "show", "--json"))
     plots = set(rendered["data"])
@@ -158,6 +167,34 @@ def test_experiments_metrics_diff_and_plots(project):
                  "-S", "backbone.layer=layer4", "-S", "backbone.weights=random")  # fmt: skip
     assert stages_run(output) == {"extract", "train_single", "evaluate_single", "train_multi",
                                   "evaluate_multi"}  # fmt: skip
+
+
+def test_queued_experiments_run_in_the_background(project):
+    """`dvc exp run --queue` twice, then `dvc queue start`: both variants run and are recorded."""
+    run(project, "git", "reset", "-q", "--hard", "main")  # the committed baseline
+    run(project, "dvc", "checkout", "-q", "--force")
+    for name, dropout in (("queued_a", "0.2"), ("queued_b", "0.4")):
+        run(project, "dvc", "exp", "run", "--queue", "-S", f"head.dropout={dropout}", "-n", name)
+    assert run(project, "dvc", "queue", "status").count("Queued") == 2
+
+    run(project, "dvc", "queue", "start")  # one background worker; it exits when the queue is empty
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(project, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, f"queued experiments still pending:\n{status}"
+        time.sleep(2)
+    for name in ("queued_a", "queued_b"):
+        assert any(name in line and "Success" in line for line in status.splitlines()), status
+
+    shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
+    rows = {line.split(",")[0]: line for line in shown.splitlines()}
+    for name, dropout in (("queued_a", "0.2"), ("queued_b", "0.4")):
+        assert name in rows and f",{dropout}," in rows[name], shown
+    assert rows["queued_a"] != rows["queued_b"]
+    diff = run(project, "dvc", "metrics", "diff", "queued_a", "queued_b")
+    assert "reports/train_single/metrics.json" in diff, diff
 
 
 def test_whole_chain_on_the_genuine_voc_subset(tmp_path_factory, shared_voc):

@@ -1,0 +1,76 @@
+"""dvc.yaml declares exactly the code each stage runs, so DVC re-runs a stage when (and only when)
+code it imports changes. The imports are read from the source, not listed by hand here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_PACKAGES = ("stages", "pipeline_lib")
+
+
+def module_file(module: str) -> Path | None:
+    """stages.train -> stages/train.py (None for anything outside this repository)."""
+    if module.split(".")[0] not in LOCAL_PACKAGES:
+        return None
+    path = REPO / Path(*module.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    raise AssertionError(f"import of {module!r} names no file in the repository")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside functions (`from pkg import mod` too)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+            for alias in node.names:  # `from pipeline_lib import plots` imports a module
+                candidate = f"{node.module}.{alias.name}"
+                if (REPO / Path(*candidate.split("."))).with_suffix(".py").is_file():
+                    modules.add(candidate)
+    return modules
+
+
+def code_closure(module: str) -> set[str]:
+    """The repository files that running `python -m module` executes, as relative paths."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        path = module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(imported_modules(path))
+    return {
+        path.relative_to(REPO).as_posix()
+        for path in seen
+        if path.name != "__init__.py" or path.stat().st_size > 0  # empty package markers: no code
+    }
+
+
+def test_every_stage_lists_exactly_the_code_it_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        command = stage["cmd"].split()
+        assert command[:3] == ["python", "-m", command[2]], f"{name}: cmd is not `python -m ...`"
+        declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
+        assert declared == code_closure(command[2]), (
+            f"stage {name}: dvc.yaml deps differ from the imports of {command[2]}: "
+            f"missing {sorted(code_closure(command[2]) - declared)}, "
+            f"not imported {sorted(declared - code_closure(command[2]))}"
+        )
+
+
+def test_the_closure_follows_imports_inside_functions_and_packages():
+    closure = code_closure("stages.prepare")
+    assert "pipeline_lib/plots.py" in closure  # `from pipeline_lib import plots`
+    assert "pipeline_lib/errors.py" in closure  # imported by stages/common.py only indirectly
+    assert "pipeline_lib/synthetic.py" not in closure
