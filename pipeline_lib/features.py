@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -52,7 +52,8 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             expected = _FORMATS.get(path.suffix.lower())
-            if expected and image.format != expected:
+            found = "JPEG" if image.format == "MPO" else image.format  # multi-picture JPEG
+            if expected and found != expected:
                 raise ImageError(f"{path}: image: a {image.format} file named {path.suffix}")
             return image.convert("RGB")  # convert() decodes everything: truncation shows here
     except FileNotFoundError:
@@ -222,6 +223,10 @@ def extract_features(
             raise ImageError(f"no image of {len(paths)} could be decoded ({description})")
         metadata = {"image_ids": json.dumps(kept), **_describe(backbone, mode, size)}
         _write_safetensors(out_path, raw, (len(kept), *shape), dtype, metadata)
+    except OSError as error:  # disk full, quota, permissions: say where, keep nothing
+        raise PipelineError(
+            f"{out_path}: cannot write features ({error.strerror or error}); nothing was kept"
+        ) from None
     finally:
         bar.close()
         raw.unlink(missing_ok=True)
@@ -284,11 +289,20 @@ def read_features(path: str | Path) -> Features:
         raise PipelineError(
             f"{path}: no feature file; run the extract stage first (dvc repro extract)"
         )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensor = handle.get_tensor("features")
-    image_ids = json.loads(metadata.pop("image_ids"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensor = handle.get_tensor("features")
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, a pickle, another format
+        raise PipelineError(
+            f"{path}: not a readable feature file ({error}); run dvc repro extract"
+        ) from None
+    try:
+        image_ids = json.loads(metadata.pop("image_ids"))
+        metadata["backbone"] = json.loads(metadata["backbone"])
+    except (KeyError, ValueError) as error:
+        raise PipelineError(f"{path}: a safetensors file, but not features of this pipeline "
+                            f"(metadata {error})") from None  # fmt: skip
     if len(image_ids) != tensor.shape[0]:
         raise PipelineError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
-    metadata["backbone"] = json.loads(metadata["backbone"])
     return Features(tensor, image_ids, metadata)

@@ -58,8 +58,8 @@ def transform_boxes(
     if mode == "none":
         return boxes, torch.ones(len(boxes), dtype=torch.bool)
     if mode == "shrink":
-        scale = torch.tensor([size / width, size / height, size / width, size / height])
-        return boxes * scale.to(boxes.dtype), torch.ones(len(boxes), dtype=torch.bool)
+        scale = torch.tensor([size / width, size / height] * 2, dtype=boxes.dtype)  # not float32
+        return boxes * scale, torch.ones(len(boxes), dtype=torch.bool)
     left, top = crop_window(width, height, size)
     shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
     clipped = clip_boxes_to_image(shifted, (size, size))
@@ -80,8 +80,8 @@ def untransform_boxes(
     if mode == "none":
         return boxes
     if mode == "shrink":
-        scale = torch.tensor([width / size, height / size, width / size, height / size])
-        return boxes * scale.to(boxes.dtype)
+        scale = torch.tensor([width / size, height / size] * 2, dtype=boxes.dtype)
+        return boxes * scale
     left, top = crop_window(width, height, size)
     shifted = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
     return clip_boxes_to_image(shifted, (height, width))

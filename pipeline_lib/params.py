@@ -132,10 +132,10 @@ class BackboneParams:
     def _check(self) -> BackboneParams:
         if self.name not in BACKBONE_LAYERS:
             known = ", ".join(BACKBONE_LAYERS)
-            raise ValueError(f"name {self.name!r} is unknown; allowed: {known}")
+            raise ValueError(f"name: {self.name!r} is unknown; allowed: {known}")
         if self.layer not in BACKBONE_LAYERS[self.name]:
             allowed = ", ".join(BACKBONE_LAYERS[self.name])
-            raise ValueError(f"layer {self.layer!r} is not in {self.name}; allowed: {allowed}")
+            raise ValueError(f"layer: {self.name} has no layer {self.layer!r}; allowed: {allowed}")
         return self
 
 
@@ -229,7 +229,12 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
         message = "must be a plain name of letters, digits, '_' or '-' (no paths or spaces)"
-    if kind == "value_error" or "input" not in error or isinstance(error["input"], dict):
+    if kind == "value_error":  # a rule across fields: "field: ..." names the field at fault
+        field, colon, rest = message.partition(": ")
+        if colon and field in _field_names(loc):
+            return f"{key}.{field}: {rest}"
+        return f"{key}: {message}"
+    if "input" not in error or isinstance(error["input"], dict):
         return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})"
 

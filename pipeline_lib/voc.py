@@ -46,7 +46,8 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ID = re.compile(r"^[^\W_][\w.-]*$")  # letters (any script), digits, _ . -; no spaces or slashes
+MAX_ANNOTATION_BYTES = 1 << 20  # a VOC annotation is 1-3 KB; anything this large is not one
 
 
 class DatasetError(PipelineError, ValueError):
@@ -94,9 +95,18 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
     pose.
     """
     try:
+        size = xml_path.stat().st_size
+    except OSError as exc:
+        raise AnnotationError(xml_path, "xml", f"cannot read ({exc.strerror})") from None
+    if size > MAX_ANNOTATION_BYTES:
+        raise AnnotationError(xml_path, "xml", f"{size:,} bytes: larger than "
+                              f"{MAX_ANNOTATION_BYTES:,}, not a VOC annotation")  # fmt: skip
+    try:
         root = defusedxml.ElementTree.parse(xml_path).getroot()
     except ParseError as exc:
         raise AnnotationError(xml_path, "xml", f"malformed XML ({exc})") from None
+    except (LookupError, UnicodeError) as exc:  # an encoding Python does not know, bad bytes
+        raise AnnotationError(xml_path, "xml", f"malformed XML: {exc}") from None
     except defusedxml.DefusedXmlException as exc:
         raise AnnotationError(xml_path, "xml", f"refused unsafe XML ({exc})") from None
     except OSError as exc:
@@ -161,11 +171,15 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
     return image, objects
 
 
-def read_image_entry(dataset_dir: Path, image_id: str, class_ids: Mapping[str, int]) -> tuple:
+def read_image_entry(
+    dataset_dir: Path, image_id: str, class_ids: Mapping[str, int], confine_links: bool = True
+) -> tuple:
     """Parse `<id>.xml`, check its image exists with the stated size; return (image, objects).
 
     The image row gains `image_id`, `path` and `annotation` (both relative to `dataset_dir`) and
-    `n_objects`; object rows gain `image_id`.
+    `n_objects`; object rows gain `image_id`. With `confine_links`, an annotation or image that is
+    a symbolic link resolving outside its folder (Annotations/, JPEGImages/) is refused; the folders
+    themselves may be links (a dataset spread over disks).
     """
     if not _ID.match(image_id):
         raise AnnotationError(
@@ -175,8 +189,12 @@ def read_image_entry(dataset_dir: Path, image_id: str, class_ids: Mapping[str, i
     xml_path = dataset_dir / xml_rel
     if not xml_path.is_file():
         raise AnnotationError(xml_path, "file", "annotation listed in the split does not exist")
+    if confine_links:
+        _check_inside(xml_path, xml_path, "file")
     image, objects = parse_annotation(xml_path, class_ids)
     image_rel = Path("JPEGImages") / image["filename"]
+    if confine_links:
+        _check_inside(dataset_dir / image_rel, xml_path, "filename")
     real_size = _image_size(dataset_dir / image_rel, xml_path)
     if real_size != (image["width"], image["height"]):
         raise AnnotationError(
@@ -202,12 +220,15 @@ def read_voc(
     classes: Sequence[str],
     on_error: str = "raise",
     progress: bool = True,
+    confine_links: bool = True,
 ) -> VocRows:
     """Read the images of several split lists, e.g. `{"train": "train", "val": "val"}`.
 
     Keys of `splits` are the roles written to the `split` column, values the ImageSets/Main list
     names. `classes` fixes the class ids (position in the list). With `on_error="skip"` an invalid
     image is dropped and recorded in `VocRows.skipped`; with "raise" the first one raises.
+    `confine_links`: see `read_image_entry` (off for the pipeline's own synthetic dataset, whose
+    files DVC may link into its cache).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -222,7 +243,7 @@ def read_voc(
     work = [(role, image_id) for role, ids in listed.items() for image_id in ids]
     for role, image_id in tqdm(work, desc="parse annotations", unit="file", disable=not progress):
         try:
-            image, objects = read_image_entry(dataset_dir, image_id, class_ids)
+            image, objects = read_image_entry(dataset_dir, image_id, class_ids, confine_links)
         except AnnotationError as exc:
             if on_error == "raise":
                 raise
@@ -310,6 +331,14 @@ def _is_bare_filename(name: str) -> bool:
         and not any(c in name for c in "/\\\0:")
         and name == name.strip()
     )
+
+
+def _check_inside(path: Path, xml_path: Path, field: str) -> None:
+    """Refuse a file that is a link resolving outside its own (resolved) folder."""
+    if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+        raise AnnotationError(
+            xml_path, field, f"{path} is a link to {path.resolve()}, outside {path.parent.name}/"
+        )
 
 
 def _image_size(path: Path, xml_path: Path) -> tuple[int, int]:

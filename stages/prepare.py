@@ -47,7 +47,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 download_voc2012(Path(data.root).parent)
             dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
         splits = {"train": data.train_split, "val": data.val_split}
-        rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error)
+        rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error,
+                        confine_links=data.source == "voc")  # fmt: skip
         for skip in rows.skipped:
             typer.secho(f"warning: skipped {skip['reason']}", err=True, fg=typer.colors.YELLOW)
         if rows.skipped:

@@ -1,13 +1,16 @@
-"""Shared fixtures: the repository's params, the genuine VOC2007 subset, small VOC folders."""
+"""Shared fixtures: the repository's params, the genuine VOC2007 subset, small VOC folders, and a
+folder where the real stages trained tiny models (`trained`)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VOC = REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007"
@@ -62,3 +65,36 @@ class VocFolder:
 @pytest.fixture
 def voc_folder(tmp_path) -> VocFolder:
     return VocFolder(tmp_path / "VOCdevkit" / "VOC2007")
+
+
+def invoke(app, args: list[str]):
+    """Run a Typer app in-process; it must succeed."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A folder where the real stages made a tiny dataset, Lite0 features and both models."""
+    folder = tmp_path_factory.mktemp("trained")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["synthetic"].update(n_train=12, n_val=5, min_side=96, max_side=200)
+    params["report"].update(samples=1, mode_samples=1)
+    params["backbone"].update(batch_size=8, workers=0)
+    params["head"].update(hidden=16, grid_hidden=16)
+    params["train"].update(epochs=2, batch_size=4)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    from stages import extract, prepare, synthesize, train  # only when a test needs models
+
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        invoke(synthesize.app, ["--workers", "1"])
+        invoke(prepare.app, [])
+        invoke(extract.app, [])
+        invoke(train.app, ["single", "--no-progress"])
+        invoke(train.app, ["multi", "--no-progress"])
+    finally:
+        os.chdir(cwd)
+    return folder

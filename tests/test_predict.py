@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -23,40 +21,10 @@ from pipeline_lib.heads import load_checkpoint, save_checkpoint
 from pipeline_lib.inference import cell_rectangles
 from pipeline_lib.tables import read_prepared
 from pipeline_lib.training import predict as run_head
-from stages import extract, predict, prepare, synthesize, train
+from stages import predict
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-def invoke(app, args: list[str]):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A folder where the real stages made a tiny dataset, Lite0 features and both models."""
-    folder = tmp_path_factory.mktemp("trained")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_train=12, n_val=5, min_side=96, max_side=200)
-    params["report"].update(samples=1, mode_samples=1)
-    params["backbone"].update(batch_size=8, workers=0)
-    params["head"].update(hidden=16, grid_hidden=16)
-    params["train"].update(epochs=2, batch_size=4)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        invoke(synthesize.app, ["--workers", "1"])
-        invoke(prepare.app, [])
-        invoke(extract.app, [])
-        invoke(train.app, ["single", "--no-progress"])
-        invoke(train.app, ["multi", "--no-progress"])
-    finally:
-        os.chdir(cwd)
-    return folder
 
 
 def val_paths(folder: Path) -> list[Path]:

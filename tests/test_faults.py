@@ -1,0 +1,165 @@
+"""Faults on the real `dvc` CLI: stages killed mid-run, two runs at once, bad `-S` params, and
+determinism. docs/reliability.md lists what each shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
+pytestmark = pytest.mark.e2e
+
+
+def environment() -> dict:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def dvc(cwd: Path, *args: str, ok: bool = True) -> str:
+    done = subprocess.run(["dvc", *args], cwd=cwd, env=environment(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert (done.returncode == 0) == ok, f"dvc {' '.join(args)} (exit {done.returncode}):\n{output}"
+    return output
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    return value
+
+
+def snapshot(root: Path) -> dict:
+    """Every metrics file (timings left out) and the hash of every cached output in dvc.lock
+    (data and models; the report files hold timings)."""
+    metrics = {
+        str(path.relative_to(root)): without_timings(json.loads(path.read_text()))
+        for path in sorted((root / "reports").glob("*/metrics.json"))
+    }
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    outs = {out["path"]: out["md5"] for stage in lock["stages"].values()
+            for out in stage.get("outs", []) if not out["path"].startswith("reports/")}  # fmt: skip
+    return {"metrics": metrics, "outs": outs}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """A committed tiny pipeline run once: (folder, its snapshot)."""
+    root = tmp_path_factory.mktemp("faults")
+    for name in ("stages", "pipeline_lib"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["synthetic"].update(n_train=48, n_val=8, min_side=96, max_side=128)
+    params["report"].update(samples=1, mode_samples=1)
+    params["backbone"].update(batch_size=8, workers=0)
+    params["head"].update(hidden=16, grid_hidden=16)
+    params["train"].update(epochs=6, batch_size=4)
+    params["eval"].update(samples=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["init", "-q", "-b", "main"], ["config", "user.email", "t@example.com"],
+                 ["config", "user.name", "t"]):  # fmt: skip
+        subprocess.run(["git", *args], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    for message in ("pipeline", "baseline"):  # dvclive needs a commit; then commit its results
+        if message == "baseline":
+            dvc(root, "repro")
+        subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+        subprocess.run(["git", "commit", "-qm", message], cwd=root, check=True)
+    return root, snapshot(root)
+
+
+def start(root: Path, *args: str) -> subprocess.Popen:
+    """`dvc ...` in its own process group (as a terminal runs it), output to a file."""
+    log = open(root / "run.log", "w")  # noqa: SIM115 (closed by the caller via the process)
+    return subprocess.Popen(["dvc", *args], cwd=root, env=environment(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def wait_for(process: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"finished before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def rows(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.parametrize(
+    ("stage", "sig"),
+    [
+        ("extract", signal.SIGINT),
+        ("extract", signal.SIGKILL),
+        ("train_single", signal.SIGINT),
+        ("train_multi", signal.SIGKILL),
+    ],
+)
+def test_a_stage_killed_mid_run_is_redone_and_gives_the_same_results(project, stage, sig):
+    root, baseline = project
+    if stage == "extract":  # features being streamed, in the folder that replaces data/features
+        ready = lambda: any(root.glob("data/.features*/.train.safetensors.rows.tmp"))  # noqa: E731
+    else:  # at least two epochs logged by dvclive
+        marker = root / f"reports/{stage}/plots/metrics/train/loss.tsv"
+        marker.unlink()
+        ready = lambda: rows(marker) >= 3  # noqa: E731 (header + 2 epochs)
+    process = start(root, "repro", "-f", "-s", stage)
+    wait_for(process, ready, f"{stage} at work")
+    os.killpg(process.pid, sig)  # Ctrl-C reaches the whole group; SIGKILL leaves no chance
+    assert process.wait(timeout=60) != 0
+
+    output = dvc(root, "repro")  # no manual clean-up
+    assert f"Running stage '{stage}'" in output, output
+    assert snapshot(root) == baseline  # identical outputs and metrics: nothing partial was kept
+    assert dvc(root, "status").strip().endswith("Data and pipelines are up to date.")
+
+
+def test_a_second_repro_is_refused_while_one_runs(project):
+    root, baseline = project
+    marker = root / "reports/train_multi/plots/metrics/train/loss.tsv"
+    marker.unlink()
+    first = start(root, "repro", "-f", "-s", "train_multi")
+    wait_for(first, lambda: rows(marker) >= 2, "training")
+    output = dvc(root, "repro", ok=False)
+    assert "is busy, it is being blocked by" in output, output  # DVC's lock on what stages use
+    assert "dvc repro -f -s train_multi" in output  # ... naming the run that holds it
+    assert first.wait(timeout=300) == 0, (root / "run.log").read_text()
+    assert snapshot(root) == baseline
+
+
+def test_bad_params_given_with_s_fail_before_any_work_naming_the_key(project):
+    root, baseline = project
+    for setting, words in (("train.epochs=-3", "params.yaml: train.epochs: Input should be "
+                            "greater than 0 (got -3)"),
+                           ("head.dropout=abc", "params.yaml: head.dropout"),
+                           ("backbone.name=resnet9", "params.yaml: backbone.name")):  # fmt: skip
+        output = dvc(root, "exp", "run", "-S", setting, ok=False)
+        assert words in output, output
+        assert "Traceback" not in output
+        # DVC removed the failed stage's outputs before running it: git has the committed
+        # params and reports, DVC's cache the models
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=root, check=True)
+        dvc(root, "checkout", "-q", "--force")
+        assert snapshot(root) == baseline
+
+
+def test_the_whole_chain_run_again_from_scratch_is_identical(project):
+    root, baseline = project
+    for path in ("data", "models", "reports"):
+        shutil.rmtree(root / path, ignore_errors=True)
+    output = dvc(root, "repro", "-f")
+    assert output.count("Running stage") == 7
+    assert snapshot(root) == baseline  # bit-identical features and models, equal metrics
