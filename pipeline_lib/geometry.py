@@ -72,16 +72,16 @@ def untransform_boxes(
 ) -> torch.Tensor:
     """Map (N, 4) xyxy boxes of the output image back to the original `width` x `height` image.
 
-    The inverse of `transform_boxes` for the boxes it keeps; under `crop`, boxes are clipped to the
-    part of the window that lies on the original image.
+    The inverse of `transform_boxes` for the boxes it keeps. Boxes are clipped to the original
+    image (a predicted box may overhang it; under `crop`, to the part of the window on the image).
     """
     _check_mode(mode)
     boxes = boxes.to(torch.float64)
     if mode == "none":
-        return boxes
+        return clip_boxes_to_image(boxes, (height, width))
     if mode == "shrink":
         scale = torch.tensor([width / size, height / size] * 2, dtype=boxes.dtype)
-        return boxes * scale
+        return clip_boxes_to_image(boxes * scale, (height, width))
     left, top = crop_window(width, height, size)
     shifted = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
     return clip_boxes_to_image(shifted, (height, width))

@@ -82,7 +82,7 @@ class SyntheticParams:
 
 @dataclass(frozen=True, config=_STRICT)
 class DataParams:
-    source: Literal["synthetic", "voc"]
+    source: Literal["synthetic", "voc", "coco"]
     root: Str
     year: Annotated[Int, Field(ge=2007, le=2012)]
     train_split: Name

@@ -46,7 +46,8 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
-_ID = re.compile(r"^[^\W_][\w.-]*$")  # letters (any script), digits, _ . -; no spaces or slashes
+# Image ids: letters of any script, digits, "_", "." and "-"; no spaces or slashes, no leading "."
+IMAGE_ID = re.compile(r"^[^\W_][\w.-]*$")
 MAX_ANNOTATION_BYTES = 1 << 20  # a VOC annotation is 1-3 KB; anything this large is not one
 
 
@@ -115,7 +116,7 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
         raise AnnotationError(xml_path, "annotation", f"root element is <{root.tag}>")
 
     filename = _text(xml_path, root, "filename")
-    if not _is_bare_filename(filename):
+    if not is_bare_filename(filename):
         raise AnnotationError(
             xml_path, "filename", f"{filename!r} is not a plain file name inside JPEGImages/"
         )
@@ -181,7 +182,7 @@ def read_image_entry(
     a symbolic link resolving outside its folder (Annotations/, JPEGImages/) is refused; the folders
     themselves may be links (a dataset spread over disks).
     """
-    if not _ID.match(image_id):
+    if not IMAGE_ID.match(image_id):
         raise AnnotationError(
             dataset_dir / "ImageSets" / "Main", "id", f"{image_id!r} is not a plain image id"
         )
@@ -190,12 +191,12 @@ def read_image_entry(
     if not xml_path.is_file():
         raise AnnotationError(xml_path, "file", "annotation listed in the split does not exist")
     if confine_links:
-        _check_inside(xml_path, xml_path, "file")
+        check_inside(xml_path, xml_path, "file")
     image, objects = parse_annotation(xml_path, class_ids)
     image_rel = Path("JPEGImages") / image["filename"]
     if confine_links:
-        _check_inside(dataset_dir / image_rel, xml_path, "filename")
-    real_size = _image_size(dataset_dir / image_rel, xml_path)
+        check_inside(dataset_dir / image_rel, xml_path, "filename")
+    real_size = read_image_size(dataset_dir / image_rel, xml_path)
     if real_size != (image["width"], image["height"]):
         raise AnnotationError(
             xml_path,
@@ -324,7 +325,7 @@ def _check_disjoint(listed: Mapping[str, list[str]], splits: Mapping[str, str]) 
                 )
 
 
-def _is_bare_filename(name: str) -> bool:
+def is_bare_filename(name: str) -> bool:
     return (
         bool(name)
         and name not in (".", "..")
@@ -333,7 +334,7 @@ def _is_bare_filename(name: str) -> bool:
     )
 
 
-def _check_inside(path: Path, xml_path: Path, field: str) -> None:
+def check_inside(path: Path, xml_path: Path, field: str) -> None:
     """Refuse a file that is a link resolving outside its own (resolved) folder."""
     if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
         raise AnnotationError(
@@ -341,7 +342,7 @@ def _check_inside(path: Path, xml_path: Path, field: str) -> None:
         )
 
 
-def _image_size(path: Path, xml_path: Path) -> tuple[int, int]:
+def read_image_size(path: Path, xml_path: Path) -> tuple[int, int]:
     if not path.is_file():
         raise AnnotationError(xml_path, "filename", f"image {path} does not exist")
     try:

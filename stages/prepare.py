@@ -2,8 +2,9 @@
 
     python -m stages.prepare [--params params.yaml]
 
-Reads the synthetic dataset (data.source: synthetic) or a VOCdevkit folder (data.source: voc,
-optionally downloading VOC2012 first), then writes
+Reads the synthetic dataset (data.source: synthetic), a VOCdevkit folder (data.source: voc,
+optionally downloading VOC2012 first) or a COCO-format folder (data.source: coco, see
+pipeline_lib/coco.py), then writes
 - data/prepared/{images,objects}.parquet and dataset.json (see pipeline_lib/tables.py),
 - reports/prepare/metrics.json: counts per split (images, objects, difficult, truncated, skipped,
   objects per class),
@@ -18,6 +19,7 @@ from pathlib import Path
 import typer
 
 from pipeline_lib import plots
+from pipeline_lib.coco import read_coco
 from pipeline_lib.files import atomic_dir, write_json
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.tables import Prepared, read_prepared, split_summary, write_prepared
@@ -40,15 +42,21 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     with clean_errors():
         params = load_params(params_file)
         data = params.data
-        if data.source == "synthetic":
-            dataset_dir, classes = SYNTHETIC_DATASET, list(data.synthetic.classes)
-        else:
-            if data.download:
-                download_voc2012(Path(data.root).parent)
-            dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
         splits = {"train": data.train_split, "val": data.val_split}
-        rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error,
-                        confine_links=data.source == "voc")  # fmt: skip
+        extra = {}
+        if data.source == "coco":
+            dataset_dir = Path(data.root)
+            rows, classes, category_ids = read_coco(dataset_dir, splits, data.on_error)
+            extra["coco_category_ids"] = category_ids
+        else:
+            if data.source == "synthetic":
+                dataset_dir, classes = SYNTHETIC_DATASET, list(data.synthetic.classes)
+            else:
+                if data.download:
+                    download_voc2012(Path(data.root).parent)
+                dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
+            rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error,
+                            confine_links=data.source == "voc")  # fmt: skip
         for skip in rows.skipped:
             typer.secho(f"warning: skipped {skip['reason']}", err=True, fg=typer.colors.YELLOW)
         if rows.skipped:
@@ -61,6 +69,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
             "dataset_dir": dataset_dir.as_posix(),
             "classes": classes,
             "splits": splits,
+            **extra,
         }
         write_prepared(PREPARED_DIR, rows.images, rows.objects, info)
 

@@ -67,6 +67,20 @@ def voc_folder(tmp_path) -> VocFolder:
     return VocFolder(tmp_path / "VOCdevkit" / "VOC2007")
 
 
+def tiny_params(params: dict, n_train: int = 8, n_val: int = 4, epochs: int = 2,
+                max_side: int = 128) -> dict:  # fmt: skip
+    """`params` (params.yaml as a dict) shrunk for tests, in place: a few small synthetic images,
+    tiny heads, few epochs, one sample per figure. Returns it."""
+    params["data"]["synthetic"].update(n_train=n_train, n_val=n_val, min_side=96,
+                                       max_side=max_side)  # fmt: skip
+    params["report"].update(samples=1, mode_samples=1)
+    params["backbone"].update(batch_size=8, workers=0)
+    params["head"].update(hidden=16, grid_hidden=16)
+    params["train"].update(epochs=epochs, batch_size=4)
+    params["eval"].update(samples=1)
+    return params
+
+
 def invoke(app, args: list[str]):
     """Run a Typer app in-process; it must succeed."""
     result = CliRunner().invoke(app, args)
@@ -78,12 +92,7 @@ def invoke(app, args: list[str]):
 def trained(tmp_path_factory) -> Path:
     """A folder where the real stages made a tiny dataset, Lite0 features and both models."""
     folder = tmp_path_factory.mktemp("trained")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_train=12, n_val=5, min_side=96, max_side=200)
-    params["report"].update(samples=1, mode_samples=1)
-    params["backbone"].update(batch_size=8, workers=0)
-    params["head"].update(hidden=16, grid_hidden=16)
-    params["train"].update(epochs=2, batch_size=4)
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), 12, 5, max_side=200)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     from stages import extract, prepare, synthesize, train  # only when a test needs models
 

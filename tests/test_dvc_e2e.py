@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -33,13 +34,7 @@ def project(tmp_path_factory) -> Path:
     for name in ("stages", "pipeline_lib"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_train=8, n_val=4, min_side=96, max_side=128)
-    params["report"].update(samples=2, mode_samples=1)
-    params["backbone"].update(batch_size=8, workers=0)
-    params["head"].update(hidden=16, grid_hidden=16)
-    params["train"].update(epochs=2, batch_size=4)
-    params["eval"].update(samples=2)
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(root, "git", "init", "-q", "-b", "main")
     run(root, "git", "config", "user.email", "test@example.com")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
@@ -60,13 +61,8 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     for name in ("stages", "pipeline_lib"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_train=48, n_val=8, min_side=96, max_side=128)
-    params["report"].update(samples=1, mode_samples=1)
-    params["backbone"].update(batch_size=8, workers=0)
-    params["head"].update(hidden=16, grid_hidden=16)
-    params["train"].update(epochs=6, batch_size=4)
-    params["eval"].update(samples=1)
+    # enough images and epochs that extract and training can be caught mid-run
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), 48, 8, epochs=6)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (["init", "-q", "-b", "main"], ["config", "user.email", "t@example.com"],
                  ["config", "user.name", "t"]):  # fmt: skip

@@ -26,7 +26,7 @@ def test_repository_params_are_valid(raw_params):
         ("head", "dropout", 1.5, "head.dropout: Input should be less than 1 (got 1.5)"),
         ("head", "dropout", -0.1, "head.dropout: Input should be greater than or equal to 0"),
         ("image", "mode", "zoom", "image.mode: Input should be 'none', 'shrink' or 'crop'"),
-        ("data", "source", "coco", "data.source: Input should be 'synthetic' or 'voc'"),
+        ("data", "source", "kitti", "data.source: Input should be 'synthetic', 'voc' or 'coco'"),
         ("data", "on_error", "ignore", "data.on_error: Input should be 'raise' or 'skip'"),
         ("data", "year", 2013, "data.year: Input should be less than or equal to 2012"),
         ("data", "download", "yes", "data.download: Input should be a valid boolean (got 'yes')"),

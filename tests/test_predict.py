@@ -129,6 +129,10 @@ def test_boxes_map_back_to_a_non_square_image_by_hand():
                                "shrink", 224)  # fmt: skip
     assert one.boxes[0].tolist() == pytest.approx([0, 25, 150, 75])
     assert one.labels.tolist() == [1] and one.scores.tolist() == pytest.approx([0.75])
+    # a box overhanging the photo is clipped to it: centre x 30, width 150 -> (-45, 105) -> (0, 105)
+    (one,) = single_detections(torch.tensor([[0.1, 0.5, 0.5, 0.5]]), logits, [(300, 100)],
+                               "shrink", 224)  # fmt: skip
+    assert one.boxes[0].tolist() == pytest.approx([0, 25, 105, 75])
 
 
 def test_cell_rectangles_by_hand():
@@ -160,9 +164,16 @@ def test_folders_any_size_and_colour_mode_with_the_grid(trained, tmp_path):
     for name, size in (("grey", (333, 111)), ("cmyk", (120, 250)), ("alpha", (64, 64))):
         with Image.open(out / f"{name}.png") as drawn:
             assert drawn.size == size and drawn.mode == "RGB"
-    with Image.open(out / "grey.png") as drawn:  # the grid: white cell lines on a grey photo
+    # the grid alone (no score reaches 1): white lines between the 7 x 7 cells of the grey photo
+    result = run_predict([photos / "grey.jpg", "--model", model, "--out", out / "grid",
+                          "--show-grid", "--score", 1.0, "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "grid" / "grey.png") as drawn:
         pixels = drawn.load()
-        assert pixels[333 // 7, 5] == (255, 255, 255) or pixels[333 // 7 + 1, 5] == (255, 255, 255)
+        for k in range(1, 7):
+            line = round(k * 333 / 7)
+            assert (255, 255, 255) in [pixels[x, 55] for x in range(line - 1, line + 2)], k
+            assert pixels[round((k - 0.5) * 333 / 7), 55] != (255, 255, 255)  # inside a cell
 
 
 def test_every_bad_input_gets_one_line_and_the_rest_is_processed(trained, tmp_path):

@@ -1,0 +1,168 @@
+"""COCO-format datasets: hand-written instances files; VOC -> COCO -> tables on the real subset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import invoke, tiny_params
+from PIL import Image
+
+from pipeline_lib.coco import annotation_path, read_coco, voc_to_coco
+from pipeline_lib.voc import VOC_CLASSES, AnnotationError, DatasetError, read_voc
+
+
+def write_coco(root: Path, split: str, images, annotations, categories=None) -> Path:
+    """An instances file and its images (solid colour, the stated sizes)."""
+    categories = categories or [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}]
+    (root / split).mkdir(parents=True, exist_ok=True)
+    for image in images:
+        if isinstance(image, dict) and isinstance(image.get("file_name"), str):
+            path = root / split / image["file_name"]
+            if "/" not in image["file_name"] and not path.exists():
+                Image.new("RGB", (max(image["width"], 1), image["height"])).save(path)
+    path = annotation_path(root, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": categories}))  # fmt: skip
+    return path
+
+
+def image(n, name=None, width=100, height=80):
+    return {"id": n, "file_name": name or f"img{n}.jpg", "width": width, "height": height}
+
+
+def box(n, image_id, bbox, category=1, crowd=0):
+    return {"id": n, "image_id": image_id, "bbox": bbox, "category_id": category,
+            "iscrowd": crowd}  # fmt: skip
+
+
+def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
+    write_coco(
+        tmp_path,
+        "tr",
+        [image(7), image(9, width=50, height=40)],
+        [box(1, 7, [10, 20, 30.5, 40]), box(2, 7, [0, 0, 100, 80], category=3, crowd=1)],
+    )
+    write_coco(tmp_path, "va", [image(1, "v.jpg")], [box(1, 1, [-0.4, 5, 100.9, 10])])  # overhang
+    rows, names, ids = read_coco(tmp_path, {"train": "tr", "val": "va"}, progress=False)
+    assert names == ["cat", "dog"] and ids == [1, 3]  # category id order, names kept
+    assert [(i["image_id"], i["split"], i["path"], i["n_objects"]) for i in rows.images] == [
+        ("img7", "train", "tr/img7.jpg", 2), ("img9", "train", "tr/img9.jpg", 0),
+        ("v", "val", "va/v.jpg", 1)]  # fmt: skip
+    first, crowd, clipped = rows.objects
+    assert (first["class_name"], first["class_id"], first["difficult"]) == ("cat", 0, False)
+    assert [first[k] for k in ("xmin", "ymin", "xmax", "ymax")] == [10, 20, 40.5, 60]
+    assert (crowd["class_name"], crowd["difficult"], crowd["xmax"]) == ("dog", True, 100)
+    assert [clipped[k] for k in ("xmin", "xmax")] == [0, 100]  # clipped to the image
+
+
+@pytest.mark.parametrize(
+    ("images", "annotations", "field", "words"),
+    [
+        ([image(1)], [box(1, 1, [10, 10, 0, 5])], "annotations[0].bbox", "no area"),
+        ([image(1)], [box(1, 1, [10, 10, "5", 5])], "annotations[0].bbox", "not [x, y, width"),
+        ([image(1)], [box(1, 1, [10, 10, 5])], "annotations[0].bbox", "not [x, y, width"),
+        ([image(1)], [box(1, 1, [10, float("nan"), 5, 5])], "annotations[0].bbox", "not finite"),
+        ([image(1)], [box(1, 1, [98, 10, 5, 5])], "annotations[0].bbox", "outside the 100x80"),
+        (
+            [image(1)],
+            [box(1, 1, [10, 10, 5, 5], category=2)],
+            "annotations[0].category_id",
+            "not a category",
+        ),  # fmt: skip
+        ([image(1, "../up.jpg")], [], "images[0].file_name", "not a plain file name"),
+        ([image(1, "/etc/passwd")], [], "images[0].file_name", "not a plain file name"),
+        ([image(1, "my photo.jpg")], [], "images[0].file_name", "not a plain image id"),
+        ([{**image(1), "width": 0}], [], "images[0].width", "positive whole"),
+        ([image(1), image(2, "img1.jpg")], [], "images[1].file_name", "also in"),
+    ],
+)
+def test_bad_entries_name_file_and_field(tmp_path, images, annotations, field, words):
+    path = write_coco(tmp_path, "tr", images, annotations)
+    with pytest.raises(AnnotationError) as info:
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    assert info.value.field == field and words in info.value.message
+    assert str(path) in str(info.value)
+    rows, _, _ = read_coco(tmp_path, {"train": "tr"}, on_error="skip", progress=False)
+    assert len(rows.skipped) == 1 and words in rows.skipped[0]["reason"]
+
+
+def test_size_mismatch_missing_image_and_bad_files(tmp_path):
+    write_coco(tmp_path, "tr", [image(1)], [])
+    Image.new("RGB", (99, 80)).save(tmp_path / "tr" / "img1.jpg")
+    with pytest.raises(AnnotationError, match="says 100x80 but tr/img1.jpg is 99x80"):
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    (tmp_path / "tr" / "img1.jpg").unlink()
+    with pytest.raises(AnnotationError, match="does not exist"):
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    annotation_path(tmp_path, "tr").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    annotation_path(tmp_path, "tr").write_text("[]")
+    with pytest.raises(DatasetError, match="top level is not an object"):
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    with pytest.raises(DatasetError, match="instances_nope.json: COCO annotation file not found"):
+        read_coco(tmp_path, {"train": "nope"}, progress=False)
+    write_coco(tmp_path, "tr", [image(1)], [box(1, 1, [1, 1, 5, 5]), box(2, 99, [1, 1, 5, 5])])
+    with pytest.raises(
+        DatasetError, match=r"annotations: 1 refer to no image \(e.g. annotations\[1\]"
+    ):
+        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    write_coco(tmp_path, "tr", [image(1)], [])
+    write_coco(tmp_path, "va", [image(2)], [], categories=[{"id": 1, "name": "cat"}])
+    with pytest.raises(DatasetError, match="categories differ"):
+        read_coco(tmp_path, {"train": "tr", "val": "va"}, progress=False)
+
+
+def test_voc_to_coco_and_back_gives_the_same_tables(shared_voc, tmp_path):
+    """The genuine VOC2007 subset, both splits, through COCO JSON: identical rows."""
+    classes = list(VOC_CLASSES)
+    for split in ("train", "val"):
+        voc_to_coco(shared_voc, split, classes, tmp_path / "coco")
+    data = json.loads(annotation_path(tmp_path / "coco", "val").read_text())
+    assert len(data["images"]) == 186 and len(data["annotations"]) == 636
+    rows, names, ids = read_coco(tmp_path / "coco", {"train": "train", "val": "val"},
+                                 progress=False)  # fmt: skip
+    voc = read_voc(shared_voc, {"train": "train", "val": "val"}, classes, progress=False)
+    assert names == classes and ids == list(range(1, 21))
+    keys = ("image_id", "split", "width", "height", "n_objects")
+    assert [tuple(i[k] for k in keys) for i in rows.images] == [
+        tuple(i[k] for k in keys) for i in voc.images]  # fmt: skip
+    keys = ("image_id", "object_index", "class_name", "class_id", "xmin", "ymin", "xmax", "ymax",
+            "difficult")  # fmt: skip
+    assert [tuple(o[k] for k in keys) for o in rows.objects] == [
+        tuple(o[k] for k in keys) for o in voc.objects]  # fmt: skip
+
+
+def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_params):
+    """The synthetic set converted with `python -m stages.convert`, then the chain on it."""
+    from stages import convert, evaluate, extract, prepare, synthesize, train
+
+    monkeypatch.chdir(tmp_path)
+    tiny_params(raw_params, epochs=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    invoke(synthesize.app, ["--workers", "1"])
+    classes = raw_params["data"]["synthetic"]["classes"]
+    invoke(convert.app, ["data/synthetic/VOCdevkit/VOCshapes", "coco", "--split", "train",
+                         "--split", "val", "--classes", ",".join(classes)])  # fmt: skip
+    raw_params["data"].update(source="coco", root="coco")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    invoke(prepare.app, [])
+    invoke(extract.app, [])
+    invoke(train.app, ["multi", "--no-progress"])
+    invoke(evaluate.app, ["multi"])
+
+    info = json.loads((tmp_path / "data/prepared/dataset.json").read_text())
+    assert info["source"] == "coco" and info["classes"] == classes
+    assert info["coco_category_ids"] == list(range(1, len(classes) + 1))
+    xml_objects = sum(
+        (tmp_path / "data/synthetic/VOCdevkit/VOCshapes/Annotations" / f"{i}.xml")
+        .read_text().count("<object>")
+        for i in (tmp_path / "data/synthetic/VOCdevkit/VOCshapes/ImageSets/Main/val.txt")
+        .read_text().split()
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "reports/evaluate_multi/metrics.json").read_text())
+    assert metrics["images"] == 4 and metrics["objects"] == xml_objects
