@@ -103,6 +103,7 @@ def rows(path: Path) -> int:
         ("train_single", signal.SIGINT),
         ("train_multi", signal.SIGKILL),
     ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value,
 )
 def test_a_stage_killed_mid_run_is_redone_and_gives_the_same_results(project, stage, sig):
     root, baseline = project
