@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +107,15 @@ def _map_lite0(source: dict, target: dict) -> dict:
 
 
 def _lite0_trunk(model: nn.Module, layer: str) -> nn.Module:
-    stem = [model.conv_stem, model.bn1, model.blocks]
-    if layer == "head":  # 1280 channels, stride 32
-        return nn.Sequential(*stem, model.conv_head, model.bn2)
-    return nn.Sequential(*stem)  # "blocks": the 320-channel last block, stride 32
+    names = ["conv_stem", "bn1", "blocks"]
+    if layer == "head":  # 1280 channels, stride 32 ("blocks": the 320-channel last block)
+        names += ["conv_head", "bn2"]
+    return _named_sequence(model, names)
+
+
+def _named_sequence(model: nn.Module, names: list[str]) -> nn.Sequential:
+    """model's children `names` in a Sequential that keeps their names (fine-tuning shows them)."""
+    return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in names))
 
 
 def _torchvision_model(name: str, weights: str) -> nn.Module:
@@ -143,8 +149,7 @@ def _torchvision_trunk(name: str, model: nn.Module, layer: str) -> nn.Module:
     """The spatial part of a torchvision classifier, up to `layer`."""
     if name.startswith("resnet"):
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        names = names[: names.index(layer) + 1]
-        return nn.Sequential(*(getattr(model, n) for n in names))
+        return _named_sequence(model, names[: names.index(layer) + 1])
     if name == "densenet121":  # torchvision applies the final ReLU in forward(), not in features
-        return nn.Sequential(model.features, nn.ReLU())
+        return nn.Sequential(OrderedDict(features=model.features, relu=nn.ReLU()))
     return model.features  # squeezenet, mobilenet_v3, efficientnet_b0, convnext: "features"

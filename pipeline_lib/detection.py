@@ -29,7 +29,10 @@ class Detections:
 
 def grid_to_encoded(pred_boxes: torch.Tensor) -> torch.Tensor:
     """(B, 4, S, S) cell-relative boxes -> (B, S*S, 4) encoded (cx, cy, w, h) image fractions,
-    cells in row-major order (row i, column j)."""
+    cells in row-major order (row i, column j). With anchors, (B, A, 4, S, S) -> (B, A*S*S, 4),
+    anchor by anchor."""
+    if pred_boxes.dim() == 5:
+        return grid_to_encoded(pred_boxes.flatten(0, 1)).reshape(len(pred_boxes), -1, 4)
     b, _, s, _ = pred_boxes.shape
     i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     cx = (pred_boxes[:, 0] + j) / s
@@ -38,7 +41,11 @@ def grid_to_encoded(pred_boxes: torch.Tensor) -> torch.Tensor:
 
 
 def cell_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, K + 1, S, S) logits -> (scores (B, S*S), labels (B, S*S)) of each cell's best class."""
+    """(B, K + 1, S, S) logits -> (scores (B, S*S), labels (B, S*S)) of each cell's best class;
+    with anchors, (B, A, K + 1, S, S) -> (B, A*S*S) in the order of `grid_to_encoded`."""
+    if logits.dim() == 5:
+        scores, labels = cell_scores(logits.flatten(0, 1))
+        return scores.reshape(len(logits), -1), labels.reshape(len(logits), -1)
     b, k1, s, _ = logits.shape
     probs = torch.softmax(logits[:, :-1].float(), dim=1) * torch.sigmoid(logits[:, -1:].float())
     scores, labels = probs.reshape(b, k1 - 1, s * s).max(dim=1)
@@ -82,8 +89,9 @@ def grid_detections(
 ) -> list[Detections]:
     """Grid head outputs for B images -> each image's detections in its own pixels.
 
-    pred_boxes (B, 4, S, S) and logits (B, K + 1, S, S) as `MultiObjectHead` returns them; `sizes`
-    the B original (width, height); `mode` / `size` the image mode the features were made with.
+    pred_boxes (B, [A,] 4, S, S) and logits (B, [A,] K + 1, S, S) as `MultiObjectHead` returns
+    them; `sizes` the B original (width, height); `mode` / `size` the image mode the features were
+    made with.
     """
     encoded = grid_to_encoded(pred_boxes)
     scores, labels = cell_scores(logits)

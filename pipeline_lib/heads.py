@@ -8,7 +8,8 @@ map as 1x1 convolutions.
 
 A checkpoint is a safetensors file: the head's tensors plus, in its metadata under "pipeline", a
 JSON description (kind, head config, classes, backbone, image mode and size, training summary) that
-is enough to rebuild the head and run it on new images. Nothing is unpickled when loading.
+is enough to rebuild the head and run it on new images. A fine-tuned model also carries its
+backbone's weights, under names prefixed "backbone.". Nothing is unpickled when loading.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_file
 
 CLASSIFIERS = ("flatten", "pooled")
+BACKBONE_PREFIX = "backbone."
 
 
 class CheckpointError(PipelineError, ValueError):
@@ -84,6 +86,12 @@ class MultiObjectHead(nn.Module):
     classification: Dropout -> Conv1x1(n_classes + 1): class logits, then one objectness logit.
     A feature map larger than num_cells x num_cells is average-pooled to it first (adaptive
     pooling); a smaller one is refused.
+
+    With A `anchors` ((w, h) image fractions, see anchors.py) the two last convolutions give A
+    times as many channels: per cell and anchor a box, n_classes logits and an objectness logit.
+    The box size is anchor * (2 sigmoid(t))^2 (YOLOv5's form: the anchor itself at t = 0, bounded
+    by 4 x anchor, smooth gradients), the centre stays sigmoid(t) within the cell. The anchors are
+    a buffer, saved with the weights.
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class MultiObjectHead(nn.Module):
         num_cells: int = 7,
         hidden: int = 512,
         dropout: float = 0.5,
+        anchors: list[list[float]] | None = None,
     ):
         super().__init__()
         channels, height, width = feature_shape
@@ -102,6 +111,10 @@ class MultiObjectHead(nn.Module):
                 f"use at most {min(height, width)} (or a larger image.size)"
             )
         self.num_cells = num_cells
+        self.n_anchors = len(anchors) if anchors else 0
+        slots = max(self.n_anchors, 1)
+        if anchors:  # only then: the anchor-free head's state dict stays as it was
+            self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))
         same = (height, width) == (num_cells, num_cells)
         self.pool = nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
         layers: list[nn.Module] = []
@@ -110,23 +123,32 @@ class MultiObjectHead(nn.Module):
             layers += [nn.Dropout(dropout), nn.Conv2d(inputs, hidden, 1), nn.ReLU(),
                        nn.BatchNorm2d(hidden)]  # fmt: skip
             inputs = hidden
-        self.regression = nn.Sequential(*layers, nn.Conv2d(hidden, 4, 1), nn.Sigmoid())
+        self.regression = nn.Sequential(*layers, nn.Conv2d(hidden, 4 * slots, 1), nn.Sigmoid())
         self.classification = nn.Sequential(
-            nn.Dropout(dropout), nn.Conv2d(channels, n_classes + 1, 1)
+            nn.Dropout(dropout), nn.Conv2d(channels, (n_classes + 1) * slots, 1)
         )
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> (boxes (B, 4, S, S) in [0, 1], logits (B, n_classes + 1, S, S))."""
+        """(B, C, H, W) -> (boxes (B, 4, S, S) in [0, 1], logits (B, n_classes + 1, S, S));
+        with A anchors (boxes (B, A, 4, S, S), logits (B, A, n_classes + 1, S, S))."""
         x = self.pool(features)
-        return self.regression(x), self.classification(x)
+        boxes, logits = self.regression(x), self.classification(x)
+        if not self.n_anchors:
+            return boxes, logits
+        b, a, s = len(x), self.n_anchors, self.num_cells
+        boxes, logits = boxes.view(b, a, 4, s, s), logits.view(b, a, -1, s, s)
+        sizes = (2 * boxes[:, :, 2:]) ** 2 * self.anchors.view(1, a, 2, 1, 1)
+        return torch.cat([boxes[:, :, :2], sizes], dim=2), logits
 
 
 @dataclass
 class Checkpoint:
-    """A loaded model file: the head (in eval mode) and its description."""
+    """A loaded model file: the head (in eval mode), its description and, for a fine-tuned model,
+    the backbone's state dict (None otherwise: the backbone's published weights apply)."""
 
     head: nn.Module
     info: dict[str, Any]
+    backbone_state: dict[str, torch.Tensor] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -152,13 +174,23 @@ def build_head(info: dict[str, Any]) -> nn.Module:
             num_cells=info["num_cells"],
             hidden=config["hidden"],
             dropout=config["dropout"],
+            anchors=info.get("anchors"),
         )
     raise CheckpointError(f"unknown head kind {info['kind']!r}")
 
 
-def save_checkpoint(path: str | Path, head: nn.Module, info: dict[str, Any]) -> None:
-    """Write the head's tensors and `info` (JSON-serialisable) to `path`, atomically."""
+def save_checkpoint(
+    path: str | Path,
+    head: nn.Module,
+    info: dict[str, Any],
+    backbone: nn.Module | None = None,
+) -> None:
+    """Write the head's tensors and `info` (JSON-serialisable) to `path`, atomically; with a
+    (fine-tuned) `backbone`, its tensors too."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
+    if backbone is not None:
+        tensors |= {BACKBONE_PREFIX + name: t.detach().cpu().contiguous()
+                    for name, t in backbone.state_dict().items()}  # fmt: skip
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"pipeline": json.dumps(info)})
 
@@ -176,6 +208,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a readable safetensors model file ({error})") from None
     if "pipeline" not in metadata:
         raise CheckpointError(f"{path}: a safetensors file, but not a model of this pipeline")
+    backbone = {name.removeprefix(BACKBONE_PREFIX): tensors.pop(name)
+                for name in list(tensors) if name.startswith(BACKBONE_PREFIX)}  # fmt: skip
     try:
         info = json.loads(metadata["pipeline"])
         head = build_head(info)
@@ -184,4 +218,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: model description does not fit its tensors ({error})"
         ) from None
-    return Checkpoint(head.eval(), info)
+    return Checkpoint(head.eval(), info, backbone or None)

@@ -2,7 +2,8 @@
 
 The checkpoint describes everything needed (see `stages/train.py`): the backbone (name, layer,
 weights, normalisation), the image mode and size, the dtype the cached training features were
-stored in and the classes. So a model file alone is enough, without params.yaml or the dataset.
+stored in and the classes; a fine-tuned model (`stages/finetune.py`) also holds the backbone's
+weights. So a model file alone is enough, without params.yaml or the dataset.
 
 Images go through exactly what `extract` + `evaluate` do: image mode, backbone, features rounded to
 the stored dtype, head, decoding to the original pixels. Only the decoding of files differs:
@@ -64,6 +65,12 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
     if mode == "none":
         raise CheckpointError(f"{model_path}: image mode 'none' cannot batch images")
     backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
+    if checkpoint.backbone_state is not None:  # a fine-tuned model (the finetune stage)
+        try:
+            backbone.module.load_state_dict(checkpoint.backbone_state)
+        except RuntimeError as error:
+            raise CheckpointError(f"{model_path}: backbone weights do not fit {spec['name']} "
+                                  f"({str(error).splitlines()[0]})") from None  # fmt: skip
     if [list(backbone.mean), list(backbone.std)] != [spec["mean"], spec["std"]]:
         raise CheckpointError(
             f"{model_path}: trained with normalisation mean {spec['mean']} std {spec['std']}, "

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from pipeline_lib.anchors import fold_anchors
+
 
 def single_object_loss(
     pred_boxes: torch.Tensor,
@@ -41,11 +43,15 @@ def multi_object_loss(
     """Loss of the grid head: J = sum over object cells of (L_box + L_class) + L_obj.
 
     pred_boxes, boxes: (B, 4, S, S); logits: (B, n_classes + 1, S, S), the last channel being
-    objectness; has_obj: (B, S, S) 0/1; labels: (B, S, S) int64.
+    objectness; has_obj: (B, S, S) 0/1; labels: (B, S, S) int64. With A anchors every tensor has
+    an anchor dimension after B (see `fold_anchors`), and "cell" below means a cell's anchor slot.
     box_loss (SmoothL1, mean over the 4 coordinates) and class_loss (cross-entropy) are averaged
     over the object cells of the batch, obj_loss (BCE, or torchvision's sigmoid focal loss with
     `obj_loss="focal"`) over all cells, so that the weights do not depend on S or on the batch.
     """
+    pred_boxes, logits, boxes, has_obj, labels = fold_anchors(
+        pred_boxes, logits, boxes, has_obj, labels
+    )
     mask = has_obj.bool()
     n_obj = mask.sum().clamp(min=1)
     box = F.smooth_l1_loss(pred_boxes, boxes, reduction="none").mean(dim=1)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from pipeline_lib.anchors import fold_anchors
 from pipeline_lib.geometry import decode_boxes, paired_iou
 
 
@@ -38,9 +39,9 @@ def multi_object_batch_sums(
     outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 ) -> dict[str, tuple[float, float]]:
     """(sum, count) per batch for training curves, over the object cells: class accuracy and IoU
-    of the cell's box; over all cells: objectness accuracy (logit > 0 <=> object)."""
-    pred_boxes, logits = outputs
-    boxes, has_obj, labels = targets
+    of the cell's box; over all cells: objectness accuracy (logit > 0 <=> object). With anchors,
+    a cell is a cell's anchor slot."""
+    pred_boxes, logits, boxes, has_obj, labels = fold_anchors(*outputs, *targets)
     mask = has_obj.bool()
     n_obj = int(mask.sum())
     correct = (logits[:, :-1].argmax(dim=1) == labels) & mask

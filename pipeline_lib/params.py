@@ -169,6 +169,7 @@ class TrainParams:
 @dataclass(frozen=True, config=_STRICT)
 class GridParams:
     num_cells: Annotated[Int, Field(ge=1, le=64)]
+    anchors: Annotated[Int, Field(ge=0, le=16)]
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -182,6 +183,23 @@ class EvalParams:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class FinetuneParams:
+    enabled: Bool
+    seed: Annotated[Int, Field(ge=0)]
+    epochs: PositiveInt
+    batch_size: Annotated[Int, Field(ge=2, le=4096)]  # the head's BatchNorm needs 2 per batch
+    lr: PositiveFloat
+    weight_decay: Annotated[Float, Field(ge=0.0)]
+    unfreeze: Literal["all"] | Annotated[Int, Field(ge=0, le=1000)]
+    hflip: Annotated[Float, Field(ge=0.0, le=1.0)]
+    scale_jitter: Probability
+    translate: Annotated[Float, Field(ge=0.0, le=0.5)]
+    color_jitter: Annotated[Float, Field(ge=0.0, le=1.0)]
+    workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
+    device: Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True, config=_STRICT)
 class Params:
     data: DataParams
     image: ImageParams
@@ -191,6 +209,7 @@ class Params:
     train: TrainParams
     grid: GridParams
     eval: EvalParams
+    finetune: FinetuneParams
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:

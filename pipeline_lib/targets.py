@@ -5,7 +5,9 @@ output image, see geometry.py) of its largest object after the image mode.
 
 Multi-object task (YOLO-like grid of S x S cells): the cell hosting an object's centre is
 responsible for it; its box is stored as the centre relative to that cell (cx*S - j, cy*S - i)
-and the width/height relative to the image.
+and the width/height relative to the image. With A anchor boxes (grid.anchors) each cell has A
+slots and an object goes to the slot of its best-IoU anchor (anchors.py), so two objects collide
+only when they share a cell and a best anchor.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from pipeline_lib.anchors import best_anchor
 from pipeline_lib.geometry import encode_boxes, largest_box, output_size, transform_boxes
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
@@ -84,6 +87,7 @@ class GridTargets:
     boxes: (N, 4, S, S) float32 -- (cx, cy) relative to the hosting cell, (w, h) to the image;
     has_obj: (N, S, S) uint8; labels: (N, S, S) int64; objects: (N,) objects per image after the
     image mode; dropped: (N,) of those, how many lost their cell to a later object (collisions).
+    With A anchors, boxes are (N, A, 4, S, S) and has_obj, labels (N, A, S, S).
     """
 
     boxes: torch.Tensor
@@ -104,27 +108,37 @@ def grid_cells(encoded: torch.Tensor, num_cells: int) -> tuple[torch.Tensor, tor
 
 
 def grid_targets(
-    encoded: torch.Tensor, labels: torch.Tensor, num_cells: int
+    encoded: torch.Tensor,
+    labels: torch.Tensor,
+    num_cells: int,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """One image's (K, 4) encoded boxes and (K,) labels -> its grid targets.
 
     Returns boxes (4, S, S) float32, has_obj (S, S) uint8, labels (S, S) int64 and the number of
     objects overwritten by a later object whose centre falls in the same cell (the later one wins,
-    as in the lab).
+    as in the lab). With (A, 2) `anchors` (w, h), each object goes to its best anchor's slot of
+    the cell: boxes (A, 4, S, S), has_obj and labels (A, S, S), and an object is overwritten only
+    by a later one in the same cell and slot.
     """
     s = num_cells
-    boxes = torch.zeros(4, s, s, dtype=torch.float32)
-    has_obj = torch.zeros(s, s, dtype=torch.uint8)
-    cell_labels = torch.zeros(s, s, dtype=torch.int64)
+    slots = 1 if anchors is None else len(anchors)
+    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32)
+    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8)
+    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64)
     encoded = encoded.double()
     i, j = grid_cells(encoded, s)
+    a = torch.zeros_like(i) if anchors is None else best_anchor(encoded[:, 2:], anchors)
     for k in range(len(encoded)):
         cx, cy, w, h = encoded[k].tolist()
         cell = (cx * s - j[k].item(), cy * s - i[k].item(), w, h)
-        boxes[:, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
-        has_obj[i[k], j[k]] = 1
-        cell_labels[i[k], j[k]] = labels[k]
-    return boxes, has_obj, cell_labels, len(encoded) - int(has_obj.sum())
+        boxes[a[k], :, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
+        has_obj[a[k], i[k], j[k]] = 1
+        cell_labels[a[k], i[k], j[k]] = labels[k]
+    dropped = len(encoded) - int(has_obj.sum())
+    if anchors is None:
+        return boxes[0], has_obj[0], cell_labels[0], dropped
+    return boxes, has_obj, cell_labels, dropped
 
 
 def targets_to_grid_cell_tensor(objects: list[dict], num_cells: int):
@@ -147,18 +161,52 @@ def multi_object_targets(
     mode: str,
     size: int,
     num_cells: int,
+    anchors: torch.Tensor | None = None,
 ) -> GridTargets:
-    """Grid targets of every image in `image_ids` (rows of the prepared tables)."""
+    """Grid targets of every image in `image_ids` (rows of the prepared tables), with the (A, 2)
+    `anchors` if given."""
     n, s = len(image_ids), num_cells
+    slots = () if anchors is None else (len(anchors),)
     out = GridTargets(
-        boxes=torch.zeros(n, 4, s, s),
-        has_obj=torch.zeros(n, s, s, dtype=torch.uint8),
-        labels=torch.zeros(n, s, s, dtype=torch.int64),
+        boxes=torch.zeros(n, *slots, 4, s, s),
+        has_obj=torch.zeros(n, *slots, s, s, dtype=torch.uint8),
+        labels=torch.zeros(n, *slots, s, s, dtype=torch.int64),
         objects=torch.zeros(n, dtype=torch.int64),
         dropped=torch.zeros(n, dtype=torch.int64),
     )
     for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
-        boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s)
+        boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s, anchors)
         out.boxes[row], out.has_obj[row], out.labels[row] = boxes, has_obj, labels
         out.objects[row], out.dropped[row] = len(encoded), dropped
     return out
+
+
+def training_shapes(
+    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
+) -> torch.Tensor:
+    """(K, 2) float64 (w, h) of every object of `image_ids` after the image mode, as fractions of
+    the output image (zero-width or zero-height boxes left out): what anchor priors are fitted to.
+    """
+    found = encoded_objects(images, objects, image_ids, mode, size)
+    shapes = torch.cat([torch.zeros(0, 2, dtype=torch.float64)]
+                       + [encoded[:, 2:].double() for _, encoded, _ in found])  # fmt: skip
+    return shapes[(shapes > 0).all(dim=1)]
+
+
+def ground_truth(
+    objects: pd.DataFrame, image_ids: list[str]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image of `image_ids`, all its objects in its original pixels, as the mAP expects them
+    (metrics.voc_average_precision): (boxes (G, 4) float64 xyxy, labels (G,) int64, difficult
+    (G,) bool)."""
+    by_image = dict(tuple(objects.groupby("image_id", sort=False)))
+    empty = objects.iloc[:0]
+    truth = []
+    for image_id in image_ids:
+        mine = by_image.get(image_id, empty)
+        truth.append((
+            torch.tensor(mine[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4),
+            torch.tensor(mine["class_id"].to_numpy(), dtype=torch.int64),
+            torch.tensor(mine["difficult"].to_numpy(), dtype=torch.bool),
+        ))  # fmt: skip
+    return truth

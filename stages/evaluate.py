@@ -56,7 +56,7 @@ from pipeline_lib.plots import (
     save_figure,
 )
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import BOX_COLUMNS, multi_object_targets, single_object_targets
+from pipeline_lib.targets import ground_truth, multi_object_targets, single_object_targets
 from pipeline_lib.training import predict
 from stages.common import (
     FEATURES_DIR,
@@ -149,20 +149,12 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
         ]
         detections = grid_detections(pred_boxes, logits, image_sizes, mode, size,
                                      ev.score_threshold, ev.nms_iou, ev.max_detections)  # fmt: skip
-        by_image = dict(tuple(prepared.objects.groupby("image_id", sort=False)))
-        empty = prepared.objects.iloc[:0]
-        truth = []
-        for image_id in features.image_ids:
-            mine = by_image.get(image_id, empty)
-            truth.append((
-                torch.tensor(mine[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4),
-                torch.tensor(mine["class_id"].to_numpy(), dtype=torch.int64),
-                torch.tensor(mine["difficult"].to_numpy(), dtype=torch.bool),
-            ))  # fmt: skip
+        truth = ground_truth(prepared.objects, features.image_ids)
         found = [(d.boxes, d.scores, d.labels) for d in detections]
         per_class = voc_average_precision(found, truth, len(classes), ev.iou_threshold)
+        anchors = checkpoint.head.anchors if checkpoint.head.n_anchors else None
         grid = multi_object_targets(prepared.images, prepared.objects, features.image_ids, mode,
-                                    size, cells)  # fmt: skip
+                                    size, cells, anchors)  # fmt: skip
         n_objects = sum(len(t[1]) for t in truth)
         metrics = {
             "images": len(truth),
@@ -173,7 +165,8 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
             "coco_map": round(coco_map(found, truth), 4),
             **{f"map_iou_{t}": round(mean_ap(voc_average_precision(found, truth, len(classes), t)),
                                      4) for t in (0.3, 0.1)},
-            # objects the grid can learn: not cut away by crop, not lost in a cell collision
+            # objects the grid can learn: not cut away by crop, not lost in a cell (and anchor)
+            # collision
             "recall_upper_bound": round(int(grid.objects.sum() - grid.dropped.sum())
                                         / max(n_objects, 1), 4),
             "detections_per_image": round(sum(len(d) for d in detections) / len(truth), 3),

@@ -21,6 +21,7 @@ import typer
 from dvclive import Live
 from scmrepo.exceptions import SCMError
 
+from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import Features, pick_device, read_features
 from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, save_checkpoint
@@ -29,7 +30,7 @@ from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_su
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.plots import save_figure, training_curves
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import multi_object_targets, single_object_targets
+from pipeline_lib.targets import multi_object_targets, single_object_targets, training_shapes
 from pipeline_lib.training import Dataset, TrainConfig, fit, seed_everything
 from stages.common import (
     FEATURES_DIR,
@@ -99,20 +100,26 @@ def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
         seed_everything(params.train.seed)
         prepared, features, mode, size = load_inputs()
         cells = params.grid.num_cells
+        anchors = fit_anchors(params.grid.anchors, prepared, features["train"].image_ids, mode,
+                              size)  # fmt: skip
         data, collisions = {}, {}
         for split in SPLITS:
             ids, tensor = features[split].image_ids, features[split].features
-            t = multi_object_targets(prepared.images, prepared.objects, ids, mode, size, cells)
+            t = multi_object_targets(prepared.images, prepared.objects, ids, mode, size, cells,
+                                     anchors)  # fmt: skip
             data[split] = Dataset(tensor, (t.boxes, t.has_obj, t.labels))
             collisions[split] = {"objects": int(t.objects.sum()), "dropped": int(t.dropped.sum())}
+            slot = " and anchor" if anchors is not None else ""
             typer.echo(f"{split}: {collisions[split]['dropped']} of "
-                       f"{collisions[split]['objects']} objects share a grid cell with a later "
-                       f"one and are not learned ({cells}x{cells} cells)")  # fmt: skip
+                       f"{collisions[split]['objects']} objects share a grid cell{slot} with a "
+                       f"later one and are not learned ({cells}x{cells} cells)")  # fmt: skip
         head_params, train = params.head, params.train
         config = {"hidden": head_params.grid_hidden, "dropout": head_params.dropout}
         shape = tuple(data["train"].features.shape[1:])
+        anchor_list = None if anchors is None else anchors.tolist()
         try:
-            head = MultiObjectHead(shape, len(prepared.classes), num_cells=cells, **config)
+            head = MultiObjectHead(shape, len(prepared.classes), num_cells=cells,
+                                   anchors=anchor_list, **config)  # fmt: skip
         except ValueError as error:
             raise PipelineError(str(error)) from None
 
@@ -122,9 +129,28 @@ def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
                                      train.focal_alpha)  # fmt: skip
 
         info = {"kind": "multi", "head": config, "num_cells": cells, "collisions": collisions}
+        if anchors is not None:
+            info["anchors"] = anchor_list
         curves = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
         run_training(params, head, data, loss_fn, multi_object_batch_sums, curves, info,
                      prepared, features, progress)  # fmt: skip
+
+
+def fit_anchors(
+    k: int, prepared: Prepared, train_ids: list[str], mode: str, size: int
+) -> torch.Tensor | None:
+    """grid.anchors = k > 0: k anchor shapes fitted to the training boxes (None for k = 0)."""
+    if k == 0:
+        return None
+    shapes = training_shapes(prepared.images, prepared.objects, train_ids, mode, size)
+    if len(shapes) < k:
+        raise PipelineError(f"grid.anchors: {k} anchors need at least {k} training boxes, "
+                            f"found {len(shapes)}")  # fmt: skip
+    anchors, fitness = kmeans_anchors(shapes, k)
+    text = ", ".join(f"{w:.3f}x{h:.3f}" for w, h in anchors.tolist())
+    typer.echo(f"anchors (w x h, image fractions) from k-means on {len(shapes)} training boxes: "
+               f"{text}; mean IoU of a box with its best anchor {fitness:.3f}")  # fmt: skip
+    return anchors.float()
 
 
 def load_inputs() -> tuple[Prepared, dict[str, Features], str, int]:
@@ -191,6 +217,8 @@ def run_training(
         live.summary["images"] = {split: len(data[split]) for split in SPLITS}
         if "collisions" in info:  # grid head: objects lost to shared cells bound the recall
             live.summary["grid_collisions"] = info["collisions"]
+        if "anchors" in info:
+            live.summary["anchors"] = [[round(v, 4) for v in a] for a in info["anchors"]]
     head.load_state_dict(result.best_state)
     metadata = features["train"].metadata
     info = {

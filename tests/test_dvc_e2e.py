@@ -16,6 +16,7 @@ from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
+FINETUNE = {"finetune", "evaluate_finetune"}  # opt-in: no-ops here, re-run after train_multi
 
 
 def run(cwd: Path, *args: str) -> str:
@@ -59,7 +60,7 @@ def stages_run(output: str) -> set[str]:
 def test_repro_runs_everything_then_nothing(project):
     first = run(project, "dvc", "repro")
     everything = {"synthesize", "prepare", "extract", "train_single", "evaluate_single",
-                  "train_multi", "evaluate_multi"}  # fmt: skip
+                  "train_multi", "evaluate_multi"} | FINETUNE  # fmt: skip
     assert stages_run(first) == everything
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == everything
@@ -94,15 +95,26 @@ def test_repro_runs_everything_then_nothing(project):
 
 def test_each_param_group_reruns_only_its_stages(project):
     run(project, "dvc", "repro")
-    heads = {"train_single", "evaluate_single", "train_multi", "evaluate_multi"}
+    heads = {"train_single", "evaluate_single", "train_multi", "evaluate_multi"} | FINETUNE
     set_param(project, "head", "dropout", 0.3)  # read by training only: features stay cached
     assert stages_run(run(project, "dvc", "repro")) == heads
     set_param(project, "head", "classifier", "flatten")  # the single head's only
     assert stages_run(run(project, "dvc", "repro")) == {"train_single", "evaluate_single"}
     set_param(project, "grid", "num_cells", 5)
-    assert stages_run(run(project, "dvc", "repro")) == {"train_multi", "evaluate_multi"}
+    assert stages_run(run(project, "dvc", "repro")) == {"train_multi", "evaluate_multi"} | FINETUNE
     set_param(project, "eval", "nms_iou", 0.4)  # eval.samples would re-run both evaluations
-    assert stages_run(run(project, "dvc", "repro")) == {"evaluate_multi"}
+    assert stages_run(run(project, "dvc", "repro")) == {"evaluate_multi", "evaluate_finetune"}
+    # opting in to fine-tuning runs just its two stages, which now train and measure
+    set_param(project, "finetune", "enabled", True)
+    set_param(project, "finetune", "epochs", 1)
+    set_param(project, "finetune", "batch_size", 4)
+    set_param(project, "finetune", "workers", 0)
+    assert stages_run(run(project, "dvc", "repro")) == FINETUNE
+    compared = json.loads((project / "reports/evaluate_finetune/metrics.json").read_text())
+    assert compared["enabled"] and "map_frozen" in compared
+    assert (project / "models/finetuned/model.safetensors").is_file()
+    set_param(project, "finetune", "enabled", False)
+    assert stages_run(run(project, "dvc", "repro")) == FINETUNE
     # (backbone.* re-runs extract and the heads but not prepare: test_experiments_... checks it)
     set_param(project, "image", "size", 160)  # 5x5 feature maps: grid.num_cells is 5 by now
     assert stages_run(run(project, "dvc", "repro")) == {"prepare", "extract"} | heads
@@ -117,12 +129,16 @@ def test_experiments_metrics_diff_and_plots(project):
     run(project, "git", "commit", "-qm", "baseline")
 
     output = run(project, "dvc", "exp", "run", "-S", "head.dropout=0.1", "-n", "dropout01")
-    assert stages_run(output) == {
-        "train_single",
-        "evaluate_single",
-        "train_multi",
-        "evaluate_multi",
-    }
+    assert (
+        stages_run(output)
+        == {
+            "train_single",
+            "evaluate_single",
+            "train_multi",
+            "evaluate_multi",
+        }
+        | FINETUNE
+    )
     shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
     assert "dropout01" in shown and "map_11point" in shown
     diff = run(project, "dvc", "metrics", "diff")  # workspace (the experiment) against HEAD
@@ -158,7 +174,7 @@ def test_experiments_metrics_diff_and_plots(project):
     output = run(project, "dvc", "exp", "run", "-S", "backbone.name=resnet18",
                  "-S", "backbone.layer=layer4", "-S", "backbone.weights=random")  # fmt: skip
     assert stages_run(output) == {"extract", "train_single", "evaluate_single", "train_multi",
-                                  "evaluate_multi"}  # fmt: skip
+                                  "evaluate_multi"} | FINETUNE  # fmt: skip
 
 
 def test_queued_experiments_run_in_the_background(project):

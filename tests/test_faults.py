@@ -158,5 +158,5 @@ def test_the_whole_chain_run_again_from_scratch_is_identical(project):
     for path in ("data", "models", "reports"):
         shutil.rmtree(root / path, ignore_errors=True)
     output = dvc(root, "repro", "-f")
-    assert output.count("Running stage") == 7
+    assert output.count("Running stage") == 9
     assert snapshot(root) == baseline  # bit-identical features and models, equal metrics
