@@ -13,6 +13,11 @@ first layer listed for a backbone is the last feature map before global pooling.
   classifies a known photo correctly. Normalisation: mean = std = 0.5.
 - torchvision models, through its weights API (`torchvision.models.get_model`) and normalisation.
   Without a cached or downloadable checkpoint, `BackboneError` names the file and the cache folder.
+
+With a `fine_layer` (params.FINE_LAYERS: a stride-16 unit), `run_levels` also returns that unit's
+output: the second level of a multi-scale grid head. torchvision's `create_feature_extractor`
+would do this by FX tracing, which timm's Lite0 ("same" padding computed from input shapes) does
+not survive, so the trunk is run unit by unit instead.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.params import BACKBONE_LAYERS
+from pipeline_lib.params import BACKBONE_LAYERS, FINE_LAYERS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,19 +53,27 @@ class Backbone:
     module: nn.Module  # normalised (B, 3, H, W) float -> (B, C, h, w)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    fine_layer: str | None = None  # a second level: the output of this unit (run_levels)
+    fine_channels: int = 0
 
     def describe(self) -> dict:
-        return {
+        described = {
             "name": self.name,
             "layer": self.layer,
             "weights": self.weights,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.fine_layer:  # only then: one-level descriptions stay as they were
+            described |= {"fine_layer": self.fine_layer, "fine_channels": self.fine_channels}
+        return described
 
 
-def load_backbone(name: str, layer: str | None = None, weights: str = "imagenet") -> Backbone:
-    """Build backbone `name` truncated at `layer` (None: its default), in eval mode."""
+def load_backbone(
+    name: str, layer: str | None = None, weights: str = "imagenet", fine_layer: str | None = None
+) -> Backbone:
+    """Build backbone `name` truncated at `layer` (None: its default), in eval mode, with a second
+    level at unit `fine_layer` if given ("none" counts as not given)."""
     if name not in BACKBONE_LAYERS:
         raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_LAYERS)}")
     layer = layer or BACKBONE_LAYERS[name][0]
@@ -74,7 +88,43 @@ def load_backbone(name: str, layer: str | None = None, weights: str = "imagenet"
     else:
         model = _torchvision_model(name, weights)
         module, mean, std = _torchvision_trunk(name, model, layer), IMAGENET_MEAN, IMAGENET_STD
-    return Backbone(name, layer, weights, module.eval(), mean, std)
+    backbone = Backbone(name, layer, weights, module.eval(), mean, std)
+    if fine_layer and fine_layer != "none":
+        if FINE_LAYERS.get(name) != fine_layer or layer != BACKBONE_LAYERS[name][0]:
+            raise BackboneError(f"backbone {name} (layer {layer}) has no fine layer {fine_layer!r}")
+        backbone.fine_layer = fine_layer
+        with torch.no_grad():  # its channel count, from a small dry run
+            _, fine = run_levels(module, fine_layer, torch.zeros(1, 3, 64, 64))
+        backbone.fine_channels = fine.shape[1]
+    return backbone
+
+
+def backbone_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A trunk as a sequence of named units, e.g. for unfreezing from the end or tapping a level:
+    its top-level children, with plain `nn.Sequential` ones (Lite0's `blocks`, a ResNet's
+    `layerN`, torchvision's `features`) opened one level. Lite0 (head layer): conv_stem, bn1,
+    blocks.0 ... blocks.6, conv_head, bn2; resnet18: conv1, bn1, relu, maxpool, layer1.0, ...,
+    layer4.1."""
+    units = []
+    for name, child in module.named_children():
+        if type(child) is nn.Sequential:
+            units += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            units.append((name, child))
+    return units
+
+
+def run_levels(module: nn.Module, fine_layer: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run a trunk on `x` unit by unit -> (its output, the output of unit `fine_layer`, or of the
+    last unit inside it when it is a group such as a ResNet's layer3)."""
+    fine = None
+    for name, unit in backbone_units(module):
+        x = unit(x)
+        if name == fine_layer or name.startswith(fine_layer + "."):
+            fine = x
+    if fine is None:
+        raise BackboneError(f"no unit {fine_layer!r} in this backbone")
+    return x, fine
 
 
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
@@ -153,3 +203,19 @@ def _torchvision_trunk(name: str, model: nn.Module, layer: str) -> nn.Module:
     if name == "densenet121":  # torchvision applies the final ReLU in forward(), not in features
         return nn.Sequential(OrderedDict(features=model.features, relu=nn.ReLU()))
     return model.features  # squeezenet, mobilenet_v3, efficientnet_b0, convnext: "features"
+
+
+def pack_levels(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """(B, C1, h, w) and (B, C2, 2h, 2w) -> (B, C1 + 4 C2, h, w): the fine level's 2 x 2 blocks
+    moved into channels (pixel_unshuffle), so that both levels cache as one tensor."""
+    (h, w), (fine_h, fine_w) = coarse.shape[-2:], fine.shape[-2:]
+    if (fine_h, fine_w) != (2 * h, 2 * w):
+        raise BackboneError(f"the fine level is {fine_h}x{fine_w}, not twice the {h}x{w} main "
+                            "level: use an image.size that is a multiple of 32")  # fmt: skip
+    return torch.cat([coarse, F.pixel_unshuffle(fine, 2)], dim=1)
+
+
+def unpack_levels(packed: torch.Tensor, fine_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_levels`: (B, C1 + 4 C2, h, w) -> ((B, C1, h, w), (B, C2, 2h, 2w))."""
+    split = packed.shape[1] - 4 * fine_channels
+    return packed[:, :split], F.pixel_shuffle(packed[:, split:], 2)

@@ -7,6 +7,7 @@ at `nms_iou`, then the `max_detections` best.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,8 @@ def decode_image(
 
 
 def grid_detections(
-    pred_boxes: torch.Tensor,
-    logits: torch.Tensor,
+    pred_boxes: torch.Tensor | Sequence[torch.Tensor],
+    logits: torch.Tensor | Sequence[torch.Tensor],
     sizes: list[tuple[int, int]],
     mode: str,
     size: int,
@@ -90,11 +91,15 @@ def grid_detections(
     """Grid head outputs for B images -> each image's detections in its own pixels.
 
     pred_boxes (B, [A,] 4, S, S) and logits (B, [A,] K + 1, S, S) as `MultiObjectHead` returns
-    them; `sizes` the B original (width, height); `mode` / `size` the image mode the features were
-    made with.
+    them, or sequences of those, one per level of a two-level head: the levels' cells are
+    merged before NMS. `sizes` are the B original (width, height); `mode` / `size` the image mode
+    the features were made with.
     """
-    encoded = grid_to_encoded(pred_boxes)
-    scores, labels = cell_scores(logits)
+    if isinstance(pred_boxes, torch.Tensor):
+        pred_boxes, logits = [pred_boxes], [logits]
+    encoded = torch.cat([grid_to_encoded(level) for level in pred_boxes], dim=1)
+    scores, labels = (torch.cat(parts, dim=1) for parts in
+                      zip(*(cell_scores(level) for level in logits), strict=True))  # fmt: skip
     return [
         decode_image(encoded[n], scores[n], labels[n], width, height, mode, size,
                      score_threshold, nms_iou, max_detections)

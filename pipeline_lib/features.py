@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline_lib.backbones import Backbone
+from pipeline_lib.backbones import Backbone, pack_levels, run_levels
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.geometry import transform_image
 from pipeline_lib.params import ParamsError
@@ -121,7 +121,8 @@ def pick_device(device: str) -> torch.device:
 def prepare_model(
     backbone: Backbone, device: torch.device, compile: bool = False, batch_size: int | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function mapping a uint8 (B, 3, S, S) batch on `device` to float32 features.
+    """A function mapping a uint8 (B, 3, S, S) batch on `device` to float32 features (with a
+    fine level, both levels packed by `backbones.pack_levels`).
 
     Moves `backbone.module` to `device` (and to channels_last on CPU) in place. With `compile`,
     the model goes through torch.compile (inductor, frozen weights, static shapes); batches smaller
@@ -132,6 +133,11 @@ def prepare_model(
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+    if backbone.fine_layer:  # two levels, packed into one tensor
+
+        def model(x: torch.Tensor, trunk: torch.nn.Module = model) -> torch.Tensor:
+            return pack_levels(*run_levels(trunk, backbone.fine_layer, x))
+
     run = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
 
     def call(x: torch.Tensor) -> torch.Tensor:

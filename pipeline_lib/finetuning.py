@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline_lib.backbones import Backbone
+from pipeline_lib.backbones import Backbone, backbone_units
 from pipeline_lib.features import load_rgb
 from pipeline_lib.geometry import decode_boxes, encode_boxes, transform_image
 from pipeline_lib.targets import encoded_objects, grid_targets
@@ -114,20 +114,6 @@ class ImageBatches:
     def batches(self, batch_size: int, order=None, device=None) -> Iterator:
         for images, *targets in self.loader:
             yield images.to(device), tuple(t.to(device) for t in targets)
-
-
-def backbone_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The backbone as a sequence of named units, unfreezable from the end: its top-level
-    children, with plain `nn.Sequential` ones (Lite0's `blocks`, a ResNet's `layerN`, torchvision's
-    `features`) opened one level, e.g. Lite0 (head layer): conv_stem, bn1, blocks.0 ... blocks.6,
-    conv_head, bn2."""
-    units = []
-    for name, child in module.named_children():
-        if type(child) is nn.Sequential:
-            units += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
-        else:
-            units.append((name, child))
-    return units
 
 
 class FineTuner(nn.Module):

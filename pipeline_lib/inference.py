@@ -64,7 +64,7 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
         )
     if mode == "none":
         raise CheckpointError(f"{model_path}: image mode 'none' cannot batch images")
-    backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
+    backbone = load_backbone(spec["name"], spec["layer"], spec["weights"], spec.get("fine_layer"))
     if checkpoint.backbone_state is not None:  # a fine-tuned model (the finetune stage)
         try:
             backbone.module.load_state_dict(checkpoint.backbone_state)
@@ -119,12 +119,12 @@ def detect(
     # Rounded to the stored dtype: the head was trained on (and evaluate reads) those values.
     features = detector.forward(batch.to(detector.device)).to(detector.feature_dtype)
     with torch.inference_mode():
-        pred_boxes, logits = (t.cpu() for t in predict(detector.checkpoint.head, features))
+        outputs = [t.cpu() for t in predict(detector.checkpoint.head, features)]
     sizes = [image.size for image in images]
     if info["kind"] == "single":
-        return single_detections(pred_boxes, logits, sizes, mode, size)
-    return grid_detections(pred_boxes, logits, sizes, mode, size, score_threshold, nms_iou,
-                           max_detections)  # fmt: skip
+        return single_detections(*outputs, sizes, mode, size)
+    return grid_detections(outputs[0::2], outputs[1::2], sizes, mode, size, score_threshold,
+                           nms_iou, max_detections)  # fmt: skip
 
 
 def cell_rectangles(info: dict, width: int, height: int) -> torch.Tensor:

@@ -67,3 +67,17 @@ def multi_object_loss(
         raise ValueError(f"obj_loss must be 'bce' or 'focal', got {obj_loss!r}")
     total = box_weight * box + class_weight * cls + obj_weight * obj
     return {"loss": total, "box_loss": box, "class_loss": cls, "obj_loss": obj}
+
+
+def two_level_loss(
+    outputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], **weights
+) -> dict[str, torch.Tensor]:
+    """Loss of a two-level grid head: `multi_object_loss` of each level, summed part by part.
+
+    outputs: (boxes, logits) of the main level then of the fine one (heads.TwoLevelHead);
+    targets: (boxes, has_obj, labels) of each level in the same order; `weights` as for
+    `multi_object_loss`.
+    """
+    coarse = multi_object_loss(*outputs[:2], *targets[:3], **weights)
+    fine = multi_object_loss(*outputs[2:], *targets[3:], **weights)
+    return {name: coarse[name] + fine[name] for name in coarse}

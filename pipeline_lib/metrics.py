@@ -40,7 +40,11 @@ def multi_object_batch_sums(
 ) -> dict[str, tuple[float, float]]:
     """(sum, count) per batch for training curves, over the object cells: class accuracy and IoU
     of the cell's box; over all cells: objectness accuracy (logit > 0 <=> object). With anchors,
-    a cell is a cell's anchor slot."""
+    a cell is a cell's anchor slot; with two levels (4 outputs, 6 targets), both levels count."""
+    if len(outputs) == 4:
+        coarse = multi_object_batch_sums(outputs[:2], targets[:3])
+        fine = multi_object_batch_sums(outputs[2:], targets[3:])
+        return {k: (coarse[k][0] + fine[k][0], coarse[k][1] + fine[k][1]) for k in coarse}
     pred_boxes, logits, boxes, has_obj, labels = fold_anchors(*outputs, *targets)
     mask = has_obj.bool()
     n_obj = int(mask.sum())

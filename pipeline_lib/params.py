@@ -56,6 +56,12 @@ BACKBONE_LAYERS = {
 }
 
 
+# A second, finer feature level (stride 16, twice the main map's side) for multi-scale grids:
+# a unit of the backbone (see backbones.backbone_units), with the default `layer` only.
+FINE_LAYERS = {"efficientnet_lite0": "blocks.4", **{f"resnet{d}": "layer3" for d in
+                                                     (18, 34, 50, 101, 152)}}  # fmt: skip
+
+
 class ParamsError(PipelineError, ValueError):
     """params.yaml is unreadable or a value in it is not allowed (the message names the key)."""
 
@@ -127,6 +133,7 @@ class BackboneParams:
     batch_size: Annotated[Int, Field(ge=1, le=4096)]
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
     compile: Bool
+    fine_layer: Str
 
     @model_validator(mode="after")
     def _check(self) -> BackboneParams:
@@ -136,6 +143,15 @@ class BackboneParams:
         if self.layer not in BACKBONE_LAYERS[self.name]:
             allowed = ", ".join(BACKBONE_LAYERS[self.name])
             raise ValueError(f"layer: {self.name} has no layer {self.layer!r}; allowed: {allowed}")
+        if self.fine_layer != "none":
+            fine = FINE_LAYERS.get(self.name)
+            if fine is None or self.layer != BACKBONE_LAYERS[self.name][0]:
+                with_fine = ", ".join(f"{n} ({f})" for n, f in FINE_LAYERS.items())
+                raise ValueError(f"fine_layer: a second level is available for {with_fine}, with "
+                                 "their default layer only; set fine_layer: none")  # fmt: skip
+            if self.fine_layer != fine:
+                raise ValueError(f"fine_layer: {self.name}'s stride-16 level is {fine!r} (or "
+                                 f"none), not {self.fine_layer!r}")  # fmt: skip
         return self
 
 
@@ -170,6 +186,7 @@ class TrainParams:
 class GridParams:
     num_cells: Annotated[Int, Field(ge=1, le=64)]
     anchors: Annotated[Int, Field(ge=0, le=16)]
+    fine_below: Annotated[Float, Field(gt=0.0, le=1.0)]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -12,6 +12,7 @@ only when they share a cell and a best anchor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -162,9 +163,12 @@ def multi_object_targets(
     size: int,
     num_cells: int,
     anchors: torch.Tensor | None = None,
+    scales: tuple[float, float] | None = None,
 ) -> GridTargets:
     """Grid targets of every image in `image_ids` (rows of the prepared tables), with the (A, 2)
-    `anchors` if given."""
+    `anchors` if given. With `scales` (low, high), only the objects whose scale sqrt(w * h)
+    (a fraction of the image) lies in [low, high) are targets here, and counted: one level of a
+    two-level head (`grid_levels`)."""
     n, s = len(image_ids), num_cells
     slots = () if anchors is None else (len(anchors),)
     out = GridTargets(
@@ -175,10 +179,26 @@ def multi_object_targets(
         dropped=torch.zeros(n, dtype=torch.int64),
     )
     for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
+        if scales is not None:
+            scale = (encoded[:, 2] * encoded[:, 3]).sqrt()
+            mine = (scale >= scales[0]) & (scale < scales[1])
+            encoded, classes = encoded[mine], classes[mine]
         boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s, anchors)
         out.boxes[row], out.has_obj[row], out.labels[row] = boxes, has_obj, labels
         out.objects[row], out.dropped[row] = len(encoded), dropped
     return out
+
+
+def grid_levels(
+    num_cells: int, fine_below: float | None = None
+) -> list[tuple[int, tuple[float, float] | None]]:
+    """(cells per side, object scales) of each level of the grid head, for `multi_object_targets`:
+    one S x S level learning every object, or with `fine_below` (a two-level head) the S x S
+    level for objects whose sqrt(w * h) is at least `fine_below` of the image and a 2S x 2S level
+    for the smaller ones."""
+    if fine_below is None:
+        return [(num_cells, None)]
+    return [(num_cells, (fine_below, math.inf)), (2 * num_cells, (0.0, fine_below))]
 
 
 def training_shapes(

@@ -56,7 +56,12 @@ from pipeline_lib.plots import (
     save_figure,
 )
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import ground_truth, multi_object_targets, single_object_targets
+from pipeline_lib.targets import (
+    grid_levels,
+    ground_truth,
+    multi_object_targets,
+    single_object_targets,
+)
 from pipeline_lib.training import predict
 from stages.common import (
     FEATURES_DIR,
@@ -142,7 +147,8 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
         info, classes = checkpoint.info, checkpoint.classes
         mode, size, cells = info["image_mode"], info["image_size"], info["num_cells"]
         start = time.perf_counter()
-        pred_boxes, logits = predict(checkpoint.head, features.features)
+        outputs = predict(checkpoint.head, features.features)
+        pred_boxes, logits = outputs[0::2], outputs[1::2]  # per level (two-level head: two)
         sizes = prepared.images.set_index("image_id").loc[features.image_ids]
         image_sizes = [
             (int(w), int(h)) for w, h in zip(sizes["width"], sizes["height"], strict=True)
@@ -152,9 +158,13 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
         truth = ground_truth(prepared.objects, features.image_ids)
         found = [(d.boxes, d.scores, d.labels) for d in detections]
         per_class = voc_average_precision(found, truth, len(classes), ev.iou_threshold)
-        anchors = checkpoint.head.anchors if checkpoint.head.n_anchors else None
-        grid = multi_object_targets(prepared.images, prepared.objects, features.image_ids, mode,
-                                    size, cells, anchors)  # fmt: skip
+        head = checkpoint.head
+        anchors = head.anchors if getattr(head, "n_anchors", 0) else None
+        learnable = 0
+        for n, scales in grid_levels(cells, info.get("fine_below")):
+            grid = multi_object_targets(prepared.images, prepared.objects, features.image_ids,
+                                        mode, size, n, anchors, scales)  # fmt: skip
+            learnable += int(grid.objects.sum() - grid.dropped.sum())
         n_objects = sum(len(t[1]) for t in truth)
         metrics = {
             "images": len(truth),
@@ -167,8 +177,7 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
                                      4) for t in (0.3, 0.1)},
             # objects the grid can learn: not cut away by crop, not lost in a cell (and anchor)
             # collision
-            "recall_upper_bound": round(int(grid.objects.sum() - grid.dropped.sum())
-                                        / max(n_objects, 1), 4),
+            "recall_upper_bound": round(learnable / max(n_objects, 1), 4),
             "detections_per_image": round(sum(len(d) for d in detections) / len(truth), 3),
             "per_class_ap": {n: _round(c.ap) for n, c in zip(classes, per_class, strict=True)},
             "per_class_ap_11point": {n: _round(c.ap11) for n, c in zip(classes, per_class,
@@ -202,9 +211,9 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
             texts = [classes[k] for k in gt_labels.tolist()]
             pair = []
             for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
-                (d,) = grid_detections(pred_boxes[n : n + 1], logits[n : n + 1],
-                                       [image_sizes[n]], mode, size, ev.draw_score, nms,
-                                       ev.max_detections)  # fmt: skip
+                (d,) = grid_detections([b[n : n + 1] for b in pred_boxes],
+                                       [k[n : n + 1] for k in logits], [image_sizes[n]], mode,
+                                       size, ev.draw_score, nms, ev.max_detections)  # fmt: skip
                 pairs_ks = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
                 found_texts = [f"{classes[k]} {s:.2f}" for k, s in pairs_ks]
                 pair.append(Comparison(rgb, gt_boxes, texts, d.boxes, found_texts,

@@ -20,7 +20,7 @@ import typer
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.features import check_mode, extract_features, pick_device
 from pipeline_lib.files import atomic_dir, write_json
-from pipeline_lib.params import load_params
+from pipeline_lib.params import ParamsError, load_params
 from pipeline_lib.tables import read_prepared
 from stages.common import EXTRACT_REPORTS, FEATURES_DIR, PARAMS_OPTION, PREPARED_DIR, clean_errors
 
@@ -37,7 +37,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         device = pick_device(bb.device)
         prepared = read_prepared(PREPARED_DIR)
         dataset_dir = Path(prepared.info["dataset_dir"])
-        backbone = load_backbone(bb.name, bb.layer, bb.weights)
+        if bb.fine_layer != "none" and image.size % 32:
+            raise ParamsError(f"backbone.fine_layer: {bb.fine_layer} needs image.size to be a "
+                              f"multiple of 32 (got {image.size})")  # fmt: skip
+        backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)
         description = {
             **backbone.describe(),
             "image_mode": image.mode,

@@ -77,8 +77,6 @@ def write_disabled(folders: list[Path], metrics: Path) -> None:
 
 def finetune(params: Params, progress: bool) -> None:
     # Imported here so that the disabled stages, which every `dvc repro` runs, take a second.
-    import torch
-
     from pipeline_lib.backbones import load_backbone
     from pipeline_lib.features import pick_device
     from pipeline_lib.finetuning import FineTuner, ImageBatches, trainable_parameters
@@ -94,7 +92,7 @@ def finetune(params: Params, progress: bool) -> None:
     info = checkpoint.info
     spec = info["backbone"]
     device = pick_device(ft.device)
-    loaders = {split: image_loader(params, checkpoint, prepared, split, torch.device(device))
+    loaders = {split: image_loader(params, checkpoint, prepared, split, device)
                for split in SPLITS}  # fmt: skip
     backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
     model = FineTuner(backbone, checkpoint.head, ft.unfreeze).to(device)
@@ -145,7 +143,6 @@ def finetune(params: Params, progress: bool) -> None:
 
 def compare(params: Params) -> None:
     """mAP on val of the frozen-feature model and of the fine-tuned one, from the same images."""
-    import torch
 
     from pipeline_lib.backbones import load_backbone
     from pipeline_lib.detection import grid_detections
@@ -165,7 +162,7 @@ def compare(params: Params) -> None:
     info = frozen.info
     spec, mode, size = info["backbone"], info["image_mode"], info["image_size"]
     device = pick_device(params.finetune.device)
-    loader = image_loader(params, frozen, prepared, "val", torch.device(device))
+    loader = image_loader(params, frozen, prepared, "val", device)
     val = prepared.images[prepared.images["split"] == "val"]
     sizes = [(int(w), int(h)) for w, h in zip(val["width"], val["height"], strict=True)]
     truth = ground_truth(prepared.objects, val["image_id"].tolist())
@@ -213,6 +210,10 @@ def load_frozen():
 
     checkpoint = load_checkpoint(FROZEN_MODEL)
     spec = checkpoint.info["backbone"]
+    if checkpoint.info.get("fine_channels"):
+        raise PipelineError(f"{FROZEN_MODEL} is a two-level grid head (backbone.fine_layer): "
+                            "fine-tuning it is not supported yet; set backbone.fine_layer: "
+                            "none")  # fmt: skip
     check_mode(checkpoint.info["image_mode"])
     if spec["weights"] != "imagenet":
         raise PipelineError(f"{FROZEN_MODEL}: trained on a randomly initialised {spec['name']}, "

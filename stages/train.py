@@ -24,13 +24,18 @@ from scmrepo.exceptions import SCMError
 from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import Features, pick_device, read_features
-from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, save_checkpoint
-from pipeline_lib.losses import multi_object_loss, single_object_loss
+from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, TwoLevelHead, save_checkpoint
+from pipeline_lib.losses import multi_object_loss, single_object_loss, two_level_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.plots import save_figure, training_curves
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import multi_object_targets, single_object_targets, training_shapes
+from pipeline_lib.targets import (
+    grid_levels,
+    multi_object_targets,
+    single_object_targets,
+    training_shapes,
+)
 from pipeline_lib.training import Dataset, TrainConfig, fit, seed_everything
 from stages.common import (
     FEATURES_DIR,
@@ -99,38 +104,56 @@ def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
         params = load_params(params_file)
         seed_everything(params.train.seed)
         prepared, features, mode, size = load_inputs()
-        cells = params.grid.num_cells
-        anchors = fit_anchors(params.grid.anchors, prepared, features["train"].image_ids, mode,
-                              size)  # fmt: skip
+        grid = params.grid
+        cells = grid.num_cells
+        fine_channels = int(features["train"].metadata["backbone"].get("fine_channels", 0))
+        if fine_channels and grid.anchors:
+            raise PipelineError("grid.anchors with a second feature level (backbone.fine_layer) "
+                                "is not supported yet: set grid.anchors: 0 or backbone.fine_layer: "
+                                "none")  # fmt: skip
+        levels = grid_levels(cells, grid.fine_below if fine_channels else None)
+        anchors = fit_anchors(grid.anchors, prepared, features["train"].image_ids, mode, size)
         data, collisions = {}, {}
         for split in SPLITS:
             ids, tensor = features[split].image_ids, features[split].features
-            t = multi_object_targets(prepared.images, prepared.objects, ids, mode, size, cells,
-                                     anchors)  # fmt: skip
-            data[split] = Dataset(tensor, (t.boxes, t.has_obj, t.labels))
-            collisions[split] = {"objects": int(t.objects.sum()), "dropped": int(t.dropped.sum())}
+            targets, objects, dropped = [], 0, 0
+            for n, scales in levels:
+                t = multi_object_targets(prepared.images, prepared.objects, ids, mode, size, n,
+                                         anchors, scales)  # fmt: skip
+                targets += [t.boxes, t.has_obj, t.labels]
+                objects, dropped = objects + int(t.objects.sum()), dropped + int(t.dropped.sum())
+            data[split] = Dataset(tensor, tuple(targets))
+            collisions[split] = {"objects": objects, "dropped": dropped}
             slot = " and anchor" if anchors is not None else ""
-            typer.echo(f"{split}: {collisions[split]['dropped']} of "
-                       f"{collisions[split]['objects']} objects share a grid cell{slot} with a "
-                       f"later one and are not learned ({cells}x{cells} cells)")  # fmt: skip
+            grids = " and ".join(f"{n}x{n}" for n, _ in levels)
+            typer.echo(f"{split}: {dropped} of {objects} objects share a grid cell{slot} with a "
+                       f"later one and are not learned ({grids} cells)")  # fmt: skip
         head_params, train = params.head, params.train
         config = {"hidden": head_params.grid_hidden, "dropout": head_params.dropout}
         shape = tuple(data["train"].features.shape[1:])
         anchor_list = None if anchors is None else anchors.tolist()
         try:
-            head = MultiObjectHead(shape, len(prepared.classes), num_cells=cells,
-                                   anchors=anchor_list, **config)  # fmt: skip
+            if fine_channels:
+                head = TwoLevelHead(shape, len(prepared.classes), fine_channels, cells, **config)
+            else:
+                head = MultiObjectHead(shape, len(prepared.classes), num_cells=cells,
+                                       anchors=anchor_list, **config)  # fmt: skip
         except ValueError as error:
             raise PipelineError(str(error)) from None
+        weights = {"box_weight": train.box_weight, "class_weight": train.class_weight,
+                   "obj_weight": train.obj_weight, "obj_loss": train.obj_loss,
+                   "focal_gamma": train.focal_gamma, "focal_alpha": train.focal_alpha}  # fmt: skip
 
         def loss_fn(outputs, targets):
-            return multi_object_loss(*outputs, *targets, train.box_weight, train.class_weight,
-                                     train.obj_weight, train.obj_loss, train.focal_gamma,
-                                     train.focal_alpha)  # fmt: skip
+            if fine_channels:
+                return two_level_loss(outputs, targets, **weights)
+            return multi_object_loss(*outputs, *targets, **weights)
 
         info = {"kind": "multi", "head": config, "num_cells": cells, "collisions": collisions}
         if anchors is not None:
             info["anchors"] = anchor_list
+        if fine_channels:
+            info |= {"fine_channels": fine_channels, "fine_below": grid.fine_below}
         curves = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
         run_training(params, head, data, loss_fn, multi_object_batch_sums, curves, info,
                      prepared, features, progress)  # fmt: skip

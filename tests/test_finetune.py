@@ -15,9 +15,9 @@ import yaml
 from conftest import REPO, invoke
 from torchvision.transforms import v2
 
-from pipeline_lib.backbones import load_backbone
+from pipeline_lib.backbones import backbone_units, load_backbone
 from pipeline_lib.features import prepare_model
-from pipeline_lib.finetuning import FineTuner, augment, augmentation, backbone_units
+from pipeline_lib.finetuning import FineTuner, augment, augmentation
 from pipeline_lib.heads import MultiObjectHead, load_checkpoint
 
 

@@ -1,0 +1,159 @@
+"""Two feature levels (backbone.fine_layer): the trunk tapped at stride 16, both levels packed into
+one cached tensor and unpacked exactly, objects split between the levels by scale, detections of
+both levels merged before NMS, and extract / train_multi / evaluate_multi / predict with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import invoke
+from typer.testing import CliRunner
+
+from pipeline_lib.backbones import (
+    BackboneError,
+    backbone_units,
+    load_backbone,
+    pack_levels,
+    run_levels,
+    unpack_levels,
+)
+from pipeline_lib.detection import grid_detections
+from pipeline_lib.heads import TwoLevelHead, load_checkpoint
+from pipeline_lib.params import ParamsError, parse_params
+from pipeline_lib.targets import grid_levels, grid_targets
+
+
+def test_pack_and_unpack_are_exact_inverses():
+    torch.manual_seed(0)
+    coarse, fine = torch.randn(2, 5, 3, 4), torch.randn(2, 3, 6, 8)
+    packed = pack_levels(coarse, fine)
+    assert packed.shape == (2, 5 + 4 * 3, 3, 4)
+    # the fine level's 2 x 2 block at (0, 0) lands in the channels of main position (0, 0)
+    assert packed[0, 5:9, 0, 0].tolist() == fine[0, 0, :2, :2].flatten().tolist()
+    back_coarse, back_fine = unpack_levels(packed, 3)
+    assert torch.equal(back_coarse, coarse) and torch.equal(back_fine, fine)
+    with pytest.raises(BackboneError, match="multiple of 32"):
+        pack_levels(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 7, 7))
+
+
+def test_lite0_levels_are_its_block_4_and_its_head():
+    backbone = load_backbone("efficientnet_lite0", fine_layer="blocks.4")
+    assert backbone.fine_channels == 112 and backbone.describe()["fine_layer"] == "blocks.4"
+    assert "fine_layer" not in load_backbone("efficientnet_lite0").describe()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        coarse, fine = run_levels(backbone.module, "blocks.4", x)
+        units = backbone_units(backbone.module)
+        upto = [m for name, m in units[: [n for n, _ in units].index("blocks.4") + 1]]
+        expected_fine = torch.nn.Sequential(*upto)(x)
+        expected_coarse = backbone.module(x)
+    assert coarse.shape == (1, 1280, 7, 7) and fine.shape == (1, 112, 14, 14)
+    assert torch.equal(fine, expected_fine) and torch.equal(coarse, expected_coarse)
+
+
+def test_resnet_fine_level_is_the_end_of_layer3():
+    backbone = load_backbone("resnet18", "layer4", "random", fine_layer="layer3")
+    assert backbone.fine_channels == 256
+    with torch.no_grad():
+        coarse, fine = run_levels(backbone.module, "layer3", torch.randn(1, 3, 64, 64))
+    assert coarse.shape == (1, 512, 2, 2) and fine.shape == (1, 256, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ({"name": "resnet18", "layer": "layer4", "fine_layer": "blocks.4"},
+         "resnet18's stride-16 level is 'layer3'"),
+        ({"name": "squeezenet1_1", "layer": "features", "fine_layer": "features"},
+         "a second level is available for efficientnet_lite0 (blocks.4)"),
+        ({"name": "efficientnet_lite0", "layer": "blocks", "fine_layer": "blocks.4"},
+         "with their default layer only"),
+    ],
+)  # fmt: skip
+def test_fine_layer_params_are_checked(raw_params, backbone, message):
+    raw_params["backbone"].update(backbone)
+    with pytest.raises(ParamsError, match="backbone.fine_layer: ") as error:
+        parse_params(raw_params)
+    assert message in str(error.value)
+
+
+def test_levels_split_objects_by_scale_by_hand():
+    levels = grid_levels(7, 0.2)
+    assert levels == [(7, (0.2, float("inf"))), (14, (0.0, 0.2))]
+    assert grid_levels(7) == [(7, None)]
+    # scale sqrt(0.1 * 0.1) = 0.1 < 0.2: the fine grid; sqrt(0.5 * 0.3) = 0.387: the main grid
+    encoded = torch.tensor([[0.30, 0.52, 0.1, 0.1], [0.30, 0.52, 0.5, 0.3]], dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    scale = (encoded[:, 2] * encoded[:, 3]).sqrt()
+    small = scale < 0.2
+    _, has_fine, fine_labels, _ = grid_targets(encoded[small], labels[small], 14)
+    _, has_coarse, coarse_labels, _ = grid_targets(encoded[~small], labels[~small], 7)
+    # fine: column floor(0.30 * 14) = 4, row floor(0.52 * 14) = 7; main: column 2, row 3
+    assert has_fine.nonzero().tolist() == [[7, 4]] and fine_labels[7, 4] == 1
+    assert has_coarse.nonzero().tolist() == [[3, 2]] and coarse_labels[3, 2] == 2
+
+
+def test_two_level_head_and_merged_nms():
+    torch.manual_seed(0)
+    head = TwoLevelHead((16 + 4 * 4, 2, 2), n_classes=3, fine_channels=4, num_cells=2,
+                        hidden=8).eval()  # fmt: skip
+    outputs = head(torch.randn(5, 32, 2, 2))
+    assert [tuple(t.shape) for t in outputs] == [(5, 4, 2, 2), (5, 4, 2, 2), (5, 4, 4, 4),
+                                                 (5, 4, 4, 4)]  # fmt: skip
+    # the same box found by a main cell (0.9) and a fine cell (0.8): one detection after NMS
+    coarse_boxes, fine_boxes = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 4, 4)
+    coarse_boxes[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.2, 0.2])  # centre (0.25, 0.25)
+    fine_boxes[0, :, 1, 1] = torch.tensor([0.0, 0.0, 0.2, 0.2])  # (0 + 1) / 4 = 0.25
+    coarse_logits, fine_logits = torch.full((1, 4, 2, 2), -20.0), torch.full((1, 4, 4, 4), -20.0)
+    coarse_logits[0, 1, 0, 0], coarse_logits[0, 3, 0, 0] = 20.0, 2.1972  # sigmoid 0.9
+    fine_logits[0, 1, 1, 1], fine_logits[0, 3, 1, 1] = 20.0, 1.3863  # sigmoid 0.8
+    args = ([coarse_boxes, fine_boxes], [coarse_logits, fine_logits], [(100, 100)], "shrink", 64)
+    (merged,) = grid_detections(*args, 0.5, 0.5, 10)
+    assert merged.labels.tolist() == [1] and merged.scores.tolist() == pytest.approx([0.9], 1e-3)
+    assert merged.boxes[0].tolist() == pytest.approx([15.0, 15.0, 35.0, 35.0], abs=1e-4)
+    (both,) = grid_detections(*args, 0.5, None, 10)
+    assert both.scores.tolist() == pytest.approx([0.9, 0.8], abs=1e-3)
+
+
+def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
+    from stages import evaluate, extract, finetune, predict, train
+
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["backbone"]["fine_layer"] = "blocks.4"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(folder)
+    invoke(extract.app, [])
+    features = json.loads((folder / "data/features/features.json").read_text())
+    assert features["fine_layer"] == "blocks.4" and features["fine_channels"] == 112
+    output = invoke(train.app, ["multi", "--no-progress"]).output
+    assert "(7x7 and 14x14 cells)" in output
+    checkpoint = load_checkpoint("models/multi.safetensors")
+    assert isinstance(checkpoint.head, TwoLevelHead)
+    assert checkpoint.info["fine_channels"] == 112 and checkpoint.info["fine_below"] == 0.2
+    invoke(evaluate.app, ["multi"])
+    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0
+    image = next((folder / "data/synthetic").rglob("*.jpg"))
+    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
+    found = json.loads((folder / "out/detections.json").read_text())
+    assert len(found) > 0  # score 0: every cell of both levels before NMS has a score above it
+
+    params["finetune"]["enabled"] = True  # fine-tuning knows one level only: refused
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(finetune.app, ["train"])
+    assert result.exit_code == 1 and "two-level grid head" in result.output
+    params["finetune"]["enabled"] = False
+    params["grid"]["anchors"] = 2
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(train.app, ["multi", "--no-progress"])
+    assert result.exit_code == 1 and "not supported yet" in result.output
+    params["grid"]["anchors"], params["image"]["size"] = 0, 200
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(extract.app, [])
+    assert result.exit_code == 1 and "needs image.size to be a multiple of 32" in result.output
