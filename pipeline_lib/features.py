@@ -109,6 +109,14 @@ class ExtractResult:
         return (len(self.image_ids) + len(self.skipped)) / max(self.seconds, 1e-9)
 
 
+def pick_workers(workers: int | str, device: torch.device) -> int:
+    """Image-decoding processes: `auto` is 1 on CPU (the model needs the cores) and every core,
+    up to 16, beside a GPU."""
+    if workers == "auto":
+        return 1 if device.type == "cpu" else min(16, os.cpu_count() or 1)
+    return int(workers)
+
+
 def pick_device(device: str) -> torch.device:
     """`auto` takes the GPU when there is one."""
     if device == "auto":
@@ -191,8 +199,7 @@ def extract_features(
     torch_device = pick_device(device)
     if torch_device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    if workers == "auto":
-        workers = 1 if torch_device.type == "cpu" else min(16, os.cpu_count() or 1)
+    workers = pick_workers(workers, torch_device)
     dataset = ImageFolder(paths, mode, size)
     loader = DataLoader(
         dataset,

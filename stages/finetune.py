@@ -229,18 +229,14 @@ def load_frozen():
 def image_loader(params: Params, checkpoint, prepared, split: str, device):
     """A DataLoader of GridImages for `split` (augmented for train, shuffled with finetune.seed),
     with the image mode, grid and anchors of `checkpoint`."""
-    import os
-
     import torch
     from torch.utils.data import DataLoader
 
+    from pipeline_lib.features import pick_workers
     from pipeline_lib.finetuning import GridImages, augmentation, image_objects
 
     ft, info = params.finetune, checkpoint.info
     mode, size = info["image_mode"], info["image_size"]
-    workers = ft.workers
-    if workers == "auto":
-        workers = 1 if device.type == "cpu" else min(16, os.cpu_count() or 1)
     rows = prepared.images[prepared.images["split"] == split]
     ids = rows["image_id"].tolist()
     transform = None
@@ -252,7 +248,8 @@ def image_loader(params: Params, checkpoint, prepared, split: str, device):
                       image_objects(prepared.images, prepared.objects, ids, mode, size), mode,
                       size, info["num_cells"], anchors, transform)  # fmt: skip
     return DataLoader(data, batch_size=ft.batch_size, shuffle=split == "train",
-                      num_workers=workers, generator=torch.Generator().manual_seed(ft.seed),
+                      num_workers=pick_workers(ft.workers, device),
+                      generator=torch.Generator().manual_seed(ft.seed),
                       pin_memory=device.type == "cuda")  # fmt: skip
 
 
