@@ -62,6 +62,13 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageError(f"{path}: image: cannot decode ({exc})") from None
 
 
+def load_image_tensor(path: Path, mode: str, size: int) -> torch.Tensor:
+    """An image file after the image mode as a uint8 (3, H, W) tensor (`load_rgb`'s errors)."""
+    image = transform_image(load_rgb(path), mode, size)
+    array = np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def check_mode(mode: str) -> None:
     """Extraction needs one size for all images: refuse image.mode none."""
     if mode == "none":
@@ -83,11 +90,9 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = transform_image(load_rgb(self.paths[index]), self.mode, self.size)
+            return index, load_image_tensor(self.paths[index], self.mode, self.size), None
         except ImageError as exc:
             return index, None, str(exc)
-        array = np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
-        return index, torch.from_numpy(array).permute(2, 0, 1).contiguous(), None
 
 
 def _collate(items):

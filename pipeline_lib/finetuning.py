@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -29,8 +28,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline_lib.backbones import Backbone, backbone_units
-from pipeline_lib.features import load_rgb
-from pipeline_lib.geometry import decode_boxes, encode_boxes, transform_image
+from pipeline_lib.features import load_image_tensor
+from pipeline_lib.geometry import decode_boxes, encode_boxes
 from pipeline_lib.targets import encoded_objects, grid_targets
 
 
@@ -81,8 +80,7 @@ class GridImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = transform_image(load_rgb(self.paths[index]), self.mode, self.size)
-        image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        image = load_image_tensor(self.paths[index], self.mode, self.size)
         encoded, labels = self.objects[index]
         if self.transform is not None:
             boxes = decode_boxes(encoded, self.size, self.size)
