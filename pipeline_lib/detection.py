@@ -98,8 +98,9 @@ def grid_detections(
     if isinstance(pred_boxes, torch.Tensor):
         pred_boxes, logits = [pred_boxes], [logits]
     encoded = torch.cat([grid_to_encoded(level) for level in pred_boxes], dim=1)
-    scores, labels = (torch.cat(parts, dim=1) for parts in
-                      zip(*(cell_scores(level) for level in logits), strict=True))  # fmt: skip
+    per_level = [cell_scores(level) for level in logits]
+    scores = torch.cat([level_scores for level_scores, _ in per_level], dim=1)
+    labels = torch.cat([level_labels for _, level_labels in per_level], dim=1)
     return [
         decode_image(encoded[n], scores[n], labels[n], width, height, mode, size,
                      score_threshold, nms_iou, max_detections)

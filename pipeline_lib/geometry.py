@@ -58,10 +58,10 @@ def transform_boxes(
     if mode == "none":
         return boxes, torch.ones(len(boxes), dtype=torch.bool)
     if mode == "shrink":
-        scale = torch.tensor([size / width, size / height] * 2, dtype=boxes.dtype)  # not float32
+        scale = boxes.new_tensor([size / width, size / height] * 2)  # float64, as the boxes
         return boxes * scale, torch.ones(len(boxes), dtype=torch.bool)
     left, top = crop_window(width, height, size)
-    shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    shifted = boxes - boxes.new_tensor([left, top, left, top])
     clipped = clip_boxes_to_image(shifted, (size, size))
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return clipped[keep], keep
@@ -80,23 +80,21 @@ def untransform_boxes(
     if mode == "none":
         return clip_boxes_to_image(boxes, (height, width))
     if mode == "shrink":
-        scale = torch.tensor([width / size, height / size] * 2, dtype=boxes.dtype)
+        scale = boxes.new_tensor([width / size, height / size] * 2)
         return clip_boxes_to_image(boxes * scale, (height, width))
     left, top = crop_window(width, height, size)
-    shifted = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    shifted = boxes + boxes.new_tensor([left, top, left, top])
     return clip_boxes_to_image(shifted, (height, width))
 
 
 def encode_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """(N, 4) xyxy pixel boxes of a `width` x `height` image -> (N, 4) encoded (cx, cy, w, h)."""
-    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
-    return box_convert(boxes, "xyxy", "cxcywh") / scale
+    return box_convert(boxes, "xyxy", "cxcywh") / boxes.new_tensor([width, height] * 2)
 
 
 def decode_boxes(encoded: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """(N, 4) encoded (cx, cy, w, h) -> (N, 4) xyxy pixel boxes of a `width` x `height` image."""
-    scale = torch.tensor([width, height, width, height], dtype=encoded.dtype)
-    return box_convert(encoded * scale, "cxcywh", "xyxy")
+    return box_convert(encoded * encoded.new_tensor([width, height] * 2), "cxcywh", "xyxy")
 
 
 def encoded_to_image(

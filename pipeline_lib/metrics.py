@@ -116,24 +116,55 @@ class ClassAP:
     detections: int
 
 
-def average_precision(recall: torch.Tensor, precision: torch.Tensor, eleven_point: bool) -> float:
-    """AP from a ranked list's recall and precision, as the VOC devkit computes it.
-
-    all-point: area under the precision envelope (precision made non-increasing from the right);
-    11-point: mean over t in {0, 0.1, ..., 1} of the best precision at recall >= t (0 if none).
-    """
-    recall, precision = recall.double(), precision.double()
-    if eleven_point:
-        points = []
-        for t in torch.linspace(0, 1, 11, dtype=torch.float64):
-            reached = precision[recall >= t - 1e-12]
-            points.append(reached.max() if len(reached) else torch.tensor(0.0))
-        return float(torch.stack(points).mean())
-    mrec = torch.cat([torch.tensor([0.0]), recall, torch.tensor([1.0])]).double()
-    mpre = torch.cat([torch.tensor([0.0]), precision, torch.tensor([0.0])]).double()
+def all_point_ap(recall: torch.Tensor, precision: torch.Tensor) -> float:
+    """VOC2010+ AP (the devkit's `VOCap.m`) of a ranked list's (K,) recall and precision: the
+    area under the precision envelope, precision made non-increasing from the right."""
+    mrec = torch.cat([torch.tensor([0.0]), recall.double(), torch.tensor([1.0])])
+    mpre = torch.cat([torch.tensor([0.0]), precision.double(), torch.tensor([0.0])])
     mpre = torch.flip(torch.cummax(torch.flip(mpre, [0]), 0).values, [0])
     changed = torch.nonzero(mrec[1:] != mrec[:-1]).flatten()
     return float(((mrec[changed + 1] - mrec[changed]) * mpre[changed + 1]).sum())
+
+
+def eleven_point_ap(recall: torch.Tensor, precision: torch.Tensor) -> float:
+    """VOC2007 AP (`VOCevaldet.m`) of a ranked list's (K,) recall and precision: the mean over
+    t in {0, 0.1, ..., 1} (exactly k / 10) of the best precision at recall >= t (0 if none)."""
+    points = [precision.double()[recall >= k / 10] for k in range(11)]
+    return sum(p.max().item() if len(p) else 0.0 for p in points) / len(points)
+
+
+# How box overlap is measured, by the coordinate convention of the data source:
+# - "voc_inclusive_pixels": VOC's 1-based pixel indices, xmax and ymax inclusive; the devkit's
+#   VOCevaldet.m counts xmax - xmin + 1 columns (and rows), in the areas and the intersection;
+# - "continuous": COCO's continuous coordinates, width = xmax - xmin (torchvision's box_iou).
+OVERLAPS = ("voc_inclusive_pixels", "continuous")
+OVERLAP_OF_SOURCE = {
+    "voc": "voc_inclusive_pixels",
+    "synthetic": "voc_inclusive_pixels",
+    "coco": "continuous",
+}
+
+
+def voc_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of (N, 4) and (M, 4) xyxy boxes on inclusive pixels, as the VOC devkit.
+
+    A box (x1, y1, x2, y2) covers x2 - x1 + 1 columns and y2 - y1 + 1 rows, and so does the
+    intersection; boxes whose intersection has no positive side overlap 0. This equals
+    torchvision's `box_iou` of the boxes with their max corner moved out by one pixel, with the
+    same operations in the same order (inter / (area1 + area2 - inter)), hence the same floats.
+    E.g. (1, 1, 10, 10) and (1, 1, 10, 5): 50 / 100 = 0.5 (continuous IoU: 36 / 81).
+    """
+    one = boxes1.new_tensor([0, 0, 1, 1])
+    return box_iou(boxes1 + one, boxes2 + one)
+
+
+def box_overlap(boxes1: torch.Tensor, boxes2: torch.Tensor, overlap: str) -> torch.Tensor:
+    """(N, M) IoU of xyxy boxes under `overlap`, one of OVERLAPS."""
+    if overlap == "voc_inclusive_pixels":
+        return voc_box_iou(boxes1, boxes2)
+    if overlap == "continuous":
+        return box_iou(boxes1, boxes2)
+    raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
 
 
 def voc_average_precision(
@@ -141,61 +172,65 @@ def voc_average_precision(
     ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     n_classes: int,
     iou_threshold: float = 0.5,
+    overlap: str = "voc_inclusive_pixels",
 ) -> list[ClassAP]:
     """Per-class AP over a set of images, with the PASCAL VOC devkit's matching rules.
 
     detections[n] = (boxes (D, 4) xyxy, scores (D,), labels (D,)) and ground_truth[n] =
     (boxes (G, 4) xyxy, labels (G,), difficult (G,) bool) for image n, in the same pixels.
     Per class, detections of all images are ranked by score (ties keep input order); each is
-    matched to the ground-truth object of its image with which it has the highest IoU: a true
-    positive if that IoU >= `iou_threshold` and the object was not matched before, a false
-    positive otherwise; a match with a `difficult` object counts as neither. IoU is torchvision's
-    (continuous coordinates; the devkit's MATLAB code adds 1 pixel to widths and heights).
+    matched to the ground-truth object of its image with which it has the highest overlap (the
+    first such object on ties): a true positive if that overlap >= `iou_threshold` and the object
+    was not matched before, a false positive otherwise; a match with a `difficult` object counts
+    as neither. `overlap` (see OVERLAPS) is the devkit's inclusive-pixel IoU by default.
     """
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
     results = []
     for k in range(n_classes):
-        scores, hits, positives = [], [], 0
+        scores, hits, positives = [], [], 0  # hits: True for a true positive
         for (d_boxes, d_scores, d_labels), (g_boxes, g_labels, g_difficult) in zip(
             detections, ground_truth, strict=True
         ):
             mine = g_labels == k
             gt, difficult = g_boxes[mine].double(), g_difficult[mine].bool()
             positives += int((~difficult).sum())
-            dets = d_labels == k
-            if not dets.any():
-                continue
-            boxes, s = d_boxes[dets].double(), d_scores[dets]
+            boxes, s = d_boxes[d_labels == k].double(), d_scores[d_labels == k]
             order = torch.argsort(s, descending=True, stable=True)
-            iou = box_iou(boxes[order], gt) if len(gt) else torch.zeros(len(order), 0)
-            taken = torch.zeros(len(gt), dtype=torch.bool)
-            for row, index in enumerate(order.tolist()):
-                hit = 0  # false positive
-                if iou.shape[1]:
-                    best, g = iou[row].max(dim=0)
-                    if best >= iou_threshold:
-                        if difficult[g]:
-                            hit = -1  # ignored
-                        elif not taken[g]:
-                            taken[g], hit = True, 1
-                scores.append(float(s[index]))
+            iou = box_overlap(boxes[order], gt, overlap)
+            taken: set[int] = set()
+            for row, score in enumerate(s[order].tolist()):
+                hit = False
+                if len(gt) and iou[row].max() >= iou_threshold:
+                    g = int(iou[row].argmax())  # the first of equal maxima, as the devkit
+                    if difficult[g]:
+                        continue  # neither a true nor a false positive
+                    hit = g not in taken
+                    taken.add(g)
+                scores.append(score)
                 hits.append(hit)
-        scores_t = torch.tensor(scores, dtype=torch.float64)
-        hits_t = torch.tensor(hits, dtype=torch.int64)
-        ranked = hits_t[torch.argsort(scores_t, descending=True, stable=True)]
-        ranked = ranked[ranked >= 0]
-        tp = torch.cumsum(ranked == 1, 0).double()
-        fp = torch.cumsum(ranked == 0, 0).double()
-        if positives == 0:
-            results.append(ClassAP(None, None, [], [], 0, len(ranked)))
-            continue
-        recall = tp / positives
-        precision = tp / (tp + fp).clamp(min=1e-12)
-        results.append(ClassAP(
-            average_precision(recall, precision, eleven_point=False),
-            average_precision(recall, precision, eleven_point=True),
-            precision.tolist(), recall.tolist(), positives, len(ranked),
-        ))  # fmt: skip
+        results.append(_class_ap(scores, hits, positives))
     return results
+
+
+def _class_ap(scores: list[float], hits: list[bool], positives: int) -> ClassAP:
+    """AP of one class from its (non-ignored) detections' scores and whether each is a true
+    positive, with `positives` (non-difficult) objects to find."""
+    if positives == 0:
+        return ClassAP(None, None, [], [], 0, len(hits))
+    order = torch.argsort(torch.tensor(scores, dtype=torch.float64), descending=True, stable=True)
+    ranked = torch.tensor(hits, dtype=torch.bool)[order]
+    tp = torch.cumsum(ranked, 0).double()
+    fp = torch.cumsum(~ranked, 0).double()
+    recall, precision = tp / positives, tp / (tp + fp)
+    return ClassAP(
+        all_point_ap(recall, precision),
+        eleven_point_ap(recall, precision),
+        precision.tolist(),
+        recall.tolist(),
+        positives,
+        len(hits),
+    )
 
 
 def mean_ap(per_class: list[ClassAP], eleven_point: bool = False) -> float:
@@ -215,7 +250,8 @@ def coco_map(
     """
     from torchmetrics.detection import MeanAveragePrecision  # slow import, only when evaluating
 
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+    # boxes are xyxy, torchmetrics' default
+    metric = MeanAveragePrecision(backend="faster_coco_eval")
     metric.update(
         [{"boxes": b.float(), "scores": s.float(), "labels": k} for b, s, k in detections],
         [{"boxes": b.float(), "labels": k, "iscrowd": d.long()} for b, k, d in ground_truth],

@@ -168,7 +168,7 @@ class HeadParams:
 class TrainParams:
     seed: Annotated[Int, Field(ge=0)]
     epochs: PositiveInt
-    batch_size: PositiveInt
+    batch_size: Annotated[Int, Field(ge=2, le=65536)]  # BatchNorm needs 2 samples per batch
     lr: PositiveFloat
     weight_decay: Annotated[Float, Field(ge=0.0)]
     lr_schedule: Literal["constant", "cosine"]
@@ -180,6 +180,7 @@ class TrainParams:
     focal_gamma: Annotated[Float, Field(ge=0.0)]
     focal_alpha: Annotated[Float, Field(ge=0.0, le=1.0)]
     device: Literal["auto", "cpu", "cuda"]
+    cpu_kernels: Literal["avx2", "native"]  # see training.CPU_KERNELS
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -253,24 +254,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def _describe(error: dict) -> str:
-    """One line per pydantic error: dotted key, what is wrong, what is allowed."""
+    """One line per pydantic error: dotted key, what is wrong, what is allowed.
+
+    pydantic's dataclasses report an unknown key as "unexpected_keyword_argument" and a missing
+    one as "missing"; every error has a location and the input at fault.
+    """
     loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc) or "(top level)"
+    key = ".".join(loc)
     kind = error["type"]
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+    if kind == "unexpected_keyword_argument":
         allowed = ", ".join(_field_names(loc[:-1]))
         return f"{key}: unknown key (allowed here: {allowed})"
-    if kind in ("missing_argument", "missing"):
+    if kind == "missing":
         return f"{key}: missing"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
         message = "must be a plain name of letters, digits, '_' or '-' (no paths or spaces)"
     if kind == "value_error":  # a rule across fields: "field: ..." names the field at fault
-        field, colon, rest = message.partition(": ")
-        if colon and field in _field_names(loc):
+        field, _, rest = message.partition(": ")
+        if field in _field_names(loc):
             return f"{key}.{field}: {rest}"
         return f"{key}: {message}"
-    if "input" not in error or isinstance(error["input"], dict):
+    if isinstance(error["input"], dict):  # a whole group given: printing it says nothing more
         return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})"
 

@@ -12,6 +12,8 @@ the epoch with the lowest monitor value on val is kept.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from pipeline_lib.errors import PipelineError
 
 Outputs = tuple[torch.Tensor, ...]
 LossFn = Callable[[Outputs, Sequence[torch.Tensor]], dict[str, torch.Tensor]]
@@ -74,6 +78,45 @@ class FitResult:
     seconds: float = 0.0
 
 
+# Which CPU kernels train a head (params.yaml train.cpu_kernels). PyTorch picks its CPU kernels by
+# what the processor offers: ATen's vectorised loops (BatchNorm statistics, loss sums, optimiser
+# updates) use 8 float lanes with AVX2 and 16 with AVX-512, and oneDNN's convolutions block their
+# sums by instruction set. Sums taken in another order end in other last bits, and twenty epochs of
+# training grow those into another model. Capping both at AVX2 makes an AVX-512 machine compute
+# what an AVX2-only machine computes (measured: the grid head of the default chain, bit for bit,
+# with no measurable slowdown; benchmarks/cpu_kernels.py).
+CPU_KERNELS = ("avx2", "native")
+
+
+def pin_cpu_kernels(kernels: str) -> str | None:
+    """Cap this process's CPU kernels at AVX2 (`kernels="avx2"`), or leave each library its best
+    (`"native"`). Returns None when the choice holds, else a one-line warning saying why not.
+
+    ATen reads `ATEN_CPU_CAPABILITY` and oneDNN `ONEDNN_MAX_CPU_ISA` once, at their first
+    operation, so this must run before the process computes anything with torch.
+    """
+    if kernels not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {kernels!r}")
+    if kernels == "native":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return (
+            f"cpu_kernels: avx2 means nothing on {platform.machine()} CPUs: models trained here "
+            "are reproduced on this kind of CPU only"
+        )
+    if not torch.cpu._is_avx2_supported():  # cpuinfo; does not fix ATen's choice
+        return "cpu_kernels: this CPU has no AVX2: models may differ from other machines' ones"
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    active = torch.backends.cpu.get_cpu_capability()
+    if active != "AVX2":
+        return (
+            f"cpu_kernels: this process already chose {active} kernels (torch computed something "
+            "before the pin): models may differ from other machines' ones"
+        )
+    return None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch, and ask torch for deterministic kernels (same params, same
     numbers on the same machine)."""
@@ -104,7 +147,6 @@ def run_epoch(
     order = torch.randperm(len(data), generator=generator) if training else None
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    seen = 0
     total_batches = math.ceil(len(data) / batch_size)
     with torch.set_grad_enabled(training):
         batches = data.batches(batch_size, order, device)
@@ -113,7 +155,6 @@ def run_epoch(
         for x, targets in bar:
             if training and len(x) == 1 and _has_batchnorm(head):
                 continue  # BatchNorm cannot train on a batch of one
-            seen += len(x)
             outputs = head(x)
             losses = loss_fn(outputs, targets)
             if training:
@@ -142,7 +183,11 @@ def fit(
 ) -> FitResult:
     """Train `head` with Adam for `config.epochs`; return the state of the best epoch on val."""
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"nothing to train on: {len(train)} train and {len(val)} val samples")
+        raise PipelineError(f"nothing to train on: {len(train)} train and {len(val)} val samples")
+    if len(train) < 2 and _has_batchnorm(head):
+        raise PipelineError("one training sample: the head's BatchNorm needs 2 or more per batch")
+    if config.batch_size < 2 and _has_batchnorm(head):
+        raise PipelineError("batch size 1: the head's BatchNorm needs 2 or more samples per batch")
     if config.monitor not in MONITORS:
         raise ValueError(f"monitor must be one of {list(MONITORS)}, got {config.monitor!r}")
     head.to(config.device)

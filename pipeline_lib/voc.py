@@ -13,7 +13,9 @@ naive parsers:
 - Coordinates are kept exactly as written (VOC's 1-based pixels); decimals (a few VOC2012 files)
   are accepted. A box must satisfy 0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height.
 - `<filename>` must be a bare file name inside JPEGImages/ (no `/`, `\\`, `..`, absolute paths),
-  and the image's real size must equal the XML's `<size>`.
+  and the image's real size must equal the XML's `<size>`: what the annotation *text* names stays
+  inside the dataset folder. The files themselves may be links (DVC's symlink or hardlink cache
+  after `dvc add`, a folder merging two VOC years): where a link points is the user's choice.
 
 Every problem raises `AnnotationError` naming the file and the field; `read_voc(on_error="skip")`
 instead drops that image and records why.
@@ -172,15 +174,12 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
     return image, objects
 
 
-def read_image_entry(
-    dataset_dir: Path, image_id: str, class_ids: Mapping[str, int], confine_links: bool = True
-) -> tuple:
+def read_image_entry(dataset_dir: Path, image_id: str, class_ids: Mapping[str, int]) -> tuple:
     """Parse `<id>.xml`, check its image exists with the stated size; return (image, objects).
 
     The image row gains `image_id`, `path` and `annotation` (both relative to `dataset_dir`) and
-    `n_objects`; object rows gain `image_id`. With `confine_links`, an annotation or image that is
-    a symbolic link resolving outside its folder (Annotations/, JPEGImages/) is refused; the folders
-    themselves may be links (a dataset spread over disks).
+    `n_objects`; object rows gain `image_id`. The id (from the split list) and `<filename>` must
+    be plain names, so both paths stay inside `dataset_dir`; files and folders may be links.
     """
     if not IMAGE_ID.match(image_id):
         raise AnnotationError(
@@ -190,12 +189,8 @@ def read_image_entry(
     xml_path = dataset_dir / xml_rel
     if not xml_path.is_file():
         raise AnnotationError(xml_path, "file", "annotation listed in the split does not exist")
-    if confine_links:
-        check_inside(xml_path, xml_path, "file")
     image, objects = parse_annotation(xml_path, class_ids)
     image_rel = Path("JPEGImages") / image["filename"]
-    if confine_links:
-        check_inside(dataset_dir / image_rel, xml_path, "filename")
     real_size = read_image_size(dataset_dir / image_rel, xml_path)
     if real_size != (image["width"], image["height"]):
         raise AnnotationError(
@@ -221,15 +216,12 @@ def read_voc(
     classes: Sequence[str],
     on_error: str = "raise",
     progress: bool = True,
-    confine_links: bool = True,
 ) -> VocRows:
     """Read the images of several split lists, e.g. `{"train": "train", "val": "val"}`.
 
     Keys of `splits` are the roles written to the `split` column, values the ImageSets/Main list
     names. `classes` fixes the class ids (position in the list). With `on_error="skip"` an invalid
     image is dropped and recorded in `VocRows.skipped`; with "raise" the first one raises.
-    `confine_links`: see `read_image_entry` (off for the pipeline's own synthetic dataset, whose
-    files DVC may link into its cache).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -244,7 +236,7 @@ def read_voc(
     work = [(role, image_id) for role, ids in listed.items() for image_id in ids]
     for role, image_id in tqdm(work, desc="parse annotations", unit="file", disable=not progress):
         try:
-            image, objects = read_image_entry(dataset_dir, image_id, class_ids, confine_links)
+            image, objects = read_image_entry(dataset_dir, image_id, class_ids)
         except AnnotationError as exc:
             if on_error == "raise":
                 raise
@@ -332,14 +324,6 @@ def is_bare_filename(name: str) -> bool:
         and not any(c in name for c in "/\\\0:")
         and name == name.strip()
     )
-
-
-def check_inside(path: Path, xml_path: Path, field: str) -> None:
-    """Refuse a file that is a link resolving outside its own (resolved) folder."""
-    if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
-        raise AnnotationError(
-            xml_path, field, f"{path} is a link to {path.resolve()}, outside {path.parent.name}/"
-        )
 
 
 def read_image_size(path: Path, xml_path: Path) -> tuple[int, int]:

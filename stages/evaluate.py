@@ -5,9 +5,10 @@
 
 evaluate_multi writes reports/evaluate_multi/
 - metrics.json (DVC metrics): PASCAL VOC mAP at eval.iou_threshold (all-point, "map", and 11-point,
-  "map_11point"; difficult objects ignored), per-class AP (both), COCO mAP@[.5:.95] from
-  torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
-  collisions (and by crop), detections per image, evaluation seconds,
+  "map_11point"; difficult objects ignored; box overlap as the devkit measures it on VOC's
+  inclusive pixels, or continuous for COCO-format data: "overlap"), per-class AP (both), COCO
+  mAP@[.5:.95] from torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper
+  bound left by grid collisions (and by crop), detections per image, evaluation seconds,
 - pr_curves.json (DVC plot, x = recall, y = precision, one curve per class) and per_class_ap.json
   (DVC plot: a bar per class),
 - figures/pr_curves.png, figures/per_class_ap.png, figures/nms_before_after.png (eval.samples val
@@ -38,6 +39,7 @@ from pipeline_lib.files import write_json
 from pipeline_lib.geometry import encoded_to_image
 from pipeline_lib.heads import Checkpoint, load_checkpoint
 from pipeline_lib.metrics import (
+    OVERLAP_OF_SOURCE,
     coco_map,
     confusion_matrix,
     mean_ap,
@@ -157,7 +159,8 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
                                      ev.score_threshold, ev.nms_iou, ev.max_detections)  # fmt: skip
         truth = ground_truth(prepared.objects, features.image_ids)
         found = [(d.boxes, d.scores, d.labels) for d in detections]
-        per_class = voc_average_precision(found, truth, len(classes), ev.iou_threshold)
+        overlap = OVERLAP_OF_SOURCE[prepared.info["source"]]
+        per_class = voc_average_precision(found, truth, len(classes), ev.iou_threshold, overlap)
         head = checkpoint.head
         anchors = head.anchors if getattr(head, "n_anchors", 0) else None
         learnable = 0
@@ -172,9 +175,11 @@ def multi(params_file: Path = PARAMS_OPTION) -> None:
             "map": round(mean_ap(per_class), 4),
             "map_11point": round(mean_ap(per_class, eleven_point=True), 4),
             "iou_threshold": ev.iou_threshold,
+            "overlap": overlap,
             "coco_map": round(coco_map(found, truth), 4),
-            **{f"map_iou_{t}": round(mean_ap(voc_average_precision(found, truth, len(classes), t)),
-                                     4) for t in (0.3, 0.1)},
+            **{f"map_iou_{t}": round(mean_ap(voc_average_precision(found, truth, len(classes), t,
+                                                                   overlap)), 4)
+               for t in (0.3, 0.1)},
             # objects the grid can learn: not cut away by crop, not lost in a cell (and anchor)
             # collision
             "recall_upper_bound": round(learnable / max(n_objects, 1), 4),

@@ -149,7 +149,7 @@ def compare(params: Params) -> None:
     from pipeline_lib.features import pick_device
     from pipeline_lib.finetuning import FineTuner, grid_outputs
     from pipeline_lib.heads import load_checkpoint
-    from pipeline_lib.metrics import mean_ap, voc_average_precision
+    from pipeline_lib.metrics import OVERLAP_OF_SOURCE, mean_ap, voc_average_precision
     from pipeline_lib.plots import ap_chart, save_figure
     from pipeline_lib.targets import ground_truth
 
@@ -166,6 +166,7 @@ def compare(params: Params) -> None:
     val = prepared.images[prepared.images["split"] == "val"]
     sizes = [(int(w), int(h)) for w, h in zip(val["width"], val["height"], strict=True)]
     truth = ground_truth(prepared.objects, val["image_id"].tolist())
+    overlap = OVERLAP_OF_SOURCE[prepared.info["source"]]
     results = {}
     for name, checkpoint in (("frozen", frozen), ("finetuned", tuned)):
         backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
@@ -177,13 +178,14 @@ def compare(params: Params) -> None:
                                 ev.nms_iou, ev.max_detections)  # fmt: skip
         found = [(d.boxes, d.scores, d.labels) for d in found]
         results[name] = voc_average_precision(found, truth, len(prepared.classes),
-                                              ev.iou_threshold)  # fmt: skip
+                                              ev.iou_threshold, overlap)  # fmt: skip
     before, after = (mean_ap(results[name]) for name in ("frozen", "finetuned"))
     classes = prepared.classes
     metrics = {
         "enabled": True,
         "images": len(val),
         "iou_threshold": ev.iou_threshold,
+        "overlap": overlap,
         "map_frozen": round(before, 4),
         "map": round(after, 4),
         "gain": round(after - before, 4),

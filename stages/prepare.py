@@ -55,8 +55,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 if data.download:
                     download_voc2012(Path(data.root).parent)
                 dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
-            rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error,
-                            confine_links=data.source == "voc")  # fmt: skip
+            rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error)
         for skip in rows.skipped:
             typer.secho(f"warning: skipped {skip['reason']}", err=True, fg=typer.colors.YELLOW)
         if rows.skipped:

@@ -36,7 +36,7 @@ from pipeline_lib.targets import (
     single_object_targets,
     training_shapes,
 )
-from pipeline_lib.training import Dataset, TrainConfig, fit, seed_everything
+from pipeline_lib.training import Dataset, TrainConfig, fit, pin_cpu_kernels, seed_everything
 from stages.common import (
     FEATURES_DIR,
     MODELS_DIR,
@@ -60,8 +60,7 @@ def main() -> None:
 def single(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
     """Single-object head: class and box of each image's largest object."""
     with clean_errors():
-        params = load_params(params_file)
-        seed_everything(params.train.seed)
+        params = begin(params_file)
         prepared, features, mode, size = load_inputs()
         data = {}
         for split in SPLITS:
@@ -101,8 +100,7 @@ def single(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
 def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
     """Multi-object grid head: box, class and objectness per cell."""
     with clean_errors():
-        params = load_params(params_file)
-        seed_everything(params.train.seed)
+        params = begin(params_file)
         prepared, features, mode, size = load_inputs()
         grid = params.grid
         cells = grid.num_cells
@@ -157,6 +155,16 @@ def multi(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
         curves = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
         run_training(params, head, data, loss_fn, multi_object_batch_sums, curves, info,
                      prepared, features, progress)  # fmt: skip
+
+
+def begin(params_file: Path) -> Params:
+    """Read the params, choose the CPU kernels (before torch computes anything) and seed."""
+    params = load_params(params_file)
+    warning = pin_cpu_kernels(params.train.cpu_kernels)
+    if warning:
+        typer.secho(f"warning: train.{warning}", err=True, fg="yellow")
+    seed_everything(params.train.seed)
+    return params
 
 
 def fit_anchors(
@@ -238,6 +246,8 @@ def run_training(
         }
         live.summary["seconds_per_epoch"] = round(result.seconds / train.epochs, 2)
         live.summary["images"] = {split: len(data[split]) for split in SPLITS}
+        if config.device == "cpu":  # train.cpu_kernels: what this machine ran
+            live.summary["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
         if "collisions" in info:  # grid head: objects lost to shared cells bound the recall
             live.summary["grid_collisions"] = info["collisions"]
         if "anchors" in info:

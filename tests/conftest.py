@@ -4,16 +4,32 @@ folder where the real stages trained tiny models (`trained`)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_VOC = REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007"
+TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
+# The genuine VOC2007 subset ships beside the clone; VOC2007_DIR points elsewhere (mutation runs
+# test a copy of the repository in mutants/, one folder further down).
+SHARED_VOC = Path(
+    os.environ.get("VOC2007_DIR", REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007")
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the `trained` fixture run the real stages: mark them `stages`."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stages)
 
 
 @pytest.fixture
@@ -62,6 +78,32 @@ class VocFolder:
         )
 
 
+def write_tiny_voc(root: Path, splits: dict[str, int], seed: int = 0) -> None:
+    """A small VOC2007-style folder with genuine VOC class names (`splits`: list name -> images):
+    one or two filled rectangles of a class colour per noisy photo, in VOC's 1-based pixels."""
+    colours = {"cat": (220, 60, 60), "dog": (60, 200, 80), "car": (60, 90, 220)}
+    rng = random.Random(seed)
+    folder, n = VocFolder(root), 0
+    for split, count in splits.items():
+        ids = [f"{n + k:06d}" for k in range(count)]
+        n += count
+        for image_id in ids:
+            width, height = rng.randint(96, 140), rng.randint(96, 140)
+            image = Image.effect_noise((width, height), 40).convert("RGB")
+            draw, objects = ImageDraw.Draw(image), []
+            for _ in range(rng.randint(1, 2)):
+                name = rng.choice(sorted(colours))
+                x0, y0 = rng.randint(1, width // 2), rng.randint(1, height // 2)
+                x1, y1 = rng.randint(x0 + 16, width), rng.randint(y0 + 16, height)
+                draw.rectangle([x0 - 1, y0 - 1, x1 - 1, y1 - 1], fill=colours[name])
+                box = f"<xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+                objects.append(f"<object><name>{name}</name><bndbox>{box}</bndbox></object>")
+            image.save(folder.root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+            xml = voc_xml(f"{image_id}.jpg", width, height, objects)
+            (folder.root / "Annotations" / f"{image_id}.xml").write_text(xml)
+        folder.split(split, ids)
+
+
 @pytest.fixture
 def voc_folder(tmp_path) -> VocFolder:
     return VocFolder(tmp_path / "VOCdevkit" / "VOC2007")
@@ -107,3 +149,37 @@ def trained(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return folder
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    return value
+
+
+def snapshot(root: Path) -> dict:
+    """Every metrics file of a pipeline run (timings left out) and the hash of every cached output
+    in its dvc.lock (data and models; the report files hold timings)."""
+    metrics = {
+        str(path.relative_to(root)): without_timings(json.loads(path.read_text()))
+        for path in sorted((root / "reports").glob("*/metrics.json"))
+    }
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    outs = {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if not out["path"].startswith("reports/")
+    }
+    return {"metrics": metrics, "outs": outs}
+
+
+def run(cwd: Path, *args: str) -> str:
+    """Run a command line (dvc, git, python ...) of the end-to-end tests in `cwd`, with this
+    environment's `dvc` and `python` first on PATH; it must succeed. Returns its output."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output}"
+    return output

@@ -137,6 +137,7 @@ def test_voc_to_coco_and_back_gives_the_same_tables(shared_voc, tmp_path):
         tuple(o[k] for k in keys) for o in voc.objects]  # fmt: skip
 
 
+@pytest.mark.stages
 def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_params):
     """The synthetic set converted with `python -m stages.convert`, then the chain on it."""
     from stages import convert, evaluate, extract, prepare, synthesize, train
@@ -166,3 +167,4 @@ def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_
     )  # fmt: skip
     metrics = json.loads((tmp_path / "reports/evaluate_multi/metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["objects"] == xml_objects
+    assert metrics["overlap"] == "continuous"  # COCO's coordinates: no VOC pixel convention

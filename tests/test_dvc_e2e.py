@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_params
+from conftest import run, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 FINETUNE = {"finetune", "evaluate_finetune"}  # opt-in: no-ops here, re-run after train_multi
-
-
-def run(cwd: Path, *args: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dvc and python
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output}"
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -233,5 +221,6 @@ def test_whole_chain_on_the_genuine_voc_subset(tmp_path_factory, shared_voc):
     assert single["images"] == 186 and single["accuracy"] > 0.4  # always "person" scores 0.19
     multi = json.loads((root / "reports/evaluate_multi/metrics.json").read_text())
     assert multi["objects"] == 636 and 0 < multi["map"] <= 1 and multi["map_iou_0.1"] > multi["map"]
+    assert multi["overlap"] == "voc_inclusive_pixels"  # the devkit's overlap for VOC data
     for figure in ("evaluate_multi/figures/pr_curves.png", "evaluate_single/figures/confusion.png"):
         assert (root / "reports" / figure).stat().st_size > 1000

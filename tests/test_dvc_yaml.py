@@ -60,7 +60,9 @@ def test_every_stage_lists_exactly_the_code_it_imports():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         command = stage["cmd"].split()
-        assert command[:3] == ["python", "-m", command[2]], f"{name}: cmd is not `python -m ...`"
+        assert command[:2] == ["python", "-m"], f"{name}: cmd is not `python -m stages.<script>`"
+        assert command[2].startswith("stages."), f"{name}: {command[2]} is not a stage script"
+        assert module_file(command[2]) is not None
         declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
         assert declared == code_closure(command[2]), (
             f"stage {name}: dvc.yaml deps differ from the imports of {command[2]}: "

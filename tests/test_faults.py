@@ -3,7 +3,6 @@ determinism. docs/reliability.md lists what each shows."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_params
+from conftest import snapshot, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
 pytestmark = pytest.mark.e2e
 
 
@@ -33,25 +31,6 @@ def dvc(cwd: Path, *args: str, ok: bool = True) -> str:
     output = done.stdout + done.stderr
     assert (done.returncode == 0) == ok, f"dvc {' '.join(args)} (exit {done.returncode}):\n{output}"
     return output
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    return value
-
-
-def snapshot(root: Path) -> dict:
-    """Every metrics file (timings left out) and the hash of every cached output in dvc.lock
-    (data and models; the report files hold timings)."""
-    metrics = {
-        str(path.relative_to(root)): without_timings(json.loads(path.read_text()))
-        for path in sorted((root / "reports").glob("*/metrics.json"))
-    }
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    outs = {out["path"]: out["md5"] for stage in lock["stages"].values()
-            for out in stage.get("outs", []) if not out["path"].startswith("reports/")}  # fmt: skip
-    return {"metrics": metrics, "outs": outs}
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +130,3 @@ def test_bad_params_given_with_s_fail_before_any_work_naming_the_key(project):
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=root, check=True)
         dvc(root, "checkout", "-q", "--force")
         assert snapshot(root) == baseline
-
-
-def test_the_whole_chain_run_again_from_scratch_is_identical(project):
-    root, baseline = project
-    for path in ("data", "models", "reports"):
-        shutil.rmtree(root / path, ignore_errors=True)
-    output = dvc(root, "repro", "-f")
-    assert output.count("Running stage") == 9
-    assert snapshot(root) == baseline  # bit-identical features and models, equal metrics

@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_lib.geometry import crop_window, output_size, transform_boxes, transform_image
+from pipeline_lib.geometry import (
+    crop_window,
+    output_size,
+    transform_boxes,
+    transform_image,
+    untransform_boxes,
+)
 
 BOXES = torch.tensor([[100.0, 100.0, 300.0, 200.0], [10.0, 10.0, 60.0, 50.0]])
 
@@ -46,3 +52,31 @@ def test_crop_of_a_small_image_pads():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="allowed: none, shrink, crop"):
         transform_boxes(BOXES, 500, 375, "zoom", 224)
+
+
+def test_float32_boxes_are_mapped_in_float64_both_ways():
+    # A float32 scale (224 / 333 = 0.67267267... rounded to 24 bits) would move these boxes by
+    # about 1e-5 pixels: the mapping is float64 throughout, whatever the input's dtype.
+    boxes = torch.tensor([[1.0, 2.0, 333.0, 250.0]])  # float32 in
+    shrunk, _ = transform_boxes(boxes, 333, 250, "shrink", 224)
+    assert shrunk.dtype == torch.float64
+    exact = [224 / 333, 2 * 224 / 250, 224.0, 224.0]
+    assert shrunk[0].tolist() == pytest.approx(exact, rel=1e-14, abs=1e-12)
+    back = untransform_boxes(shrunk.float(), 333, 250, "shrink", 224)
+    assert back.dtype == torch.float64
+    assert back[0].tolist() == pytest.approx([1.0, 2.0, 333.0, 250.0], rel=1e-6)
+    back = untransform_boxes(
+        torch.tensor([[224 / 333, 0.5, 100.0, 224.0]]), 333, 250, "shrink", 224
+    )
+    assert back[0, 0].item() == pytest.approx(float(torch.tensor(224 / 333)) * 333 / 224, rel=1e-15)
+
+
+def test_images_under_each_mode():
+    image = Image.effect_noise((40, 30), 60).convert("RGB")
+    assert transform_image(image, "none", 16) is image
+    shrunk = transform_image(image, "shrink", 16)
+    assert shrunk.size == (16, 16)  # bilinear, as the features were computed
+    pixels = shrunk.tobytes()
+    assert pixels == image.resize((16, 16), Image.Resampling.BILINEAR).tobytes()
+    assert pixels != image.resize((16, 16), Image.Resampling.BICUBIC).tobytes()
+    assert transform_image(image, "crop", 16).size == (16, 16)

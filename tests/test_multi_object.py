@@ -9,7 +9,7 @@ import torch
 from pipeline_lib.detection import cell_scores, decode_image, grid_to_encoded
 from pipeline_lib.heads import MultiObjectHead
 from pipeline_lib.losses import multi_object_loss
-from pipeline_lib.metrics import average_precision, mean_ap, voc_average_precision
+from pipeline_lib.metrics import all_point_ap, mean_ap, voc_average_precision
 from pipeline_lib.targets import grid_targets, multi_object_targets, targets_to_grid_cell_tensor
 
 
@@ -128,7 +128,7 @@ def test_eleven_point_and_all_point_differ_by_hand():
     [c] = ap_of([one_image([A, FAR, B], [0.9, 0.8, 0.7], [0, 0, 0], [A, B, C], [0, 0, 0])])
     assert c.ap == pytest.approx(5 / 9) and c.ap11 == pytest.approx(6 / 11)
     recall, precision = torch.tensor([1 / 3, 1 / 3, 2 / 3]), torch.tensor([1, 0.5, 2 / 3])
-    assert average_precision(recall, precision, eleven_point=False) == pytest.approx(5 / 9)
+    assert all_point_ap(recall, precision) == pytest.approx(5 / 9)
 
 
 def test_difficult_objects_are_neither_true_nor_false_positives():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from pipeline_lib.params import ParamsError, load_params, parse_params
+from pipeline_lib.params import ParamsError, _field_names, load_params, parse_params
 
 
 def error_for(raw) -> str:
@@ -34,6 +35,9 @@ def test_repository_params_are_valid(raw_params):
         ("train", "lr", 0, "train.lr: Input should be greater than 0"),
         ("data", "train_split", "../x", "data.train_split: must be a plain name"),
         ("image", "size", "224", "image.size: Input should be a valid integer (got '224')"),
+        # BatchNorm cannot train on one sample: every batch would be skipped
+        ("train", "batch_size", 1, "train.batch_size: Input should be greater than or equal to 2"),
+        ("train", "cpu_kernels", "avx512", "train.cpu_kernels: Input should be 'avx2' or 'native'"),
     ],
 )
 def test_bad_values_name_key_and_allowed(raw_params, group, key, value, expected):
@@ -89,3 +93,34 @@ def test_file_errors(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(bad)
+
+
+def test_a_group_of_the_wrong_kind_and_a_mapping_where_a_value_belongs(raw_params):
+    raw_params["head"]["dropout"] = {"p": 0.3}
+    raw_params["grid"] = [7, 0]
+    lines = error_for(raw_params).splitlines()
+    # the input is a mapping: not printed back; a list where a group belongs is shown
+    assert "params.yaml: head.dropout: Input should be a valid number" in lines
+    assert any(
+        line.startswith("params.yaml: grid: Input should be a dictionary")
+        and line.endswith("(got [7, 0])")
+        for line in lines
+    )
+
+
+def test_field_names_of_a_path():
+    assert _field_names(["grid"]) == ["num_cells", "anchors", "fine_below"]
+    assert _field_names(["data", "synthetic", "classes"]) == []  # a list, not a group
+    assert _field_names(["data", "nothing"]) == []
+
+
+def test_the_file_read_by_default_and_named_in_errors(tmp_path, monkeypatch, raw_params):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    assert load_params().head.dropout == raw_params["head"]["dropout"]  # ./params.yaml
+    raw_params["head"]["dropout"] = 7.0
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(raw_params))
+    with pytest.raises(ParamsError, match=r"^other.yaml: head.dropout: Input should be less"):
+        load_params("other.yaml")
+    with pytest.raises(ParamsError, match="expected a mapping of groups, got list"):
+        parse_params([1, 2])

@@ -116,26 +116,33 @@ def test_an_image_without_objects_is_kept_and_counted(voc_folder):
 # --- paths -----------------------------------------------------------------------------------
 
 
-def test_links_out_of_the_dataset_are_refused_unless_told_otherwise(voc_folder, tmp_path):
-    outside = tmp_path / "outside"
+def test_files_linked_from_anywhere_are_the_users_choice(voc_folder, tmp_path):
+    # DVC's symlink cache (and a folder merging two datasets) links every file to elsewhere;
+    # a hardlink or a reflink is an ordinary file. All are read.
+    outside = tmp_path / "cache"
     outside.mkdir()
-    Image.new("RGB", (100, 80)).save(outside / "secret.jpg")
-    (outside / "secret.xml").write_text(voc_xml("b.jpg"))
+    Image.new("RGB", (100, 80)).save(outside / "64261e", format="JPEG")
+    (outside / "9f1b2c").write_text(voc_xml("b.jpg"))
     voc_folder.add("a", voc_xml("a.jpg"), image=False)
-    (voc_folder.root / "JPEGImages" / "a.jpg").symlink_to(outside / "secret.jpg")
+    (voc_folder.root / "JPEGImages" / "a.jpg").symlink_to(outside / "64261e")
     voc_folder.add("b", None)
-    (voc_folder.root / "Annotations" / "b.xml").symlink_to(outside / "secret.xml")
-    voc_folder.add("c", voc_xml("c.jpg"))
+    (voc_folder.root / "Annotations" / "b.xml").symlink_to(outside / "9f1b2c")
+    voc_folder.add("c", voc_xml("c.jpg"), image=False)
+    (voc_folder.root / "JPEGImages" / "c.jpg").hardlink_to(outside / "64261e")
     voc_folder.split("train", ["a", "b", "c"])
-    rows = read_voc(voc_folder.root, {"train": "train"}, CLASSES, "skip", progress=False)
-    assert [i["image_id"] for i in rows.images] == ["c"]
-    reasons = {s["image_id"]: s["reason"] for s in rows.skipped}
-    assert "a.jpg is a link to" in reasons["a"] and "outside JPEGImages/" in reasons["a"]
-    assert "b.xml is a link to" in reasons["b"] and "outside Annotations/" in reasons["b"]
-    # the pipeline's own synthetic data may be links into DVC's cache: not confined
-    rows = read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False,
-                    confine_links=False)  # fmt: skip
-    assert len(rows.images) == 3
+    rows = read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    assert [i["image_id"] for i in rows.images] == ["a", "b", "c"]
+    assert [i["path"] for i in rows.images] == [f"JPEGImages/{x}.jpg" for x in "abc"]
+
+
+@pytest.mark.parametrize("name", ["../secret.jpg", "/tmp/secret.jpg", "..", "sub/a.jpg"])
+def test_a_filename_in_the_annotation_text_cannot_leave_jpegimages(voc_folder, tmp_path, name):
+    Image.new("RGB", (100, 80)).save(voc_folder.root / "secret.jpg")  # exists, one level up
+    voc_folder.add("a", voc_xml(name), image=False)
+    voc_folder.split("train", ["a"])
+    with pytest.raises(AnnotationError, match="not a plain file name inside JPEGImages") as info:
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    assert info.value.field == "filename" and info.value.file.endswith("a.xml")
 
 
 def test_a_linked_folder_is_fine(tmp_path):

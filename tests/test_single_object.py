@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
 
+from pipeline_lib.errors import PipelineError
 from pipeline_lib.geometry import (
     IMAGE_MODES,
     encode_boxes,
@@ -173,6 +176,62 @@ def test_same_seed_same_numbers_and_checkpoint_round_trip(tmp_path):
         predict(head_a, train.features), predict(loaded.head, train.features), strict=True
     ):
         assert torch.equal(x, y)
+
+
+def test_single_object_metrics_exactly_by_hand():
+    # image 0: class a, box exact; image 1: class b, a box half as wide at the same centre, IoU
+    # exactly 0.5 (a hit at 0.5); image 2: class b predicted a, box exact. Class c: no image.
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5]]).repeat(3, 1)
+    pred = boxes.clone()
+    pred[1, 2] = 0.25
+    labels = torch.tensor([0, 1, 1])
+    third = math.log(3.0)  # softmax of (ln 3, 0, 0) = (3/5, 1/5, 1/5)
+    logits = torch.tensor([[third, 0, 0], [0, third, 0], [third, 0, 0]])
+    m = single_object_metrics(pred, logits, boxes, labels, ["a", "b", "c"], iou_threshold=0.5)
+    assert m == {
+        "images": 3,
+        "box_loss": round(0.5 * 0.25**2 / 12, 6),  # SmoothL1 over 12 coordinates: 0.002604
+        "class_loss": round((2 * -math.log(0.6) - math.log(0.2)) / 3, 4),  # 0.877
+        "accuracy": 0.6667,
+        "mean_iou": 0.8333,
+        "hit_rate": 0.6667,  # images 0 and 1: right class and IoU >= 0.5
+        "per_class_accuracy": {"a": 1.0, "b": 0.5, "c": None},
+    }
+    thirds = single_object_metrics(pred, logits, boxes, torch.tensor([1, 1, 1]), ["a", "b"])
+    assert thirds["per_class_accuracy"] == {"a": None, "b": 0.3333}  # 1 of 3, to 4 digits
+    assert single_object_metrics(pred, logits, boxes, labels, ["a", "b", "c"], 0.6)[
+        "hit_rate"
+    ] == round(1 / 3, 4)
+
+
+def test_largest_box_is_by_area_and_the_first_of_equals():
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.8], [0.5, 0.5, 0.8, 0.3], [0.5, 0.5, 0.9, 0.1]])
+    assert largest_box(boxes) == 1  # areas 0.16, 0.24, 0.09 (not the widest-for-its-height)
+    assert largest_box(torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.7, 0.7, 0.4, 0.4]])) == 0
+    assert largest_box(torch.tensor([[0.5, 0.5, 0.1, 0.1]])) == 0
+    with pytest.raises(ValueError) as info:
+        largest_box(torch.zeros(0, 4))
+    assert str(info.value) == "largest_box: no boxes"
+
+
+def test_batches_of_one_sample_are_refused_before_training():
+    # BatchNorm cannot train on one sample: such batches are skipped, so one training sample (or
+    # train.batch_size 1) would leave every epoch without a training figure.
+    head = SingleObjectHead((8, 4, 4), 4, hidden=32)
+    config = TrainConfig(epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0)
+
+    def loss_fn(outputs, targets):
+        return single_object_loss(*outputs, *targets)
+
+    one, some = learnable_data(1), learnable_data(8)
+    with pytest.raises(PipelineError, match="one training sample"):
+        fit(head, one, some, loss_fn, single_object_batch_sums, config, progress=False)
+    config.batch_size = 1
+    with pytest.raises(PipelineError, match="batch size 1"):
+        fit(head, some, some, loss_fn, single_object_batch_sums, config, progress=False)
+    config.batch_size = 7  # 8 samples: a last batch of one is skipped, the epoch still counts
+    result = fit(head, some, some, loss_fn, single_object_batch_sums, config, progress=False)
+    assert set(result.history[0]["train"]) >= {"loss", "accuracy", "iou"}
 
 
 def test_bad_model_files_are_refused(tmp_path):

@@ -1,0 +1,200 @@
+"""Measure the rows of docs/ablations.md on the genuine VOC2007 subset, several seeds each.
+
+    .venv/bin/python benchmarks/ablations.py [--voc PATH/TO/VOCdevkit] [--work FOLDER]
+        [--seeds 0 --seeds 1] [--row focal ...] [--finetune]
+
+Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
+images, EfficientNet-Lite0 at 224 (shrink), 7x7 grid, default params but 30 epochs and the row's
+params. Every run is the real stages in a working folder (`python -m stages.prepare`, `extract`
+once per feature setting, then `train multi` and `evaluate multi` per row and seed), so the
+figures are exactly what `dvc exp run -S ...` gives. Besides the stage's metrics (VOC mAP with the
+devkit's inclusive-pixel overlap), each run's mAP@0.5 is also computed with the continuous IoU
+used before issue 15, on the same model and detections. Results go to `<work>/results.jsonl` (one
+line per run; runs already there are not repeated) and a summary per row is printed: the mean and
+the runs in brackets.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import typer
+from workfolder import REPO, stage, write_params
+
+ROWS = {  # name -> (feature setting, params)
+    "baseline (bce)": ("default", {"train.obj_loss": "bce"}),
+    "focal": ("default", {"train.obj_loss": "focal"}),
+    "3 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 3}),
+    "5 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 5}),
+    "second level": ("fine", {"train.obj_loss": "focal"}),
+}
+FEATURES = {"default": {}, "fine": {"backbone.fine_layer": "blocks.4", "grid.fine_below": 0.2}}
+FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
+    "fine-tuning, 5 epochs": {"finetune.enabled": True},
+    "fine-tuning, 10 epochs": {"finetune.enabled": True, "finetune.epochs": 10},
+    "head only, from images": {"finetune.enabled": True, "finetune.unfreeze": 0},
+}
+
+
+def voc_params(voc: Path, changes: dict) -> dict:
+    """The protocol's params: the VOC2007 subset, 30 epochs, and the row's `changes`."""
+    return {
+        "data.source": "voc",
+        "data.root": str(voc),
+        "data.year": 2007,
+        "data.train_split": "train",
+        "data.val_split": "val",
+        "train.epochs": 30,
+        **changes,
+    }
+
+
+def continuous_map(folder: Path) -> float:
+    """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (before issue 15),
+    on the same detections as the evaluate stage."""
+    from pipeline_lib.detection import grid_detections
+    from pipeline_lib.features import read_features
+    from pipeline_lib.heads import load_checkpoint
+    from pipeline_lib.metrics import mean_ap, voc_average_precision
+    from pipeline_lib.params import load_params
+    from pipeline_lib.tables import read_prepared
+    from pipeline_lib.targets import ground_truth
+    from pipeline_lib.training import predict
+
+    ev = load_params(folder / "params.yaml").eval
+    checkpoint = load_checkpoint(folder / "models/multi.safetensors")
+    prepared = read_prepared(folder / "data/prepared")
+    features = read_features(folder / "data/features/val.safetensors")
+    outputs = predict(checkpoint.head, features.features)
+    sizes = prepared.images.set_index("image_id").loc[features.image_ids]
+    image_sizes = list(zip(sizes["width"].astype(int), sizes["height"].astype(int), strict=True))
+    info = checkpoint.info
+    found = grid_detections(
+        outputs[0::2],
+        outputs[1::2],
+        image_sizes,
+        info["image_mode"],
+        info["image_size"],
+        ev.score_threshold,
+        ev.nms_iou,
+        ev.max_detections,
+    )
+    truth = ground_truth(prepared.objects, features.image_ids)
+    found = [(d.boxes, d.scores, d.labels) for d in found]
+    per_class = voc_average_precision(
+        found, truth, len(prepared.classes), ev.iou_threshold, "continuous"
+    )
+    return mean_ap(per_class)
+
+
+def main(
+    voc: Path = REPO.parent / "shared/voc/VOCdevkit",
+    work: Path = Path("/tmp/ablations"),
+    seeds: list[int] = (0, 1),  # noqa: B008
+    row: list[str] = (),  # noqa: B008
+    finetune: bool = False,
+) -> None:
+    voc = voc.resolve()
+    if not (voc / "VOC2007" / "Annotations").is_dir():
+        raise SystemExit(f"no VOC2007 folder in {voc} (pass --voc)")
+    results_file = work / "results.jsonl"
+    done = set()
+    if results_file.is_file():
+        done = {(r["row"], r["seed"]) for r in map(json.loads, results_file.read_text().split())}
+    for name, (feature_setting, changes) in ROWS.items():
+        if row and name not in row:
+            continue
+        folder = work / feature_setting
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "data/features/val.safetensors").is_file():
+            write_params(folder, voc_params(voc, FEATURES[feature_setting]))
+            stage(folder, "prepare")
+            stage(folder, "extract")
+        for seed in seeds:
+            if (name, seed) in done:
+                continue
+            write_params(
+                folder, voc_params(voc, FEATURES[feature_setting] | changes | {"train.seed": seed})
+            )
+            trained = stage(folder, "train", "multi", "--no-progress").splitlines()[-1]
+            stage(folder, "evaluate", "multi")
+            metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+            result = {
+                "row": name,
+                "seed": seed,
+                "continuous_map": continuous_map(folder),
+                "trained": trained,
+                **metrics,
+            }
+            with results_file.open("a") as out:
+                out.write(json.dumps(result) + "\n")
+            print(
+                f"{name} seed {seed}: mAP@0.5 {metrics['map']:.4f} (devkit overlap), "
+                f"{result['continuous_map']:.4f} (continuous)",
+                flush=True,
+            )
+    if finetune:
+        run_finetune(work, voc, results_file, done)
+    summarise(results_file)
+
+
+def run_finetune(work: Path, voc: Path, results_file: Path, done: set) -> None:
+    """The fine-tuning rows, from the seed-0 focal model (retrained first if another is there)."""
+    folder = work / "default"
+    for name, changes in FINETUNE.items():
+        for seed in (0, 1) if name == "fine-tuning, 5 epochs" else (0,):
+            if (name, seed) in done:
+                continue
+            write_params(folder, voc_params(voc, {"train.obj_loss": "focal", "train.seed": 0}))
+            stage(folder, "train", "multi", "--no-progress")
+            write_params(
+                folder,
+                voc,
+                {"train.obj_loss": "focal", "train.seed": 0, "finetune.seed": seed} | changes,
+            )
+            trained = stage(folder, "finetune", "train").splitlines()[-1]
+            stage(folder, "finetune", "evaluate")
+            metrics = json.loads((folder / "reports/evaluate_finetune/metrics.json").read_text())
+            with results_file.open("a") as out:
+                out.write(
+                    json.dumps({"row": name, "seed": seed, "trained": trained, **metrics}) + "\n"
+                )
+            print(
+                f"{name} seed {seed}: mAP@0.5 {metrics['map_frozen']:.4f} -> {metrics['map']:.4f}",
+                flush=True,
+            )
+
+
+def summarise(results_file: Path) -> None:
+    rows: dict[str, list[dict]] = {}
+    for line in results_file.read_text().split("\n"):
+        if line:
+            result = json.loads(line)
+            rows.setdefault(result["row"], []).append(result)
+    keys = (
+        "map",
+        "continuous_map",
+        "map_11point",
+        "coco_map",
+        "map_iou_0.1",
+        "recall_upper_bound",
+        "detections_per_image",
+        "map_frozen",
+        "gain",
+    )
+    for name, runs in rows.items():
+        runs.sort(key=lambda r: r["seed"])
+        parts = []
+        for key in keys:
+            values = [r[key] for r in runs if key in r]
+            if values:
+                spread = ", ".join(f"{v:.4f}" for v in values)
+                parts.append(f"{key} {statistics.mean(values):.4f} ({spread})")
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        print(f"{name} [seeds {seeds}]: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,217 @@
+"""Heads and their checkpoints (pipeline_lib/heads.py): every kind rebuilt from its file exactly
+as it was built (layers, sizes, dropout rates, anchors, levels), and nothing loaded leniently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline_lib.heads import (
+    CheckpointError,
+    MultiObjectHead,
+    SingleObjectHead,
+    TwoLevelHead,
+    build_head,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+CLASSES = ["cat", "dog", "car"]
+
+
+def heads():
+    """(head, its checkpoint description) for every kind of head, with non-default settings."""
+    single = {"hidden": 8, "dropout": 0.3, "classifier": "flatten", "classifier_dropout": 0.2}
+    grid = {"hidden": 6, "dropout": 0.1}
+    anchors = [[0.1, 0.2], [0.5, 0.4]]
+    return {
+        "single": (
+            SingleObjectHead((4, 3, 3), 3, **single),
+            {"kind": "single", "head": single, "feature_shape": [4, 3, 3], "classes": CLASSES},
+        ),
+        "multi": (
+            MultiObjectHead((4, 6, 6), 3, num_cells=3, **grid),
+            {
+                "kind": "multi",
+                "head": grid,
+                "feature_shape": [4, 6, 6],
+                "classes": CLASSES,
+                "num_cells": 3,
+            },
+        ),
+        "anchors": (
+            MultiObjectHead((4, 3, 3), 3, num_cells=3, anchors=anchors, **grid),
+            {
+                "kind": "multi",
+                "head": grid,
+                "feature_shape": [4, 3, 3],
+                "classes": CLASSES,
+                "num_cells": 3,
+                "anchors": anchors,
+            },
+        ),
+        "two levels": (
+            TwoLevelHead((4 + 4 * 2, 3, 5), 3, 2, num_cells=2, **grid),
+            {
+                "kind": "multi",
+                "head": grid,
+                "feature_shape": [12, 3, 5],
+                "classes": CLASSES,
+                "num_cells": 2,
+                "fine_channels": 2,
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["single", "multi", "anchors", "two levels"])
+def test_every_head_is_rebuilt_exactly_from_its_file(tmp_path, kind):
+    torch.manual_seed(0)
+    head, info = heads()[kind]
+    for module in head.modules():  # BatchNorm statistics are saved too: make them not trivial
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, head, info)
+    loaded = load_checkpoint(path)
+    assert loaded.info == info and loaded.classes == CLASSES and loaded.backbone_state is None
+    assert not loaded.head.training
+    assert repr(loaded.head) == repr(head)  # same layers, sizes, dropout rates, pooling
+    assert repr(build_head(info)) == repr(head)
+    expected = {k: v for k, v in head.state_dict().items()}
+    assert loaded.head.state_dict().keys() == expected.keys()
+    for name, tensor in loaded.head.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    features = torch.randn(2, *info["feature_shape"])
+    head.eval()
+    for mine, theirs in zip(head(features), loaded.head(features), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_grid_head_sizes_pooling_and_refusal():
+    head = MultiObjectHead((16, 7, 9), 3, num_cells=5, hidden=4, dropout=0.0)
+    boxes, logits = head(torch.randn(2, 16, 7, 9))
+    assert boxes.shape == (2, 4, 5, 5) and logits.shape == (2, 4, 5, 5)
+    assert isinstance(head.pool, torch.nn.AdaptiveAvgPool2d)  # 7 x 9 pooled to 5 x 5
+    assert isinstance(MultiObjectHead((16, 5, 5), 3, num_cells=5).pool, torch.nn.Identity)
+    for shape in ((16, 4, 9), (16, 9, 4)):  # too small in either direction
+        with pytest.raises(ValueError, match="larger than the"):
+            MultiObjectHead(shape, 3, num_cells=5)
+    # two hidden 1x1 layers on the box branch, as in the lab; dropout before the class conv
+    convs = [m for m in head.regression if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(16, 4), (4, 4), (4, 4)]
+    assert isinstance(head.classification[0], torch.nn.Dropout)
+
+
+def test_anchor_sizes_are_the_anchor_times_two_sigmoid_squared():
+    anchors = [[0.1, 0.2], [0.4, 0.3]]
+    head = MultiObjectHead((4, 2, 2), 3, num_cells=2, hidden=4, dropout=0.0, anchors=anchors)
+    head.eval()
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+                module.bias.zero_()
+        last = head.regression[-2]  # the box conv: 4 outputs per anchor (cx, cy, w, h)
+        last.bias.copy_(torch.tensor([0, 0, 0.0, 1.0, 0, 0, -1.0, 2.0]))
+    with torch.no_grad():
+        boxes, logits = head(torch.randn(1, 4, 2, 2))
+    assert boxes.shape == (1, 2, 4, 2, 2) and logits.shape == (1, 2, 4, 2, 2)
+    s = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    expected = [
+        0.1 * (2 * s[0]) ** 2,
+        0.2 * (2 * s[1]) ** 2,  # anchor 0: t = (0, 1)
+        0.4 * (2 * s[2]) ** 2,
+        0.3 * (2 * s[3]) ** 2,
+    ]  # anchor 1: t = (-1, 2)
+    got = [boxes[0, 0, 2, 0, 0], boxes[0, 0, 3, 0, 0], boxes[0, 1, 2, 1, 1], boxes[0, 1, 3, 1, 1]]
+    assert [float(g) for g in got] == pytest.approx([float(e) for e in expected])
+    assert float(boxes[0, 1, 0, 1, 0]) == pytest.approx(0.5)  # centres: sigmoid(0) in the cell
+
+
+def test_a_file_whose_tensors_do_not_match_its_description_is_refused(tmp_path):
+    head, info = heads()["multi"]
+    tensors = {k: v.contiguous() for k, v in head.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    for _, change in (
+        ("extra tensor", lambda t: t | {"surplus": torch.zeros(1)}),
+        ("missing tensor", lambda t: {k: v for k, v in t.items() if "classification" not in k}),
+        ("wrong shape", lambda t: t | {"classification.1.bias": torch.zeros(7)}),
+    ):
+        save_file(change(tensors), str(path), metadata={"pipeline": json.dumps(info)})
+        with pytest.raises(CheckpointError, match="does not fit its tensors"):
+            load_checkpoint(path)
+    save_file(tensors, str(path), metadata={"pipeline": json.dumps(info | {"kind": "double"})})
+    with pytest.raises(CheckpointError, match="unknown head kind 'double'"):
+        load_checkpoint(path)
+    save_file(tensors, str(path), metadata={"pipeline": json.dumps({"kind": "multi"})})
+    with pytest.raises(CheckpointError, match="does not fit its tensors"):
+        load_checkpoint(path)
+
+
+def test_the_lab_sizes_are_the_defaults():
+    single = SingleObjectHead((4, 3, 3), 3)
+    assert single.regression[2].out_features == 1024 and single.regression[1].p == 0.5
+    assert isinstance(single.classification[0], torch.nn.AdaptiveAvgPool2d)  # pooled
+    assert single.classification[2].p == 0.0
+    grid = MultiObjectHead((4, 7, 7), 3)
+    assert grid.num_cells == 7 and grid.regression[1].out_channels == 512
+    assert isinstance(grid.pool, torch.nn.Identity) and grid.regression[0].p == 0.5
+    two = TwoLevelHead((4 + 4 * 2, 7, 7), 3, 2)
+    assert two.coarse.num_cells == 7 and two.fine.num_cells == 14
+    assert two.fine.regression[1].out_channels == 512 and two.fine.regression[0].p == 0.5
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        SingleObjectHead((4, 3, 3), 3, classifier="attention")
+
+
+def test_a_fine_tuned_backbone_travels_with_its_head(tmp_path):
+    head, info = heads()["multi"]
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    path = tmp_path / "finetuned.safetensors"
+    save_checkpoint(path, head, info, backbone=backbone)
+    loaded = load_checkpoint(path)
+    assert loaded.backbone_state.keys() == backbone.state_dict().keys()
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(loaded.backbone_state[name], tensor)
+    assert loaded.head.state_dict().keys() == head.state_dict().keys()  # no backbone tensor
+
+
+def test_the_heads_layers_are_the_labs():
+    single = SingleObjectHead((4, 3, 3), 3, hidden=8, dropout=0.3)
+    nn = torch.nn
+    assert [type(m) for m in single.regression] == [
+        nn.Flatten,
+        nn.Dropout,
+        nn.Linear,
+        nn.ReLU,
+        nn.BatchNorm1d,
+        nn.Dropout,
+        nn.Linear,
+        nn.Sigmoid,
+    ]
+    assert single.regression[5].p == 0.3
+    grid = MultiObjectHead((4, 3, 3), 3, num_cells=3, hidden=8, dropout=0.3)
+    assert [type(m) for m in grid.regression] == [
+        nn.Dropout,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.BatchNorm2d,
+        nn.Dropout,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.BatchNorm2d,
+        nn.Conv2d,
+        nn.Sigmoid,
+    ]
+    assert [type(m) for m in grid.classification] == [nn.Dropout, nn.Conv2d]
+    assert grid.classification[0].p == 0.3 and grid.regression[4].p == 0.3
+    # two levels: both heads get the settings; the fine map (twice the side) is exactly 2S x 2S
+    two = TwoLevelHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, hidden=8, dropout=0.2)
+    for level in (two.coarse, two.fine):
+        assert level.regression[0].p == 0.2 and level.classification[0].p == 0.2
+        assert isinstance(level.pool, nn.Identity)
+    assert two.fine.num_cells == 6 and two.fine_norm.num_features == 2

@@ -1,0 +1,130 @@
+"""What the heads learn, from the prepared tables (pipeline_lib/targets.py), by hand: the largest
+object, grid targets per level with objects exactly at a level's boundary, the ground truth of
+images without objects, and the dtypes each function promises."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline_lib.targets import (
+    grid_targets,
+    ground_truth,
+    image_boxes,
+    multi_object_targets,
+    single_object_targets,
+    training_shapes,
+)
+
+
+def tables(boxes_by_image: dict[str, list[tuple]], size=(100, 100)):
+    """Prepared-style tables: every image `size`, objects (xmin, ymin, xmax, ymax, class_id)."""
+    images = pd.DataFrame(
+        [{"image_id": i, "width": size[0], "height": size[1]} for i in boxes_by_image]
+    )
+    rows = [
+        {
+            "image_id": i,
+            "xmin": x0,
+            "ymin": y0,
+            "xmax": x1,
+            "ymax": y1,
+            "class_id": k,
+            "difficult": k == 9,
+        }
+        for i, boxes in boxes_by_image.items()
+        for x0, y0, x1, y1, k in boxes
+    ]
+    columns = ["image_id", "xmin", "ymin", "xmax", "ymax", "class_id", "difficult"]
+    objects = pd.DataFrame(rows, columns=columns)
+    return images, objects.astype({"class_id": "int32"})  # as in the Parquet schema (tables.py)
+
+
+def test_each_level_learns_the_objects_of_its_scale_and_the_boundary_goes_up():
+    # 100 x 100, mode none: fractions are pixels / 100; levels: 2 x 2 for sqrt(w h) >= 0.25,
+    # 4 x 4 below. Scales: 0.25 exactly (boundary: the coarse level), 0.125, and two elongated
+    # boxes of sqrt(0.5 * 0.0625) = 0.177 (fine, whichever side is long).
+    images, objects = tables(
+        {
+            "a": [
+                (0, 0, 25, 25, 1),  # w = h = 0.25, centre (0.125, 0.125)
+                (75, 75, 87.5, 87.5, 2),  # 0.125, centre (0.8125, 0.8125)
+                (50, 0, 100, 6.25, 3),  # 0.5 x 0.0625, centre (0.75, 0.03125)
+                (0, 50, 6.25, 100, 4),  # 0.0625 x 0.5, centre (0.03125, 0.75)
+            ],
+            "b": [],
+        }
+    )
+    coarse = multi_object_targets(images, objects, ["a", "b"], "none", 0, 2, scales=(0.25, 1e9))
+    fine = multi_object_targets(images, objects, ["a", "b"], "none", 0, 4, scales=(0.0, 0.25))
+    assert coarse.objects.tolist() == [1, 0] and fine.objects.tolist() == [3, 0]
+    assert coarse.has_obj[0].nonzero().tolist() == [[0, 0]] and coarse.labels[0, 0, 0] == 1
+    # fine cells (row, column): (3, 3) class 2, (0, 3) class 3, (3, 0) class 4
+    assert fine.has_obj[0].nonzero().tolist() == [[0, 3], [3, 0], [3, 3]]
+    assert [int(fine.labels[0, r, c]) for r, c in ((3, 3), (0, 3), (3, 0))] == [2, 3, 4]
+    assert fine.has_obj[1].sum() == 0 and fine.dropped.tolist() == [0, 0]
+    # box of the coarse object: centre in cell units (0.125 * 2 = 0.25), size in image fractions
+    assert coarse.boxes[0, :, 0, 0].tolist() == [0.25, 0.25, 0.25, 0.25]
+    everything = multi_object_targets(images, objects, ["a"], "none", 0, 4)
+    assert everything.objects.tolist() == [4]
+    for t in (coarse, fine):
+        assert t.boxes.dtype == torch.float32 and t.has_obj.dtype == torch.uint8
+        assert t.labels.dtype == torch.int64
+        assert t.objects.dtype == torch.int64 and t.dropped.dtype == torch.int64
+
+
+def test_largest_object_targets_and_images_without_one():
+    images, objects = tables({"a": [(0, 0, 10, 10, 1), (20, 20, 60, 50, 2)], "b": []})
+    t = single_object_targets(images, objects, ["b", "a"], "none", 0)
+    assert t.present.tolist() == [False, True]
+    assert t.labels.tolist() == [0, 2] and t.labels.dtype == torch.int64
+    assert t.boxes.dtype == torch.float32 and t.present.dtype == torch.bool
+    assert t.boxes[1].tolist() == [
+        0.4000000059604645,
+        0.3499999940395355,
+        0.4000000059604645,
+        0.30000001192092896,
+    ]  # (0.4, 0.35, 0.4, 0.3) in float32
+    assert t.boxes[0].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_ground_truth_of_images_with_and_without_objects():
+    images, objects = tables(
+        {"a": [(1, 2, 3, 4, 1), (5, 6, 7, 8, 9)], "b": [], "c": [(9, 9, 10, 10, 0)]}
+    )
+    truth = ground_truth(objects, ["c", "b", "a"])
+    boxes, labels, difficult = truth[1]  # b: nothing
+    assert boxes.shape == (0, 4) and labels.shape == (0,) and difficult.shape == (0,)
+    boxes, labels, difficult = truth[2]
+    assert boxes.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]] and labels.tolist() == [1, 9]
+    assert difficult.tolist() == [False, True]
+    assert truth[0][1].tolist() == [0]
+    for boxes, labels, difficult in truth:
+        assert boxes.dtype == torch.float64 and labels.dtype == torch.int64
+        assert difficult.dtype == torch.bool
+
+
+def test_image_boxes_and_training_shapes():
+    images, objects = tables({"a": [(10, 20, 50, 60, 3)], "b": []}, size=(200, 100))
+    encoded, labels = image_boxes(objects, 200, 100, "shrink", 64)
+    assert encoded.flatten().tolist() == pytest.approx([0.15, 0.4, 0.2, 0.4])
+    assert encoded.dtype == torch.float64
+    assert labels.tolist() == [3] and labels.dtype == torch.int64
+    shapes = training_shapes(images, objects, ["a", "b"], "shrink", 64)
+    assert shapes.shape == (1, 2) and shapes.dtype == torch.float64
+    assert shapes.flatten().tolist() == pytest.approx([0.2, 0.4])
+    none = training_shapes(images, objects, ["b"], "shrink", 64)
+    assert none.shape == (0, 2) and none.dtype == torch.float64
+
+
+def test_grid_targets_of_one_image_by_hand():
+    # 2 x 2 cells: centre (0.75, 0.25) -> row 0, column 1, offsets (0.5, 0.5) in the cell
+    boxes, has_obj, labels, dropped = grid_targets(
+        torch.tensor([[0.75, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([3]), 2
+    )
+    assert boxes.shape == (4, 2, 2) and boxes.dtype == torch.float32
+    assert boxes[:, 0, 1].tolist() == [0.5, 0.5, 0.5, 0.25]
+    assert has_obj.dtype == torch.uint8 and has_obj.tolist() == [[0, 1], [0, 0]]
+    assert labels.dtype == torch.int64 and labels.tolist() == [[0, 3], [0, 0]]
+    assert dropped == 0
