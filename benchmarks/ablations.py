@@ -54,39 +54,25 @@ def voc_params(voc: Path, changes: dict) -> dict:
 def continuous_map(folder: Path) -> float:
     """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (before issue 15),
     on the same detections as the evaluate stage."""
-    from pipeline_lib.detection import grid_detections
-    from pipeline_lib.features import read_features
-    from pipeline_lib.heads import load_checkpoint
-    from pipeline_lib.metrics import mean_ap, voc_average_precision
+    from pipeline_lib.detection import Filtering, grid_detections
+    from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary
     from pipeline_lib.params import load_params
-    from pipeline_lib.tables import read_prepared
     from pipeline_lib.targets import ground_truth
     from pipeline_lib.training import predict
 
     ev = load_params(folder / "params.yaml").eval
-    checkpoint = load_checkpoint(folder / "models/multi.safetensors")
-    prepared = read_prepared(folder / "data/prepared")
-    features = read_features(folder / "data/features/val.safetensors")
-    outputs = predict(checkpoint.head, features.features)
-    sizes = prepared.images.set_index("image_id").loc[features.image_ids]
-    image_sizes = list(zip(sizes["width"].astype(int), sizes["height"].astype(int), strict=True))
-    info = checkpoint.info
-    found = grid_detections(
-        outputs[0::2],
-        outputs[1::2],
-        image_sizes,
-        info["image_mode"],
-        info["image_size"],
-        ev.score_threshold,
-        ev.nms_iou,
-        ev.max_detections,
+    inputs = read_evaluation_inputs(
+        folder / "models/multi.safetensors",
+        folder / "data/prepared",
+        folder / "data/features/val.safetensors",
     )
-    truth = ground_truth(prepared.objects, features.image_ids)
-    found = [(d.boxes, d.scores, d.labels) for d in found]
-    per_class = voc_average_precision(
-        found, truth, len(prepared.classes), ev.iou_threshold, "continuous"
-    )
-    return mean_ap(per_class)
+    outputs = predict(inputs.checkpoint.head, inputs.features.features)
+    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    spec = inputs.checkpoint.card.image
+    found = grid_detections(outputs[0::2], outputs[1::2], inputs.image_sizes(), spec, keep)
+    truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
+    classes = inputs.prepared.classes
+    return voc_summary(found, truth, classes, ev.iou_threshold, "continuous").map()
 
 
 def main(

@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import extract_features, pick_device, prepare_model
+from pipeline_lib.features import ExtractSettings, extract_features, pick_device, prepare_model
+from pipeline_lib.geometry import ImageSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 224
@@ -47,9 +48,14 @@ def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
 
 def end_to_end(backbone, paths, ids, batch_size: int, compile: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        result = extract_features(backbone, paths, ids, Path(tmp) / "f.safetensors", "shrink", SIZE,
-                                  batch_size=batch_size, device="cpu", compile=compile,
-                                  progress=False)  # fmt: skip
+        result = extract_features(
+            backbone,
+            dict(zip(ids, paths, strict=True)),
+            Path(tmp) / "f.safetensors",
+            ImageSpec("shrink", SIZE),
+            ExtractSettings(batch_size=batch_size, device="cpu", compile=compile),
+            progress=None,
+        )
     return result.images_per_second
 
 
@@ -100,8 +106,9 @@ class NaiveDataset(Dataset):
 
 def naive(backbone, paths) -> float:
     model = backbone.module.eval()
-    loader = DataLoader(NaiveDataset(paths, backbone.mean, backbone.std), batch_size=128,
-                        num_workers=2)  # fmt: skip
+    loader = DataLoader(
+        NaiveDataset(paths, backbone.mean, backbone.std), batch_size=128, num_workers=2
+    )
     start = time.perf_counter()
     with torch.no_grad():
         for batch in loader:
@@ -133,8 +140,18 @@ def peak_rss_mib(voc: Path, limit: int) -> float | None:
     """Peak RSS (MiB) of a child process that extracts `limit` images (resnet18)."""
     if not Path("/usr/bin/time").exists():
         return None
-    command = ["/usr/bin/time", "-v", sys.executable, __file__, "--voc", str(voc),
-               "--limit", str(limit), "--rss-probe", str(limit)]  # fmt: skip
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        __file__,
+        "--voc",
+        str(voc),
+        "--limit",
+        str(limit),
+        "--rss-probe",
+        str(limit),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
     kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     return int(kib.group(1)) / 1024 if kib else None
@@ -158,9 +175,11 @@ def main(
 
     torch.set_num_threads(os.cpu_count() or 1)
     roofline = matmul_gflops()
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-          f"float32 matmul {roofline:.0f} GFLOP/s; device for the stage: {pick_device('auto')}; "
-          f"{len(paths)} VOC images")  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"float32 matmul {roofline:.0f} GFLOP/s; device for the stage: {pick_device('auto')}; "
+        f"{len(paths)} VOC images"
+    )
     for name in backbones.split(","):
         weights = "imagenet" if name == "efficientnet_lite0" else "random"
         backbone = load_backbone(name, None, weights)
@@ -185,18 +204,24 @@ def main(
             (True, f"compiled (cold compile {cold:.0f} s)"),
         ):
             a, b = fast[compiled], model[compiled]
-            print(f"  {label}: (a) end-to-end {a:.1f} images/s, (b) model only {b:.1f} images/s "
-                  f"= {b * flops / 1e9 / roofline:.0%} of the matmul roofline")  # fmt: skip
-            print(f"    end-to-end / naive = {a / slow:.2f}x (goal >= 1.8x); "
-                  f"end-to-end / model-only = {a / b:.0%} (goal >= 90%)")  # fmt: skip
+            print(
+                f"  {label}: (a) end-to-end {a:.1f} images/s, (b) model only {b:.1f} images/s "
+                f"= {b * flops / 1e9 / roofline:.0%} of the matmul roofline"
+            )
+            print(
+                f"    end-to-end / naive = {a / slow:.2f}x (goal >= 1.8x); "
+                f"end-to-end / model-only = {a / b:.0%} (goal >= 90%)"
+            )
 
     small, large = 96, len(voc_images(voc, 10**6)[0])
     rss = [peak_rss_mib(voc, n) for n in (small, large)]
     if None in rss:
         print("peak RSS: /usr/bin/time not available")
     else:
-        print(f"peak RSS (resnet18 extraction, /usr/bin/time -v): {small} images {rss[0]:.0f} MiB, "
-              f"{large} images {rss[1]:.0f} MiB")  # fmt: skip
+        print(
+            f"peak RSS (resnet18 extraction, /usr/bin/time -v): {small} images {rss[0]:.0f} MiB, "
+            f"{large} images {rss[1]:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

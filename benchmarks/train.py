@@ -22,7 +22,8 @@ import torch
 import typer
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import extract_features, read_features
+from pipeline_lib.features import ExtractSettings, extract_features, read_features
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.heads import SingleObjectHead
 from pipeline_lib.losses import single_object_loss
 from pipeline_lib.metrics import single_object_batch_sums
@@ -44,8 +45,14 @@ def extract(voc: Path, out: Path) -> None:
         mine = [r for r in rows.images if r["split"] == split]
         paths = [voc / "JPEGImages" / r["filename"] for r in mine]
         ids = [r["image_id"] for r in mine]
-        extract_features(backbone, paths, ids, out / f"{split}.safetensors", "shrink", 224,
-                         batch_size=16, device="cpu", progress=False)  # fmt: skip
+        extract_features(
+            backbone,
+            dict(zip(ids, paths, strict=True)),
+            out / f"{split}.safetensors",
+            ImageSpec("shrink", 224),
+            ExtractSettings(batch_size=16, device="cpu"),
+            progress=None,
+        )
 
 
 def train(folder: Path, classifier: str, epochs: int) -> float:
@@ -56,29 +63,44 @@ def train(folder: Path, classifier: str, epochs: int) -> float:
     data = {}
     for split in ("train", "val"):
         features = read_features(folder / f"{split}.safetensors")
-        t = single_object_targets(images, objects, features.image_ids, "shrink", 224)
+        t = single_object_targets(images, objects, features.image_ids, ImageSpec("shrink", 224))
         data[split] = Dataset(
             features.features[t.present], (t.boxes[t.present], t.labels[t.present])
         )
     seed_everything(0)
-    head = SingleObjectHead(tuple(data["train"].features.shape[1:]), len(VOC_CLASSES),
-                            params.head.hidden, params.head.dropout, classifier)  # fmt: skip
+    head = SingleObjectHead(
+        tuple(data["train"].features.shape[1:]),
+        len(VOC_CLASSES),
+        params.head.hidden,
+        params.head.dropout,
+        classifier,
+    )
     p = params.train
     config = TrainConfig(epochs, p.batch_size, p.lr, p.weight_decay, p.lr_schedule, p.seed)
 
     def loss_fn(outputs, targets):
         return single_object_loss(*outputs, *targets)
 
-    result = fit(head, data["train"], data["val"], loss_fn, single_object_batch_sums, config,
-                 progress=False)  # fmt: skip
+    result = fit(
+        head, data["train"], data["val"], loss_fn, single_object_batch_sums, config, progress=False
+    )
     return result.seconds / epochs
 
 
 def peak_rss_mib(folder: Path, epochs: int) -> float | None:
     if not Path("/usr/bin/time").exists():
         return None
-    command = ["/usr/bin/time", "-v", sys.executable, __file__, "--features", str(folder),
-               "--epochs", str(epochs), "--rss-probe"]  # fmt: skip
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        __file__,
+        "--features",
+        str(folder),
+        "--epochs",
+        str(epochs),
+        "--rss-probe",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
     kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     return int(kib.group(1)) / 1024 if kib else None
@@ -99,16 +121,23 @@ def main(
         folder = Path(tmp)
         extract(voc, folder)
         n_train = len(read_features(folder / "train.safetensors").image_ids)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; EfficientNet-Lite0 "
-              f"head features (1280 x 7 x 7), {n_train} training images")  # fmt: skip
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; EfficientNet-Lite0 "
+            f"head features (1280 x 7 x 7), {n_train} training images"
+        )
         for classifier in ("pooled", "flatten"):
             seconds = train(folder, classifier, epochs)
-            print(f"  classifier {classifier}: {seconds:.2f} s/epoch (mean of {epochs}) -> "
-                  f"VOC2012's {VOC2012_TRAIN} training images: "
-                  f"{seconds * VOC2012_TRAIN / n_train:.0f} s/epoch")  # fmt: skip
+            print(
+                f"  classifier {classifier}: {seconds:.2f} s/epoch (mean of {epochs}) -> "
+                f"VOC2012's {VOC2012_TRAIN} training images: "
+                f"{seconds * VOC2012_TRAIN / n_train:.0f} s/epoch"
+            )
         rss = peak_rss_mib(folder, 1)
-        print("peak RSS: /usr/bin/time not available" if rss is None
-              else f"peak RSS of training (pooled, features in RAM): {rss:.0f} MiB")  # fmt: skip
+        print(
+            "peak RSS: /usr/bin/time not available"
+            if rss is None
+            else f"peak RSS of training (pooled, features in RAM): {rss:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

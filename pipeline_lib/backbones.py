@@ -145,13 +145,16 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
 def _map_lite0(source: dict, target: dict) -> dict:
     """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm's names, by position."""
     if len(source) != len(target):
-        raise BackboneError(f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, "
-                            f"timm's model {len(target)}")  # fmt: skip
+        raise BackboneError(
+            f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, timm's model {len(target)}"
+        )
     mapped = {}
     for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if value.shape != expected.shape:
-            raise BackboneError(f"EfficientNet-Lite0 weights: {src_key} {tuple(value.shape)} does "
-                                f"not fit {dst_key} {tuple(expected.shape)}")  # fmt: skip
+            raise BackboneError(
+                f"EfficientNet-Lite0 weights: {src_key} {tuple(value.shape)} does "
+                f"not fit {dst_key} {tuple(expected.shape)}"
+            )
         mapped[dst_key] = value
     return mapped
 
@@ -210,8 +213,10 @@ def pack_levels(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     moved into channels (pixel_unshuffle), so that both levels cache as one tensor."""
     (h, w), (fine_h, fine_w) = coarse.shape[-2:], fine.shape[-2:]
     if (fine_h, fine_w) != (2 * h, 2 * w):
-        raise BackboneError(f"the fine level is {fine_h}x{fine_w}, not twice the {h}x{w} main "
-                            "level: use an image.size that is a multiple of 32")  # fmt: skip
+        raise BackboneError(
+            f"the fine level is {fine_h}x{fine_w}, not twice the {h}x{w} main "
+            "level: use an image.size that is a multiple of 32"
+        )
     return torch.cat([coarse, F.pixel_unshuffle(fine, 2)], dim=1)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,13 @@ def read_coco(
             names, category_ids = read_categories(path, data)
         elif read_categories(path, data) != (names, category_ids):
             raise DatasetError(f"{path}: categories differ from those of the {role} split")
-        label = {cid: k for k, cid in enumerate(category_ids)}
         images = _list(path, data, "images")
-        by_image: dict[Any, list[tuple[int, dict]]] = {}
-        for n, ann in enumerate(_list(path, data, "annotations")):
-            key = ann.get("image_id") if isinstance(ann, dict) else None
-            by_image.setdefault(key, []).append((n, ann))
-        orphans = set(by_image) - {e.get("id") for e in images if isinstance(e, dict)}
-        if orphans:  # objects that would silently vanish
-            n = by_image[next(iter(orphans))][0][0]
-            raise DatasetError(f"{path}: annotations: {sum(len(by_image[o]) for o in orphans)} "
-                               f"refer to no image (e.g. annotations[{n}])")  # fmt: skip
-        for n, entry in enumerate(tqdm(images, desc=f"read {path.name}", unit="image",
-                                       disable=not progress)):  # fmt: skip
+        label = {cid: k for k, cid in enumerate(category_ids)}
+        source = _Split(root, split, path, _annotations_by_image(path, data, images), label, names)
+        bar = tqdm(images, desc=f"read {path.name}", unit="image", disable=not progress)
+        for n, entry in enumerate(bar):
             try:
-                image, objects = _image_rows(root, split, path, n, entry, by_image, label, names)
+                image, objects = _image_rows(source, n, entry)
                 if image["image_id"] in seen:
                     where, other = f"images[{n}].file_name", seen[image["image_id"]]
                     raise AnnotationError(path, where, f"{image['image_id']!r} also in {other}")
@@ -118,18 +111,39 @@ def read_coco(
     return rows, names, category_ids
 
 
-def _image_rows(
-    root: Path,
-    split: str,
-    path: Path,
-    n: int,
-    entry: Any,
-    by_image: dict[Any, list[tuple[int, dict]]],
-    label: dict[int, int],
-    names: list[str],
-) -> tuple[dict, list[dict]]:
-    """Entry `n` of `images` in instances file `path` -> (image row, object rows)."""
-    where = f"images[{n}]"
+def _annotations_by_image(
+    path: Path, data: dict, images: list
+) -> dict[Any, list[tuple[int, dict]]]:
+    """(index, annotation) per image id; DatasetError for annotations of no image."""
+    by_image: dict[Any, list[tuple[int, dict]]] = {}
+    for n, ann in enumerate(_list(path, data, "annotations")):
+        key = ann.get("image_id") if isinstance(ann, dict) else None
+        by_image.setdefault(key, []).append((n, ann))
+    orphans = set(by_image) - {e.get("id") for e in images if isinstance(e, dict)}
+    if orphans:  # objects that would silently vanish
+        n = by_image[next(iter(orphans))][0][0]
+        raise DatasetError(
+            f"{path}: annotations: {sum(len(by_image[o]) for o in orphans)} "
+            f"refer to no image (e.g. annotations[{n}])"
+        )
+    return by_image
+
+
+@dataclass
+class _Split:
+    """One split's instances file, read: what its image entries are checked against."""
+
+    root: Path
+    split: str
+    path: Path  # the instances file
+    by_image: dict[Any, list[tuple[int, dict]]]
+    label: dict[int, int]  # COCO category id -> class id
+    names: list[str]
+
+
+def _image_rows(source: _Split, n: int, entry: Any) -> tuple[dict, list[dict]]:
+    """Entry `n` of `images` in the split's instances file -> (image row, object rows)."""
+    path, where = source.path, f"images[{n}]"
     if not isinstance(entry, dict):
         raise AnnotationError(path, where, "not an object")
     file_name = entry.get("file_name")
@@ -139,30 +153,52 @@ def _image_rows(
     if not IMAGE_ID.match(image_id):
         raise AnnotationError(path, f"{where}.file_name", f"{image_id!r} is not a plain image id")
     width, height = (_whole(path, f"{where}.{k}", entry.get(k)) for k in ("width", "height"))
-    image_rel = Path(split) / file_name
-    real = read_image_size(root / image_rel, path)
+    image_rel = Path(source.split) / file_name
+    real = read_image_size(source.root / image_rel, path)
     if real != (width, height):
-        raise AnnotationError(path, f"{where}.width", f"says {width}x{height} but {image_rel} is "
-                              f"{real[0]}x{real[1]}")  # fmt: skip
-    objects = []
-    for k, (m, ann) in enumerate(by_image.get(entry.get("id"), [])):
-        at = f"annotations[{m}]"
-        category = ann.get("category_id")
-        if category not in label:
-            raise AnnotationError(path, f"{at}.category_id", f"{category!r} is not a category")
-        xmin, ymin, xmax, ymax = _box(path, f"{at}.bbox", ann.get("bbox"), width, height)
-        objects.append({
-            "image_id": image_id, "object_index": k, "class_name": names[label[category]],
-            "class_id": label[category], "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax,
-            "difficult": bool(ann.get("iscrowd", 0)), "truncated": False, "occluded": None,
-            "pose": "Unspecified",
-        })  # fmt: skip
+        raise AnnotationError(
+            path, f"{where}.width", f"says {width}x{height} but {image_rel} is {real[0]}x{real[1]}"
+        )
+    objects = [
+        _object_row(source, m, ann, k, (image_id, width, height))
+        for k, (m, ann) in enumerate(source.by_image.get(entry.get("id"), []))
+    ]
     image = {
-        "image_id": image_id, "path": image_rel.as_posix(),
-        "annotation": path.relative_to(root).as_posix(), "filename": file_name, "width": width,
-        "height": height, "depth": 3, "segmented": False, "n_objects": len(objects),
-    }  # fmt: skip
+        "image_id": image_id,
+        "path": image_rel.as_posix(),
+        "annotation": path.relative_to(source.root).as_posix(),
+        "filename": file_name,
+        "width": width,
+        "height": height,
+        "depth": 3,
+        "segmented": False,
+        "n_objects": len(objects),
+    }
     return image, objects
+
+
+def _object_row(source: _Split, m: int, ann: dict, k: int, image: tuple[str, int, int]) -> dict:
+    """Annotation `m` of the instances file, object `k` of `image` (id, width, height)."""
+    image_id, width, height = image
+    at = f"annotations[{m}]"
+    category = ann.get("category_id")
+    if category not in source.label:
+        raise AnnotationError(source.path, f"{at}.category_id", f"{category!r} is not a category")
+    xmin, ymin, xmax, ymax = _box(source.path, f"{at}.bbox", ann.get("bbox"), width, height)
+    return {
+        "image_id": image_id,
+        "object_index": k,
+        "class_name": source.names[source.label[category]],
+        "class_id": source.label[category],
+        "xmin": xmin,
+        "ymin": ymin,
+        "xmax": xmax,
+        "ymax": ymax,
+        "difficult": bool(ann.get("iscrowd", 0)),
+        "truncated": False,
+        "occluded": None,
+        "pose": "Unspecified",
+    }
 
 
 def _box(path: Path, where: str, bbox: Any, width: int, height: int) -> tuple[float, ...]:
@@ -219,17 +255,28 @@ def voc_to_coco(
     rows = read_voc(dataset_dir, {split: split}, classes, progress=False)
     images, annotations = [], []
     for n, image in enumerate(rows.images, start=1):
-        images.append({"id": n, "file_name": image["filename"], "width": image["width"],
-                       "height": image["height"]})  # fmt: skip
+        images.append(
+            {
+                "id": n,
+                "file_name": image["filename"],
+                "width": image["width"],
+                "height": image["height"],
+            }
+        )
         image["coco_id"] = n
     coco_ids = {image["image_id"]: image["coco_id"] for image in rows.images}
     for n, obj in enumerate(rows.objects, start=1):
         w, h = obj["xmax"] - obj["xmin"], obj["ymax"] - obj["ymin"]
-        annotations.append({
-            "id": n, "image_id": coco_ids[obj["image_id"]], "category_id": obj["class_id"] + 1,
-            "bbox": [obj["xmin"], obj["ymin"], w, h], "area": w * h,
-            "iscrowd": int(obj["difficult"]),
-        })  # fmt: skip
+        annotations.append(
+            {
+                "id": n,
+                "image_id": coco_ids[obj["image_id"]],
+                "category_id": obj["class_id"] + 1,
+                "bbox": [obj["xmin"], obj["ymin"], w, h],
+                "area": w * h,
+                "iscrowd": int(obj["difficult"]),
+            }
+        )
     data = {
         "info": {"description": f"{dataset_dir.name} {split}, converted from PASCAL VOC"},
         "images": images,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import batched_nms
 
-from pipeline_lib.geometry import encoded_to_image
+from pipeline_lib.geometry import ImageSpec, encoded_to_image
+from pipeline_lib.gridcoding import decode_grid
 
 
 @dataclass
@@ -27,23 +28,24 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(boxes, scores, labels), as `metrics.voc_average_precision` takes them."""
+        return self.boxes, self.scores, self.labels
 
-def grid_to_encoded(pred_boxes: torch.Tensor) -> torch.Tensor:
-    """(B, 4, S, S) cell-relative boxes -> (B, S*S, 4) encoded (cx, cy, w, h) image fractions,
-    cells in row-major order (row i, column j). With anchors, (B, A, 4, S, S) -> (B, A*S*S, 4),
-    anchor by anchor."""
-    if pred_boxes.dim() == 5:
-        return grid_to_encoded(pred_boxes.flatten(0, 1)).reshape(len(pred_boxes), -1, 4)
-    b, _, s, _ = pred_boxes.shape
-    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    cx = (pred_boxes[:, 0] + j) / s
-    cy = (pred_boxes[:, 1] + i) / s
-    return torch.stack([cx, cy, pred_boxes[:, 2], pred_boxes[:, 3]], dim=-1).reshape(b, s * s, 4)
+
+@dataclass(frozen=True)
+class Filtering:
+    """Which cells become detections: those scoring `score_threshold` or more, then per-class
+    NMS at `nms_iou` (None: none), then the `max_detections` best."""
+
+    score_threshold: float = 0.2
+    nms_iou: float | None = 0.5
+    max_detections: int = 100
 
 
 def cell_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K + 1, S, S) logits -> (scores (B, S*S), labels (B, S*S)) of each cell's best class;
-    with anchors, (B, A, K + 1, S, S) -> (B, A*S*S) in the order of `grid_to_encoded`."""
+    with anchors, (B, A, K + 1, S, S) -> (B, A*S*S) in the order of `gridcoding.decode_grid`."""
     if logits.dim() == 5:
         scores, labels = cell_scores(logits.flatten(0, 1))
         return scores.reshape(len(logits), -1), labels.reshape(len(logits), -1)
@@ -54,27 +56,23 @@ def cell_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode_image(
-    encoded: torch.Tensor,
+    fractions: torch.Tensor,
     scores: torch.Tensor,
     labels: torch.Tensor,
-    width: int,
-    height: int,
-    mode: str,
-    size: int,
-    score_threshold: float,
-    nms_iou: float | None,
-    max_detections: int,
+    image_size: tuple[int, int],
+    spec: ImageSpec,
+    keep: Filtering,
 ) -> Detections:
-    """One image's (S*S, 4) encoded boxes, scores and labels -> its detections in the original
-    `width` x `height` image (no NMS when `nms_iou` is None)."""
-    keep = scores >= score_threshold
-    scores, labels = scores[keep], labels[keep]
-    boxes = encoded_to_image(encoded[keep], width, height, mode, size)
-    if nms_iou is not None:
-        kept = batched_nms(boxes, scores.double(), labels, nms_iou)
+    """One image's (S*S, 4) fraction boxes, scores and labels -> its detections in the original
+    image of `image_size` (width, height), which went through `spec` to the backbone."""
+    chosen = scores >= keep.score_threshold
+    scores, labels = scores[chosen], labels[chosen]
+    boxes = encoded_to_image(fractions[chosen], *image_size, spec.mode, spec.size)
+    if keep.nms_iou is not None:
+        kept = batched_nms(boxes, scores.double(), labels, keep.nms_iou)
     else:
         kept = torch.argsort(scores, descending=True, stable=True)
-    kept = kept[:max_detections]
+    kept = kept[: keep.max_detections]
     return Detections(boxes[kept].float(), scores[kept], labels[kept])
 
 
@@ -82,47 +80,42 @@ def grid_detections(
     pred_boxes: torch.Tensor | Sequence[torch.Tensor],
     logits: torch.Tensor | Sequence[torch.Tensor],
     sizes: list[tuple[int, int]],
-    mode: str,
-    size: int,
-    score_threshold: float,
-    nms_iou: float | None,
-    max_detections: int,
+    spec: ImageSpec,
+    keep: Filtering,
 ) -> list[Detections]:
     """Grid head outputs for B images -> each image's detections in its own pixels.
 
-    pred_boxes (B, [A,] 4, S, S) and logits (B, [A,] K + 1, S, S) as `MultiObjectHead` returns
-    them, or sequences of those, one per level of a two-level head: the levels' cells are
-    merged before NMS. `sizes` are the B original (width, height); `mode` / `size` the image mode
-    the features were made with.
+    pred_boxes (B, [A,] 4, S, S) cell boxes and logits (B, [A,] K + 1, S, S) as
+    `MultiObjectHead` returns them, or sequences of those, one per level of a two-level head:
+    the levels' cells are merged before NMS. `sizes` are the B original (width, height); `spec`
+    the image mode the features were made with.
     """
     if isinstance(pred_boxes, torch.Tensor):
         pred_boxes, logits = [pred_boxes], [logits]
-    encoded = torch.cat([grid_to_encoded(level) for level in pred_boxes], dim=1)
+    fractions = torch.cat([decode_grid(level) for level in pred_boxes], dim=1)
     per_level = [cell_scores(level) for level in logits]
     scores = torch.cat([level_scores for level_scores, _ in per_level], dim=1)
     labels = torch.cat([level_labels for _, level_labels in per_level], dim=1)
     return [
-        decode_image(encoded[n], scores[n], labels[n], width, height, mode, size,
-                     score_threshold, nms_iou, max_detections)
-        for n, (width, height) in enumerate(sizes)
-    ]  # fmt: skip
+        decode_image(fractions[n], scores[n], labels[n], image_size, spec, keep)
+        for n, image_size in enumerate(sizes)
+    ]
 
 
 def single_detections(
-    pred_boxes: torch.Tensor,
-    logits: torch.Tensor,
-    sizes: list[tuple[int, int]],
-    mode: str,
-    size: int,
+    pred_boxes: torch.Tensor, logits: torch.Tensor, sizes: list[tuple[int, int]], spec: ImageSpec
 ) -> list[Detections]:
     """Single-object head outputs for B images -> one detection each (its largest object, scored
     by the softmax probability of its class), in the image's own pixels.
 
-    pred_boxes (B, 4) encoded, logits (B, K), `sizes` the B original (width, height).
+    pred_boxes (B, 4) fraction boxes, logits (B, K), `sizes` the B original (width, height).
     """
     scores, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
     return [
-        Detections(encoded_to_image(pred_boxes[n : n + 1], width, height, mode, size).float(),
-                   scores[n : n + 1], labels[n : n + 1])
+        Detections(
+            encoded_to_image(pred_boxes[n : n + 1], width, height, spec.mode, spec.size).float(),
+            scores[n : n + 1],
+            labels[n : n + 1],
+        )
         for n, (width, height) in enumerate(sizes)
-    ]  # fmt: skip
+    ]

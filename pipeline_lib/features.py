@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline_lib.backbones import Backbone, pack_levels, run_levels
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.geometry import transform_image
+from pipeline_lib.geometry import ImageSpec, transform_image
 from pipeline_lib.params import ParamsError
 
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -69,7 +69,7 @@ def load_image_tensor(path: Path, mode: str, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def check_mode(mode: str) -> None:
+def check_stackable(mode: str) -> None:
     """Extraction needs one size for all images: refuse image.mode none."""
     if mode == "none":
         raise ParamsError(
@@ -82,7 +82,7 @@ class ImageFolder(Dataset):
     """Items are (index, uint8 (3, S, S) tensor or None, error message or None)."""
 
     def __init__(self, paths: list[Path], mode: str, size: int):
-        check_mode(mode)
+        check_stackable(mode)
         self.paths, self.mode, self.size = paths, mode, size
 
     def __len__(self) -> int:
@@ -112,6 +112,16 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return (len(self.image_ids) + len(self.skipped)) / max(self.seconds, 1e-9)
+
+    def report(self) -> dict:
+        """One split's entry of reports/extract/report.json."""
+        return {
+            "images": len(self.image_ids),
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "skipped_images": self.skipped,
+        }
 
 
 def pick_workers(workers: int | str, device: torch.device) -> int:
@@ -179,84 +189,98 @@ def prepare_model(
     return forward
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How `extract_features` runs (params backbone.* and data.on_error)."""
+
+    store_dtype: str = "float16"  # see STORE_DTYPES
+    batch_size: int = 32
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the backbone
+    workers: int | str = "auto"  # image-decoding processes, see pick_workers
+    on_error: str = "raise"  # raise | skip an image that cannot be decoded
+
+
 def extract_features(
     backbone: Backbone,
-    paths: list[Path],
-    image_ids: list[str],
+    images: dict[str, Path],
     out_path: Path,
-    mode: str,
-    size: int,
-    store_dtype: str = "float16",
-    batch_size: int = 32,
-    device: str = "auto",
-    compile: bool = False,
-    workers: int | str = "auto",
-    on_error: str = "raise",
-    progress: bool = True,
-    description: str = "extract",
+    spec: ImageSpec,
+    settings: ExtractSettings = ExtractSettings(),
+    progress: str | None = "extract",
 ) -> ExtractResult:
-    """Run `backbone` over the images and stream the features to `out_path` (safetensors).
+    """Run `backbone` over `images` (image id -> file, in row order) brought to `spec`, and stream
+    the features to `out_path` (safetensors); `progress` labels the progress bar (None: none).
 
     With `on_error="raise"` the first undecodable image raises `ImageError`; with "skip" it is left
     out of the file (ids stay aligned with rows) and listed in the result. `out_path` appears only
     once complete.
     """
-    torch_device = pick_device(device)
-    if torch_device.type == "cpu":
+    device = pick_device(settings.device)
+    if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    workers = pick_workers(workers, torch_device)
-    dataset = ImageFolder(paths, mode, size)
+    workers = pick_workers(settings.workers, device)
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
+        ImageFolder(list(images.values()), spec.mode, spec.size),
+        batch_size=settings.batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=torch_device.type == "cuda",
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    forward = prepare_model(backbone, torch_device, compile, batch_size)
-    dtype = STORE_DTYPES[store_dtype]
-    kept: list[str] = []
-    skipped: list[dict] = []
-    shape: tuple[int, ...] | None = None
+    forward = prepare_model(backbone, device, settings.compile, settings.batch_size)
+    dtype = STORE_DTYPES[settings.store_dtype]
     start = time.perf_counter()
     raw = out_path.with_name(f".{out_path.name}.rows.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(paths), desc=description, unit="image", disable=not progress)
     try:
-        with open(raw, "wb") as sink:
-            for indices, batch, bad in loader:
-                for index, error in bad:
-                    if on_error == "raise":
-                        raise ImageError(error)
-                    skipped.append({"image_id": image_ids[index], "reason": error})
-                if batch is not None:
-                    batch = batch.to(torch_device, non_blocking=True)
-                    features = forward(batch).to(dtype).cpu()
-                    shape = tuple(features.shape[1:])
-                    sink.write(features.contiguous().numpy().tobytes())
-                    kept.extend(image_ids[i] for i in indices)
-                bar.update(len(indices) + len(bad))
-        if shape is None:
-            raise ImageError(f"no image of {len(paths)} could be decoded ({description})")
-        metadata = {"image_ids": json.dumps(kept), **_describe(backbone, mode, size)}
-        _write_safetensors(out_path, raw, (len(kept), *shape), dtype, metadata)
+        with tqdm(total=len(images), desc=progress, unit="image", disable=progress is None) as bar:
+            rows = _write_rows(raw, loader, forward, dtype, list(images), settings, bar)
+        if rows.shape is None:
+            raise ImageError(f"no image of {len(images)} could be decoded ({progress})")
+        metadata = {"image_ids": json.dumps(rows.kept), **_describe(backbone, spec)}
+        _write_safetensors(out_path, raw, (len(rows.kept), *rows.shape), dtype, metadata)
     except OSError as error:  # disk full, quota, permissions: say where, keep nothing
         raise PipelineError(
             f"{out_path}: cannot write features ({error.strerror or error}); nothing was kept"
         ) from None
     finally:
-        bar.close()
         raw.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    return ExtractResult(kept, (len(kept), *shape), seconds, skipped)
+    return ExtractResult(rows.kept, (len(rows.kept), *rows.shape), seconds, rows.skipped)
 
 
-def _describe(backbone: Backbone, mode: str, size: int) -> dict[str, str]:
+@dataclass
+class _Rows:
+    kept: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None
+
+
+def _write_rows(raw: Path, loader, forward, dtype, image_ids, settings, bar) -> _Rows:
+    """Features of every decodable image, appended to `raw` as row-major bytes."""
+    rows = _Rows()
+    device = pick_device(settings.device)
+    with open(raw, "wb") as sink:
+        for indices, batch, bad in loader:
+            for index, error in bad:
+                if settings.on_error == "raise":
+                    raise ImageError(error)
+                rows.skipped.append({"image_id": image_ids[index], "reason": error})
+            if batch is not None:
+                features = forward(batch.to(device, non_blocking=True)).to(dtype).cpu()
+                rows.shape = tuple(features.shape[1:])
+                sink.write(features.contiguous().numpy().tobytes())
+                rows.kept.extend(image_ids[i] for i in indices)
+            bar.update(len(indices) + len(bad))
+    return rows
+
+
+def _describe(backbone: Backbone, spec: ImageSpec) -> dict[str, str]:
     return {
         "backbone": json.dumps(backbone.describe()),
-        "image_mode": mode,
-        "image_size": str(size),
+        "image_mode": spec.mode,
+        "image_size": str(spec.size),
     }
 
 
@@ -319,8 +343,9 @@ def read_features(path: str | Path) -> Features:
         image_ids = json.loads(metadata.pop("image_ids"))
         metadata["backbone"] = json.loads(metadata["backbone"])
     except (KeyError, ValueError) as error:
-        raise PipelineError(f"{path}: a safetensors file, but not features of this pipeline "
-                            f"(metadata {error})") from None  # fmt: skip
+        raise PipelineError(
+            f"{path}: a safetensors file, but not features of this pipeline (metadata {error})"
+        ) from None
     if len(image_ids) != tensor.shape[0]:
         raise PipelineError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
     return Features(tensor, image_ids, metadata)

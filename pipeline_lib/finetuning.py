@@ -18,7 +18,8 @@ weights train: batches of 16 images are too small to estimate them (as detectron
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,10 +28,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline_lib.backbones import Backbone, backbone_units
-from pipeline_lib.features import load_image_tensor
-from pipeline_lib.geometry import decode_boxes, encode_boxes
-from pipeline_lib.targets import encoded_objects, grid_targets
+from pipeline_lib.backbones import Backbone, backbone_units, load_backbone
+from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
+from pipeline_lib.detection import Filtering, grid_detections
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
+from pipeline_lib.features import check_stackable, load_image_tensor, pick_workers
+from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
+from pipeline_lib.gridcoding import encode_grid
+from pipeline_lib.losses import grid_loss
+from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
+from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.params import EvalParams, FinetuneParams, Params
+from pipeline_lib.tables import Prepared, read_prepared
+from pipeline_lib.targets import encoded_objects, ground_truth
+from pipeline_lib.tasks import SPLITS, loss_weights
+from pipeline_lib.training import FitResult, Objective, TrainConfig, best_epoch_stats
 
 
 def augmentation(
@@ -40,14 +53,16 @@ def augmentation(
     "labels": (K,)})`. `hflip` is a probability, the image is scaled by a factor in
     [1 - scale_jitter, 1 + scale_jitter] and shifted by up to `translate` of its size, brightness,
     contrast and saturation are multiplied by factors in [1 - color_jitter, 1 + color_jitter]."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(hflip),
-        v2.RandomAffine(degrees=0, translate=(translate, translate),
-                        scale=(1 - scale_jitter, 1 + scale_jitter)),
-        v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0),
-    ])  # fmt: skip
+    shift, scale = (translate, translate), (1 - scale_jitter, 1 + scale_jitter)
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(hflip),
+            v2.RandomAffine(degrees=0, translate=shift, scale=scale),
+            v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+        ]
+    )
 
 
 def augment(
@@ -62,40 +77,58 @@ def augment(
     return image.as_subclass(torch.Tensor), boxes, target["labels"]
 
 
+@dataclass
+class GridLayout:
+    """The image spec and grid (S x S cells, optional (A, 2) anchors) of a grid model."""
+
+    spec: ImageSpec
+    num_cells: int
+    anchors: torch.Tensor | None = None
+
+
 class GridImages(Dataset):
     """Images after the image mode with their grid targets, augmented when `transform` is given.
 
     Items are (uint8 (3, S, S) image, boxes, has_obj, labels), the targets as
-    `targets.grid_targets` makes them (with `anchors`, one slot per anchor).
+    `gridcoding.encode_grid` makes them (with anchors, one slot per anchor); `objects` holds
+    (fraction boxes, labels) per image.
     """
 
-    def __init__(self, paths: list[Path], objects: list[tuple[torch.Tensor, torch.Tensor]],
-                 mode: str, size: int, num_cells: int, anchors: torch.Tensor | None = None,
-                 transform: v2.Compose | None = None):  # fmt: skip
-        self.paths, self.objects = paths, objects  # objects: (encoded boxes, labels) per image
-        self.mode, self.size, self.num_cells = mode, size, num_cells
-        self.anchors, self.transform = anchors, transform
+    def __init__(
+        self,
+        paths: list[Path],
+        objects: list[tuple[torch.Tensor, torch.Tensor]],
+        layout: GridLayout,
+        transform: v2.Compose | None = None,
+    ):
+        self.paths, self.objects, self.layout, self.transform = paths, objects, layout, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = load_image_tensor(self.paths[index], self.mode, self.size)
-        encoded, labels = self.objects[index]
+        spec = self.layout.spec
+        image = load_image_tensor(self.paths[index], spec.mode, spec.size)
+        fractions, labels = self.objects[index]
         if self.transform is not None:
-            boxes = decode_boxes(encoded, self.size, self.size)
+            boxes = decode_boxes(fractions, spec.size, spec.size)
             image, boxes, labels = augment(self.transform, image, boxes, labels)
-            encoded = encode_boxes(boxes, self.size, self.size)
-        return image, *grid_targets(encoded, labels, self.num_cells, self.anchors)[:3]
+            fractions = encode_boxes(boxes, spec.size, spec.size)
+        grid = encode_grid(fractions, labels, self.layout.num_cells, self.layout.anchors)
+        return image, grid.boxes, grid.has_obj, grid.labels
 
 
-def image_objects(images, objects, image_ids: list[str], mode: str,
-                  size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """(encoded boxes (K, 4) float64, labels (K,)) per image of `image_ids` after the image mode."""
+def image_objects(
+    prepared: Prepared, image_ids: list[str], spec: ImageSpec
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fraction boxes (K, 4) float64, labels (K,)) per image of `image_ids` after the image
+    mode."""
     none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
     found = [none] * len(image_ids)
-    for row, encoded, labels in encoded_objects(images, objects, image_ids, mode, size):
-        found[row] = (encoded.double(), labels)
+    for row, fractions, labels in encoded_objects(
+        prepared.images, prepared.objects, image_ids, spec
+    ):
+        found[row] = (fractions.double(), labels)
     return found
 
 
@@ -160,3 +193,156 @@ def grid_outputs(model: nn.Module, loader: DataLoader, device=None) -> tuple[tor
     model.eval()
     parts = [tuple(t.cpu() for t in model(images.to(device))) for images, *_ in loader]
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def read_frozen(model: Path, prepared_dir: Path) -> tuple[Checkpoint, Prepared]:
+    """The frozen-feature grid model in `model` (checked to be rebuildable from its backbone's
+    published weights) and the prepared tables."""
+    checkpoint = load_checkpoint(model)
+    card = checkpoint.card
+    if card.kind != "multi":
+        raise PipelineError(f"{model}: a {card.kind}-object head, not a grid head")
+    if card.grid.fine_channels:
+        raise PipelineError(
+            f"{model} is a two-level grid head (backbone.fine_layer): fine-tuning it is not "
+            "supported yet; set backbone.fine_layer: none"
+        )
+    check_stackable(card.image.mode)
+    if card.backbone["weights"] != "imagenet":
+        raise PipelineError(
+            f"{model}: trained on a randomly initialised {card.backbone['name']}, which cannot be "
+            "rebuilt to fine-tune; use backbone.weights: imagenet"
+        )
+    prepared = read_prepared(prepared_dir)
+    check_classes(prepared, checkpoint, model)
+    return checkpoint, prepared
+
+
+def image_loader(
+    ft: FinetuneParams, checkpoint: Checkpoint, prepared: Prepared, split: str, device
+) -> DataLoader:
+    """A DataLoader of GridImages for `split` (augmented for train, shuffled with ft.seed), with
+    the image spec, grid and anchors of `checkpoint`."""
+    card, head = checkpoint.card, checkpoint.head
+    rows = prepared.images[prepared.images["split"] == split]
+    transform = None
+    if split == "train":
+        transform = augmentation(ft.hflip, ft.scale_jitter, ft.translate, ft.color_jitter)
+    anchors = head.anchors if head.n_anchors else None
+    layout = GridLayout(card.image, card.grid.num_cells, anchors)
+    dataset_dir = Path(prepared.info["dataset_dir"])
+    objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
+    data = GridImages([dataset_dir / p for p in rows["path"]], objects, layout, transform)
+    return DataLoader(
+        data,
+        batch_size=ft.batch_size,
+        shuffle=split == "train",
+        num_workers=pick_workers(ft.workers, device),
+        generator=torch.Generator().manual_seed(ft.seed),
+        pin_memory=device.type == "cuda",
+    )
+
+
+def rebuild(checkpoint: Checkpoint, unfreeze: int | str = 0) -> tuple[Backbone, FineTuner]:
+    """The checkpoint's backbone (with its own weights if fine-tuned) and head as a FineTuner."""
+    spec = checkpoint.card.backbone
+    backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
+    if checkpoint.backbone_state is not None:
+        backbone.module.load_state_dict(checkpoint.backbone_state)
+    return backbone, FineTuner(backbone, checkpoint.head, unfreeze)
+
+
+def compare_models(
+    models: dict[str, Checkpoint], prepared: Prepared, loader: DataLoader, ev: EvalParams, device
+) -> dict[str, VocSummary]:
+    """VOC AP on the images of `loader` (the val split, in table order) of each model."""
+    val = prepared.images[prepared.images["split"] == "val"]
+    sizes = [(int(w), int(h)) for w, h in zip(val["width"], val["height"], strict=True)]
+    truth = ground_truth(prepared.objects, val["image_id"].tolist())
+    overlap = OVERLAP_OF_SOURCE[prepared.info["source"]]
+    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    results = {}
+    for name, checkpoint in models.items():
+        _, model = rebuild(checkpoint)
+        pred_boxes, logits = grid_outputs(model.to(device), loader, device)
+        found = grid_detections(pred_boxes, logits, sizes, checkpoint.card.image, keep)
+        results[name] = voc_summary(found, truth, prepared.classes, ev.iou_threshold, overlap)
+    return results
+
+
+@dataclass
+class FinetuneJob:
+    """Everything `training.fit` needs to fine-tune a frozen-feature grid model."""
+
+    backbone: Backbone
+    model: FineTuner
+    train: ImageBatches
+    val: ImageBatches
+    objective: Objective
+    config: TrainConfig
+
+    def describe(self) -> str:
+        units = ", ".join(self.model.trainable_units) or "no backbone unit"
+        return (
+            f"training {units} and the head ({trainable_parameters(self.model):,} parameters) "
+            f"on {len(self.train)} images, {self.config.device}"
+        )
+
+    def metrics(self, result: FitResult) -> dict:
+        """The fine-tuning stage's metrics: best epoch (lowest val loss) and its val measures."""
+        epochs = self.config.epochs
+        return {
+            "enabled": True,
+            "images": {"train": len(self.train), "val": len(self.val)},
+            "best": {"epoch": result.best_epoch, **best_epoch_stats(result)},
+            "epochs": epochs,
+            "seconds_per_epoch": round(result.seconds / epochs, 1),
+            "trainable_units": self.model.trainable_units,
+            "trainable_parameters": trainable_parameters(self.model),
+            "device": self.config.device,
+        }
+
+    def card(self, frozen: ModelCard, result: FitResult) -> ModelCard:
+        """The fine-tuned model's card: the frozen model's, fed float32 features."""
+        summary = {
+            "best_epoch": result.best_epoch,
+            "epochs": self.config.epochs,
+            "trainable_units": self.model.trainable_units,
+        }
+        return replace(frozen, feature_dtype="float32", finetuned=summary)
+
+
+def finetune_job(
+    checkpoint: Checkpoint, prepared: Prepared, params: Params, device: torch.device
+) -> FinetuneJob:
+    """The backbone's last finetune.unfreeze units and the head of `checkpoint`, with loaders of
+    the train and val images; the loss weights of params train.*."""
+    ft = params.finetune
+    loaders = {split: image_loader(ft, checkpoint, prepared, split, device) for split in SPLITS}
+    backbone, model = rebuild(checkpoint, ft.unfreeze)
+    model.to(device)
+    loss = partial(grid_loss, weights=loss_weights(params.train))
+    objective = Objective(loss, multi_object_batch_sums)
+    config = TrainConfig(
+        ft.epochs, ft.batch_size, ft.lr, ft.weight_decay, "constant", ft.seed, "loss", str(device)
+    )
+    train, val = (ImageBatches(loaders[split]) for split in SPLITS)
+    return FinetuneJob(backbone, model, train, val, objective, config)
+
+
+def comparison_metrics(results: dict[str, VocSummary], images: int, ev: EvalParams, overlap: str):
+    """evaluate_finetune's metrics: mAP of the frozen-feature and the fine-tuned model, the gain,
+    and both per-class APs."""
+    before, after = results["frozen"].map(), results["finetuned"].map()
+    metrics = {
+        "enabled": True,
+        "images": images,
+        "iou_threshold": ev.iou_threshold,
+        "overlap": overlap,
+        "map_frozen": round(before, 4),
+        "map": round(after, 4),
+        "gain": round(after - before, 4),
+    }
+    for name, voc in results.items():
+        metrics[f"per_class_ap_{name}"] = voc.per_class_ap()
+    return metrics

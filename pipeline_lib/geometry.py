@@ -13,11 +13,24 @@ Image modes (params `image.mode`, `image.size` = S):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from PIL import Image
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 IMAGE_MODES = ("none", "shrink", "crop")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images are brought to the backbone (params `image.mode` and `image.size`)."""
+
+    mode: str
+    size: int
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
 
 
 def crop_window(width: int, height: int, size: int) -> tuple[int, int]:

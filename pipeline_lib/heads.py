@@ -1,39 +1,21 @@
-"""Detection heads trained on cached backbone features, and their self-describing checkpoints.
+"""Detection heads trained on cached backbone features (checkpoints.py saves and rebuilds them).
 
 SingleObjectHead (the lab's first task): from a (B, C, H, W) feature map, the encoded box
 (cx, cy, w, h in [0, 1]) and the class logits of the image's largest object.
 MultiObjectHead (the second): per cell of an S x S grid, a box (centre relative to the cell,
 size relative to the image), class logits and an objectness logit -- an MLP slid over the feature
 map as 1x1 convolutions. TwoLevelHead: one of those per feature level (multi-scale).
-
-A checkpoint is a safetensors file: the head's tensors plus, in its metadata under "pipeline", a
-JSON description (kind, head config, classes, backbone, image mode and size, training summary) that
-is enough to rebuild the head and run it on new images. A fine-tuned model also carries its
-backbone's weights, under names prefixed "backbone.". Nothing is unpickled when loading.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from pipeline_lib.backbones import unpack_levels
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.files import atomic_file
+from pipeline_lib.gridcoding import anchor_sizes
 
 CLASSIFIERS = ("flatten", "pooled")
-BACKBONE_PREFIX = "backbone."
-
-
-class CheckpointError(PipelineError, ValueError):
-    """A model file is missing, not ours, truncated or does not fit (the message names the file)."""
 
 
 class SingleObjectHead(nn.Module):
@@ -121,8 +103,12 @@ class MultiObjectHead(nn.Module):
         layers: list[nn.Module] = []
         inputs = channels
         for _ in range(2):
-            layers += [nn.Dropout(dropout), nn.Conv2d(inputs, hidden, 1), nn.ReLU(),
-                       nn.BatchNorm2d(hidden)]  # fmt: skip
+            layers += [
+                nn.Dropout(dropout),
+                nn.Conv2d(inputs, hidden, 1),
+                nn.ReLU(),
+                nn.BatchNorm2d(hidden),
+            ]
             inputs = hidden
         self.regression = nn.Sequential(*layers, nn.Conv2d(hidden, 4 * slots, 1), nn.Sigmoid())
         self.classification = nn.Sequential(
@@ -138,7 +124,7 @@ class MultiObjectHead(nn.Module):
             return boxes, logits
         b, a, s = len(x), self.n_anchors, self.num_cells
         boxes, logits = boxes.view(b, a, 4, s, s), logits.view(b, a, -1, s, s)
-        sizes = (2 * boxes[:, :, 2:]) ** 2 * self.anchors.view(1, a, 2, 1, 1)
+        sizes = anchor_sizes(boxes[:, :, 2:], self.anchors)
         return torch.cat([boxes[:, :, :2], sizes], dim=2), logits
 
 
@@ -163,103 +149,16 @@ class TwoLevelHead(nn.Module):
         super().__init__()
         channels, height, width = feature_shape
         self.fine_channels = fine_channels
-        self.coarse = MultiObjectHead((channels - 4 * fine_channels, height, width), n_classes,
-                                      num_cells, hidden, dropout)  # fmt: skip
+        self.coarse = MultiObjectHead(
+            (channels - 4 * fine_channels, height, width), n_classes, num_cells, hidden, dropout
+        )
         self.fine_norm = nn.BatchNorm2d(fine_channels)
-        self.fine = MultiObjectHead((fine_channels, 2 * height, 2 * width), n_classes,
-                                    2 * num_cells, hidden, dropout)  # fmt: skip
+        self.fine = MultiObjectHead(
+            (fine_channels, 2 * height, 2 * width), n_classes, 2 * num_cells, hidden, dropout
+        )
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Packed features -> (boxes, logits) of the main level, then of the fine level, as
         `MultiObjectHead` gives them."""
         coarse, fine = unpack_levels(features, self.fine_channels)
         return (*self.coarse(coarse), *self.fine(self.fine_norm(fine)))
-
-
-@dataclass
-class Checkpoint:
-    """A loaded model file: the head (in eval mode), its description and, for a fine-tuned model,
-    the backbone's state dict (None otherwise: the backbone's published weights apply)."""
-
-    head: nn.Module
-    info: dict[str, Any]
-    backbone_state: dict[str, torch.Tensor] | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        return self.info["classes"]
-
-
-def build_head(info: dict[str, Any]) -> nn.Module:
-    """The head described by a checkpoint's `info` (kind + config), with fresh weights."""
-    config = info["head"]
-    if info["kind"] == "single":
-        return SingleObjectHead(
-            tuple(info["feature_shape"]),
-            len(info["classes"]),
-            hidden=config["hidden"],
-            dropout=config["dropout"],
-            classifier=config["classifier"],
-            classifier_dropout=config["classifier_dropout"],
-        )
-    if info["kind"] == "multi" and info.get("fine_channels"):
-        return TwoLevelHead(
-            tuple(info["feature_shape"]),
-            len(info["classes"]),
-            info["fine_channels"],
-            num_cells=info["num_cells"],
-            hidden=config["hidden"],
-            dropout=config["dropout"],
-        )
-    if info["kind"] == "multi":
-        return MultiObjectHead(
-            tuple(info["feature_shape"]),
-            len(info["classes"]),
-            num_cells=info["num_cells"],
-            hidden=config["hidden"],
-            dropout=config["dropout"],
-            anchors=info.get("anchors"),
-        )
-    raise CheckpointError(f"unknown head kind {info['kind']!r}")
-
-
-def save_checkpoint(
-    path: str | Path,
-    head: nn.Module,
-    info: dict[str, Any],
-    backbone: nn.Module | None = None,
-) -> None:
-    """Write the head's tensors and `info` (JSON-serialisable) to `path`, atomically; with a
-    (fine-tuned) `backbone`, its tensors too."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
-    if backbone is not None:
-        tensors |= {BACKBONE_PREFIX + name: t.detach().cpu().contiguous()
-                    for name, t in backbone.state_dict().items()}  # fmt: skip
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"pipeline": json.dumps(info)})
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild the head saved in `path`; CheckpointError unless it is a complete model of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file (run the train stage first)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors model file ({error})") from None
-    if "pipeline" not in metadata:
-        raise CheckpointError(f"{path}: a safetensors file, but not a model of this pipeline")
-    backbone = {name.removeprefix(BACKBONE_PREFIX): tensors.pop(name)
-                for name in list(tensors) if name.startswith(BACKBONE_PREFIX)}  # fmt: skip
-    try:
-        info = json.loads(metadata["pipeline"])
-        head = build_head(info)
-        head.load_state_dict(tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{path}: model description does not fit its tensors ({error})"
-        ) from None
-    return Checkpoint(head.eval(), info, backbone or None)

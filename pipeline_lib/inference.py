@@ -22,10 +22,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.detection import Detections, grid_detections, single_detections
+from pipeline_lib.checkpoints import Checkpoint, CheckpointError, load_checkpoint
+from pipeline_lib.detection import Detections, Filtering, grid_detections, single_detections
 from pipeline_lib.features import STORE_DTYPES, ImageError, pick_device, prepare_model
 from pipeline_lib.geometry import encoded_to_image, transform_image
-from pipeline_lib.heads import Checkpoint, CheckpointError, load_checkpoint
+from pipeline_lib.gridcoding import cell_fractions
+from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.plots import annotate
 from pipeline_lib.training import predict
 
 
@@ -39,8 +42,8 @@ class Detector:
     feature_dtype: torch.dtype
 
     @property
-    def info(self) -> dict:
-        return self.checkpoint.info
+    def card(self) -> ModelCard:
+        return self.checkpoint.card
 
     @property
     def classes(self) -> list[str]:
@@ -51,12 +54,12 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
     """Load a model file and the backbone it was trained on (once); CheckpointError if the file
     is not a complete model of this pipeline or its features cannot be reproduced."""
     checkpoint = load_checkpoint(model_path)
-    info = checkpoint.info
+    card = checkpoint.card
+    spec, mode = card.backbone, card.image.mode
     try:
-        spec, mode = info["backbone"], info["image_mode"]
-        dtype = STORE_DTYPES[info["feature_dtype"]]
+        dtype = STORE_DTYPES[card.feature_dtype]
     except KeyError as error:
-        raise CheckpointError(f"{model_path}: model description lacks {error}") from None
+        raise CheckpointError(f"{model_path}: unknown feature dtype {error}") from None
     if spec["weights"] != "imagenet":
         raise CheckpointError(
             f"{model_path}: trained on features of a randomly initialised {spec['name']}, which "
@@ -69,8 +72,10 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
         try:
             backbone.module.load_state_dict(checkpoint.backbone_state)
         except RuntimeError as error:
-            raise CheckpointError(f"{model_path}: backbone weights do not fit {spec['name']} "
-                                  f"({str(error).splitlines()[0]})") from None  # fmt: skip
+            first = str(error).splitlines()[0]
+            raise CheckpointError(
+                f"{model_path}: backbone weights do not fit {spec['name']} ({first})"
+            ) from None
     if [list(backbone.mean), list(backbone.std)] != [spec["mean"], spec["std"]]:
         raise CheckpointError(
             f"{model_path}: trained with normalisation mean {spec['mean']} std {spec['std']}, "
@@ -98,40 +103,81 @@ def open_photo(path: Path) -> Image.Image:
         raise ImageError(f"{path}: cannot decode ({error})") from None
 
 
-def detect(
-    detector: Detector,
-    images: list[Image.Image],
-    score_threshold: float = 0.2,
-    nms_iou: float | None = 0.5,
-    max_detections: int = 100,
-) -> list[Detections]:
+def detect(detector: Detector, images: list[Image.Image], keep: Filtering) -> list[Detections]:
     """RGB images of any sizes (one batch) -> their detections, boxes in each image's pixels.
 
-    The grid head keeps cells scoring `score_threshold` or more, then NMS at `nms_iou` (None: no
-    NMS); the single-object head gives one box per image whatever its score.
+    The grid head keeps the cells `keep` lets through; the single-object head gives one box per
+    image whatever its score.
     """
-    info = detector.info
-    mode, size = info["image_mode"], info["image_size"]
-    batch = torch.stack([
-        torch.from_numpy(np.array(transform_image(image, mode, size), dtype=np.uint8))
-        for image in images
-    ]).permute(0, 3, 1, 2)  # fmt: skip
+    card = detector.card
+    spec = card.image
+    arrays = [
+        np.array(transform_image(image, spec.mode, spec.size), dtype=np.uint8) for image in images
+    ]
+    batch = torch.stack([torch.from_numpy(a) for a in arrays]).permute(0, 3, 1, 2)
     # Rounded to the stored dtype: the head was trained on (and evaluate reads) those values.
     features = detector.forward(batch.to(detector.device)).to(detector.feature_dtype)
     with torch.inference_mode():
         outputs = [t.cpu() for t in predict(detector.checkpoint.head, features)]
     sizes = [image.size for image in images]
-    if info["kind"] == "single":
-        return single_detections(*outputs, sizes, mode, size)
-    return grid_detections(outputs[0::2], outputs[1::2], sizes, mode, size, score_threshold,
-                           nms_iou, max_detections)  # fmt: skip
+    if card.kind == "single":
+        return single_detections(*outputs, sizes, spec)
+    return grid_detections(outputs[0::2], outputs[1::2], sizes, spec, keep)
 
 
-def cell_rectangles(info: dict, width: int, height: int) -> torch.Tensor:
+def cell_rectangles(card: ModelCard, width: int, height: int) -> torch.Tensor:
     """The grid head's S x S cells as (S*S, 4) xyxy boxes in a `width` x `height` image's pixels
     (row-major), for drawing: with crop they cover only the centre window."""
-    s = info["num_cells"]
-    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    centres = torch.stack([(j.flatten() + 0.5) / s, (i.flatten() + 0.5) / s], dim=1)
-    encoded = torch.cat([centres, torch.full_like(centres, 1 / s)], dim=1)
-    return encoded_to_image(encoded, width, height, info["image_mode"], info["image_size"])
+    fractions = cell_fractions(card.grid.num_cells)
+    return encoded_to_image(fractions, width, height, card.image.mode, card.image.size)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+TABLE_COLUMNS = ["image", "class", "score", "xmin", "ymin", "xmax", "ymax"]
+
+
+def collect_images(arguments: list[Path]) -> tuple[list[Path], list[str]]:
+    """Files as given, folders expanded to their image files (sorted); problems as messages."""
+    paths, problems = [], []
+    for argument in arguments:
+        if argument.is_dir():
+            found = sorted(
+                p for p in argument.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append(f"{argument}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
+            paths.extend(found)
+        elif argument.exists():
+            paths.append(argument)
+        else:
+            problems.append(f"{argument}: no such file or folder")
+    return paths, problems
+
+
+def table_rows(path: Path, detections: Detections, classes: list[str]) -> list[dict]:
+    """One row per detection (TABLE_COLUMNS): the image path as given, class, score, box."""
+    boxes = detections.boxes.tolist()
+    found = zip(detections.labels.tolist(), detections.scores.tolist(), boxes, strict=True)
+    return [
+        {"image": str(path), "class": classes[k], "score": round(s, 5)}
+        | {c: round(v, 2) for c, v in zip(TABLE_COLUMNS[3:], box, strict=True)}
+        for k, s, box in found
+    ]
+
+
+def draw(detector: Detector, image: Image.Image, detections: Detections, show_grid: bool):
+    """The photo at full size with its detections (and the grid head's cells)."""
+    scored = zip(detections.labels.tolist(), detections.scores.tolist(), strict=True)
+    texts = [f"{detector.classes[k]} {s:.2f}" for k, s in scored]
+    cells = cell_rectangles(detector.card, *image.size) if show_grid else None
+    return annotate(image, detections.boxes, texts, detections.labels.tolist(), cells)
+
+
+def unique_name(path: Path, taken: set[str]) -> str:
+    """<stem>.png, or <stem>_2.png, ... when two inputs share a stem."""
+    name, n = f"{path.stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{path.stem}_{n}.png"
+    taken.add(name)
+    return name

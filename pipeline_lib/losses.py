@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
@@ -9,13 +12,25 @@ from torchvision.ops import sigmoid_focal_loss
 from pipeline_lib.anchors import fold_anchors
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """How the loss parts add up (params train.*): J = box_weight * L_box + class_weight * L_class
+    (+ obj_weight * L_obj for the grid head, L_obj being BCE or the sigmoid focal loss)."""
+
+    box_weight: float = 1.0
+    class_weight: float = 1.0
+    obj_weight: float = 1.0
+    obj_loss: str = "bce"  # bce | focal
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+
+
 def single_object_loss(
     pred_boxes: torch.Tensor,
     logits: torch.Tensor,
     boxes: torch.Tensor,
     labels: torch.Tensor,
-    box_weight: float = 1.0,
-    class_weight: float = 1.0,
+    weights: LossWeights = LossWeights(),
 ) -> dict[str, torch.Tensor]:
     """Loss of the single-object head.
 
@@ -24,7 +39,8 @@ def single_object_loss(
     """
     box = F.smooth_l1_loss(pred_boxes, boxes)
     cls = F.cross_entropy(logits, labels)
-    return {"loss": box_weight * box + class_weight * cls, "box_loss": box, "class_loss": cls}
+    total = weights.box_weight * box + weights.class_weight * cls
+    return {"loss": total, "box_loss": box, "class_loss": cls}
 
 
 def multi_object_loss(
@@ -33,12 +49,7 @@ def multi_object_loss(
     boxes: torch.Tensor,
     has_obj: torch.Tensor,
     labels: torch.Tensor,
-    box_weight: float = 1.0,
-    class_weight: float = 1.0,
-    obj_weight: float = 1.0,
-    obj_loss: str = "bce",
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
+    weights: LossWeights = LossWeights(),
 ) -> dict[str, torch.Tensor]:
     """Loss of the grid head: J = sum over object cells of (L_box + L_class) + L_obj.
 
@@ -47,7 +58,8 @@ def multi_object_loss(
     an anchor dimension after B (see `fold_anchors`), and "cell" below means a cell's anchor slot.
     box_loss (SmoothL1, mean over the 4 coordinates) and class_loss (cross-entropy) are averaged
     over the object cells of the batch, obj_loss (BCE, or torchvision's sigmoid focal loss with
-    `obj_loss="focal"`) over all cells, so that the weights do not depend on S or on the batch.
+    `weights.obj_loss="focal"`) over all cells, so that the weights depend on neither S nor the
+    batch.
     """
     pred_boxes, logits, boxes, has_obj, labels = fold_anchors(
         pred_boxes, logits, boxes, has_obj, labels
@@ -59,25 +71,31 @@ def multi_object_loss(
     cls = F.cross_entropy(logits[:, :-1], labels, reduction="none")
     cls = (cls * mask).sum() / n_obj
     objectness, target = logits[:, -1], has_obj.to(logits.dtype)
-    if obj_loss == "focal":
-        obj = sigmoid_focal_loss(objectness, target, focal_alpha, focal_gamma, reduction="mean")
-    elif obj_loss == "bce":
+    w = weights
+    if w.obj_loss == "focal":
+        alpha, gamma = w.focal_alpha, w.focal_gamma
+        obj = sigmoid_focal_loss(objectness, target, alpha, gamma, reduction="mean")
+    elif w.obj_loss == "bce":
         obj = F.binary_cross_entropy_with_logits(objectness, target)
     else:
-        raise ValueError(f"obj_loss must be 'bce' or 'focal', got {obj_loss!r}")
-    total = box_weight * box + class_weight * cls + obj_weight * obj
+        raise ValueError(f"obj_loss must be 'bce' or 'focal', got {w.obj_loss!r}")
+    total = w.box_weight * box + w.class_weight * cls + w.obj_weight * obj
     return {"loss": total, "box_loss": box, "class_loss": cls, "obj_loss": obj}
 
 
-def two_level_loss(
-    outputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], **weights
+def grid_loss(
+    outputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    weights: LossWeights = LossWeights(),
 ) -> dict[str, torch.Tensor]:
-    """Loss of a two-level grid head: `multi_object_loss` of each level, summed part by part.
+    """Loss of a grid head of one or two levels: `multi_object_loss` of each level, summed part
+    by part.
 
-    outputs: (boxes, logits) of the main level then of the fine one (heads.TwoLevelHead);
-    targets: (boxes, has_obj, labels) of each level in the same order; `weights` as for
-    `multi_object_loss`.
+    outputs: (boxes, logits) of the main level, then of the fine one for a two-level head
+    (heads.TwoLevelHead); targets: (boxes, has_obj, labels) of each level in the same order.
     """
-    coarse = multi_object_loss(*outputs[:2], *targets[:3], **weights)
-    fine = multi_object_loss(*outputs[2:], *targets[3:], **weights)
+    if len(outputs) == 2:
+        return multi_object_loss(*outputs, *targets, weights)
+    coarse = multi_object_loss(*outputs[:2], *targets[:3], weights)
+    fine = multi_object_loss(*outputs[2:], *targets[3:], weights)
     return {name: coarse[name] + fine[name] for name in coarse}

@@ -11,6 +11,7 @@ from torchvision.ops import box_iou
 
 from pipeline_lib.anchors import fold_anchors
 from pipeline_lib.geometry import decode_boxes, paired_iou
+from pipeline_lib.gridcoding import cell_local
 
 
 def encoded_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,11 +50,9 @@ def multi_object_batch_sums(
     mask = has_obj.bool()
     n_obj = int(mask.sum())
     correct = (logits[:, :-1].argmax(dim=1) == labels) & mask
-    # Centres are in cell units: divided by S they are image fractions up to the cell's offset,
-    # which both boxes share and IoU ignores.
-    scale = torch.tensor([1 / mask.shape[-1]] * 2 + [1.0, 1.0])
-    pred = pred_boxes.permute(0, 2, 3, 1)[mask] * scale
-    true = boxes.permute(0, 2, 3, 1)[mask] * scale
+    # Both boxes of a cell share its offset, which IoU ignores.
+    pred = cell_local(pred_boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
+    true = cell_local(boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
     obj_correct = ((logits[:, -1] > 0) == mask).sum()
     return {
         "accuracy": (float(correct.sum()), n_obj),

@@ -58,8 +58,10 @@ BACKBONE_LAYERS = {
 
 # A second, finer feature level (stride 16, twice the main map's side) for multi-scale grids:
 # a unit of the backbone (see backbones.backbone_units), with the default `layer` only.
-FINE_LAYERS = {"efficientnet_lite0": "blocks.4", **{f"resnet{d}": "layer3" for d in
-                                                     (18, 34, 50, 101, 152)}}  # fmt: skip
+FINE_LAYERS = {
+    "efficientnet_lite0": "blocks.4",
+    **{f"resnet{d}": "layer3" for d in (18, 34, 50, 101, 152)},
+}
 
 
 class ParamsError(PipelineError, ValueError):
@@ -147,11 +149,15 @@ class BackboneParams:
             fine = FINE_LAYERS.get(self.name)
             if fine is None or self.layer != BACKBONE_LAYERS[self.name][0]:
                 with_fine = ", ".join(f"{n} ({f})" for n, f in FINE_LAYERS.items())
-                raise ValueError(f"fine_layer: a second level is available for {with_fine}, with "
-                                 "their default layer only; set fine_layer: none")  # fmt: skip
+                raise ValueError(
+                    f"fine_layer: a second level is available for {with_fine}, with "
+                    "their default layer only; set fine_layer: none"
+                )
             if self.fine_layer != fine:
-                raise ValueError(f"fine_layer: {self.name}'s stride-16 level is {fine!r} (or "
-                                 f"none), not {self.fine_layer!r}")  # fmt: skip
+                raise ValueError(
+                    f"fine_layer: {self.name}'s stride-16 level is {fine!r} (or "
+                    f"none), not {self.fine_layer!r}"
+                )
         return self
 
 

@@ -99,9 +99,14 @@ def draw_panel(ax: Axes, panel: Panel, class_names: list[str]) -> None:
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=colour))
         ax.text(
-            x0, y0, class_names[class_id], fontsize=6, color="white", va="bottom",
+            x0,
+            y0,
+            class_names[class_id],
+            fontsize=6,
+            color="white",
+            va="bottom",
             bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
-        )  # fmt: skip
+        )
     ax.set_title(panel.title, fontsize=8)
     ax.axis("off")
 
@@ -179,10 +184,14 @@ def comparison_grid(items: list[Comparison], columns: int = 4, title: str = "") 
             for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.8, ec=colour))
                 ax.text(
-                    x0, y1 if below else y0, text, fontsize=6, color="white",
+                    x0,
+                    y1 if below else y0,
+                    text,
+                    fontsize=6,
+                    color="white",
                     va="top" if below else "bottom",
                     bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
-                )  # fmt: skip
+                )
         ax.set_title(item.title, fontsize=8)
     if title:
         figure.suptitle(f"{title}  (green: truth, red: prediction)")
@@ -228,11 +237,26 @@ def training_curves(history: list[dict], best_epoch: int, title: str) -> Figure:
 
 def _draw_boxes(ax: Axes, boxes: torch.Tensor, texts: list[str], colour, dashed=False, below=False):
     for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=colour,
-                               ls="--" if dashed else "-"))  # fmt: skip
-        ax.text(x0, y1 if below else y0, text, fontsize=5.5, color="white",
-                va="top" if below else "bottom",
-                bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.8})  # fmt: skip
+        ax.add_patch(
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                lw=1.5,
+                ec=colour,
+                ls="--" if dashed else "-",
+            )
+        )
+        ax.text(
+            x0,
+            y1 if below else y0,
+            text,
+            fontsize=5.5,
+            color="white",
+            va="top" if below else "bottom",
+            bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.8},
+        )
 
 
 def nms_grid(rows: list[tuple[Comparison, Comparison]], title: str = "") -> Figure:
@@ -279,8 +303,12 @@ def ap_chart(aps: dict[str, float | None], title: str) -> Figure:
     ax = figure.subplots()
     values = [aps[n] or 0.0 for n in names]
     bars = ax.barh(range(len(names)), values, color=[class_colour(k) for k in range(len(names))])
-    ax.bar_label(bars, labels=[f"{aps[n]:.2f}" if aps[n] is not None else "n/a" for n in names],
-                 fontsize=7, padding=2)  # fmt: skip
+    ax.bar_label(
+        bars,
+        labels=[f"{aps[n]:.2f}" if aps[n] is not None else "n/a" for n in names],
+        fontsize=7,
+        padding=2,
+    )
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.1)

@@ -48,10 +48,22 @@ def _unit_polygon(shape: str) -> np.ndarray:
     elif shape == "cross":
         a = 0.35
         points = np.array(
-            [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
-             [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]],
+            [
+                [-a, -1],
+                [a, -1],
+                [a, -a],
+                [1, -a],
+                [1, a],
+                [a, a],
+                [a, 1],
+                [-a, 1],
+                [-a, a],
+                [-1, a],
+                [-1, -a],
+                [-a, -a],
+            ],
             dtype=float,
-        )  # fmt: skip
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     # Stretch to fill [-1, 1]^2 so that the requested width/height is the true box size.

@@ -10,6 +10,7 @@ The class list is also stored in both Parquet files' schema metadata (key `class
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ class Prepared:
     def classes(self) -> list[str]:
         return self.info["classes"]
 
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.info["dataset_dir"])
+
+    def split_files(self) -> Iterator[tuple[str, dict[str, Path]]]:
+        """(split, {image id: image file}) per split, in table order."""
+        for split, rows in self.images.groupby("split", sort=False):
+            paths = [self.dataset_dir / p for p in rows["path"]]
+            yield split, dict(zip(rows["image_id"], paths, strict=True))
+
 
 def write_prepared(
     out_dir: str | Path, images: list[dict], objects: list[dict], info: dict
@@ -84,8 +95,11 @@ def write_prepared(
 def read_prepared(out_dir: str | Path) -> Prepared:
     """Read what `write_prepared` wrote."""
     out_dir = Path(out_dir)
-    missing = [n for n in ("dataset.json", "images.parquet", "objects.parquet")
-               if not (out_dir / n).is_file()]  # fmt: skip
+    missing = [
+        n
+        for n in ("dataset.json", "images.parquet", "objects.parquet")
+        if not (out_dir / n).is_file()
+    ]
     if missing:
         raise PipelineError(
             f"{out_dir}: no prepared tables ({', '.join(missing)} missing); run the prepare "

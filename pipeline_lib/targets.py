@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from pipeline_lib.anchors import best_anchor
-from pipeline_lib.geometry import encode_boxes, largest_box, output_size, transform_boxes
+from pipeline_lib.geometry import ImageSpec, encode_boxes, largest_box, output_size, transform_boxes
+from pipeline_lib.gridcoding import encode_grid
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
 
@@ -40,7 +40,7 @@ class SingleTargets:
 
 
 def image_boxes(
-    objects: pd.DataFrame, width: int, height: int, mode: str, size: int
+    objects: pd.DataFrame, width: int, height: int, spec: ImageSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's objects -> (boxes (K, 4) encoded in the output image, class ids (K,) int64).
 
@@ -48,13 +48,13 @@ def image_boxes(
     """
     boxes = torch.tensor(objects[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4)
     labels = torch.tensor(objects["class_id"].to_numpy(), dtype=torch.int64).reshape(-1)
-    boxes, keep = transform_boxes(boxes, width, height, mode, size)
-    out_width, out_height = output_size(width, height, mode, size)
+    boxes, keep = transform_boxes(boxes, width, height, spec.mode, spec.size)
+    out_width, out_height = output_size(width, height, spec.mode, spec.size)
     return encode_boxes(boxes, out_width, out_height), labels[keep]
 
 
 def encoded_objects(
-    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
+    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], spec: ImageSpec
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(row, encoded boxes, class ids) per image of `image_ids` that has objects in the tables,
     as `image_boxes` gives them (possibly none left after crop)."""
@@ -63,18 +63,18 @@ def encoded_objects(
     for row, image_id in enumerate(image_ids):
         if image_id in by_image:
             width, height = (int(v) for v in sizes.loc[image_id])
-            yield row, *image_boxes(by_image[image_id], width, height, mode, size)
+            yield row, *image_boxes(by_image[image_id], width, height, spec)
 
 
 def single_object_targets(
-    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
+    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], spec: ImageSpec
 ) -> SingleTargets:
     """The largest object of each image in `image_ids` (rows of the prepared tables)."""
     n = len(image_ids)
     boxes = torch.zeros(n, 4, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.int64)
     present = torch.zeros(n, dtype=torch.bool)
-    for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
+    for row, encoded, classes in encoded_objects(images, objects, image_ids, spec):
         if len(encoded):
             k = largest_box(encoded)
             boxes[row], labels[row], present[row] = encoded[k].float(), classes[k], True
@@ -83,12 +83,12 @@ def single_object_targets(
 
 @dataclass
 class GridTargets:
-    """Grid targets for the rows of a feature file, S = num_cells.
+    """Grid targets for the rows of a feature file, S = num_cells (see gridcoding.py).
 
-    boxes: (N, 4, S, S) float32 -- (cx, cy) relative to the hosting cell, (w, h) to the image;
-    has_obj: (N, S, S) uint8; labels: (N, S, S) int64; objects: (N,) objects per image after the
-    image mode; dropped: (N,) of those, how many lost their cell to a later object (collisions).
-    With A anchors, boxes are (N, A, 4, S, S) and has_obj, labels (N, A, S, S).
+    boxes: (N, 4, S, S) float32 cell boxes; has_obj: (N, S, S) uint8; labels: (N, S, S) int64;
+    objects: (N,) objects per image after the image mode; dropped: (N,) of those, how many lost
+    their cell to a later object (collisions). With A anchors, boxes are (N, A, 4, S, S) and
+    has_obj, labels (N, A, S, S).
     """
 
     boxes: torch.Tensor
@@ -98,78 +98,39 @@ class GridTargets:
     dropped: torch.Tensor
 
 
-def grid_cells(encoded: torch.Tensor, num_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row i, column j) of the cell hosting each (K, 4) encoded box's centre, as int64 (K,).
+@dataclass(frozen=True)
+class GridLevel:
+    """One level of the grid head: S x S cells, its (A, 2) anchors (or None), and the object
+    scales sqrt(w * h) (image fractions) in [low, high) it learns (None: every object)."""
 
-    A centre exactly on the right or bottom edge (1.0) belongs to the last cell.
-    """
-    j = (encoded[:, 0] * num_cells).floor().long().clamp(0, num_cells - 1)
-    i = (encoded[:, 1] * num_cells).floor().long().clamp(0, num_cells - 1)
-    return i, j
-
-
-def grid_targets(
-    encoded: torch.Tensor,
-    labels: torch.Tensor,
-    num_cells: int,
-    anchors: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """One image's (K, 4) encoded boxes and (K,) labels -> its grid targets.
-
-    Returns boxes (4, S, S) float32, has_obj (S, S) uint8, labels (S, S) int64 and the number of
-    objects overwritten by a later object whose centre falls in the same cell (the later one wins,
-    as in the lab). With (A, 2) `anchors` (w, h), each object goes to its best anchor's slot of
-    the cell: boxes (A, 4, S, S), has_obj and labels (A, S, S), and an object is overwritten only
-    by a later one in the same cell and slot.
-    """
-    s = num_cells
-    slots = 1 if anchors is None else len(anchors)
-    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32)
-    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8)
-    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64)
-    encoded = encoded.double()
-    i, j = grid_cells(encoded, s)
-    a = torch.zeros_like(i) if anchors is None else best_anchor(encoded[:, 2:], anchors)
-    for k in range(len(encoded)):
-        cx, cy, w, h = encoded[k].tolist()
-        cell = (cx * s - j[k].item(), cy * s - i[k].item(), w, h)
-        boxes[a[k], :, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
-        has_obj[a[k], i[k], j[k]] = 1
-        cell_labels[a[k], i[k], j[k]] = labels[k]
-    dropped = len(encoded) - int(has_obj.sum())
-    if anchors is None:
-        return boxes[0], has_obj[0], cell_labels[0], dropped
-    return boxes, has_obj, cell_labels, dropped
+    num_cells: int
+    anchors: torch.Tensor | None = None
+    scales: tuple[float, float] | None = None
 
 
 def targets_to_grid_cell_tensor(objects: list[dict], num_cells: int):
     """The lab's interface: objects as [{'bndbox': {'cx', 'cy', 'width', 'height'}, 'class'}]
     (fractions of the image) -> (bboxes (4, S, S) float32, has_obj (S, S) uint8, labels (S, S)
     int32)."""
-    encoded = torch.tensor(
+    fractions = torch.tensor(
         [[o["bndbox"][k] for k in ("cx", "cy", "width", "height")] for o in objects],
         dtype=torch.float64,
     ).reshape(-1, 4)
     labels = torch.tensor([o["class"] for o in objects], dtype=torch.int64)
-    boxes, has_obj, cell_labels, _ = grid_targets(encoded, labels, num_cells)
-    return boxes, has_obj, cell_labels.to(torch.int32)
+    grid = encode_grid(fractions, labels, num_cells)
+    return grid.boxes, grid.has_obj, grid.labels.to(torch.int32)
 
 
 def multi_object_targets(
     images: pd.DataFrame,
     objects: pd.DataFrame,
     image_ids: list[str],
-    mode: str,
-    size: int,
-    num_cells: int,
-    anchors: torch.Tensor | None = None,
-    scales: tuple[float, float] | None = None,
+    spec: ImageSpec,
+    level: GridLevel,
 ) -> GridTargets:
-    """Grid targets of every image in `image_ids` (rows of the prepared tables), with the (A, 2)
-    `anchors` if given. With `scales` (low, high), only the objects whose scale sqrt(w * h)
-    (a fraction of the image) lies in [low, high) are targets here, and counted: one level of a
-    two-level head (`grid_levels`)."""
-    n, s = len(image_ids), num_cells
+    """Grid targets of every image in `image_ids` (rows of the prepared tables) on one grid
+    `level`: only the objects of the level's scales are targets there, and counted."""
+    n, s, anchors, scales = len(image_ids), level.num_cells, level.anchors, level.scales
     slots = () if anchors is None else (len(anchors),)
     out = GridTargets(
         boxes=torch.zeros(n, *slots, 4, s, s),
@@ -178,38 +139,43 @@ def multi_object_targets(
         objects=torch.zeros(n, dtype=torch.int64),
         dropped=torch.zeros(n, dtype=torch.int64),
     )
-    for row, encoded, classes in encoded_objects(images, objects, image_ids, mode, size):
+    for row, fractions, classes in encoded_objects(images, objects, image_ids, spec):
         if scales is not None:
-            scale = (encoded[:, 2] * encoded[:, 3]).sqrt()
+            scale = (fractions[:, 2] * fractions[:, 3]).sqrt()
             mine = (scale >= scales[0]) & (scale < scales[1])
-            encoded, classes = encoded[mine], classes[mine]
-        boxes, has_obj, labels, dropped = grid_targets(encoded, classes, s, anchors)
-        out.boxes[row], out.has_obj[row], out.labels[row] = boxes, has_obj, labels
-        out.objects[row], out.dropped[row] = len(encoded), dropped
+            fractions, classes = fractions[mine], classes[mine]
+        grid = encode_grid(fractions, classes, s, anchors)
+        out.boxes[row], out.has_obj[row], out.labels[row] = grid.boxes, grid.has_obj, grid.labels
+        out.objects[row], out.dropped[row] = len(fractions), grid.dropped
     return out
 
 
 def grid_levels(
-    num_cells: int, fine_below: float | None = None
-) -> list[tuple[int, tuple[float, float] | None]]:
-    """(cells per side, object scales) of each level of the grid head, for `multi_object_targets`:
-    one S x S level learning every object, or with `fine_below` (a two-level head) the S x S
-    level for objects whose sqrt(w * h) is at least `fine_below` of the image and a 2S x 2S level
-    for the smaller ones."""
+    num_cells: int, fine_below: float | None = None, anchors: torch.Tensor | None = None
+) -> list[GridLevel]:
+    """The levels of the grid head: one S x S level learning every object (with `anchors` if
+    given), or with `fine_below` (a two-level head, no anchors) the S x S level for objects
+    whose sqrt(w * h) is at least `fine_below` of the image and a 2S x 2S level for the smaller
+    ones."""
     if fine_below is None:
-        return [(num_cells, None)]
-    return [(num_cells, (fine_below, math.inf)), (2 * num_cells, (0.0, fine_below))]
+        return [GridLevel(num_cells, anchors)]
+    return [
+        GridLevel(num_cells, None, (fine_below, math.inf)),
+        GridLevel(2 * num_cells, None, (0.0, fine_below)),
+    ]
 
 
 def training_shapes(
-    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], mode: str, size: int
+    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], spec: ImageSpec
 ) -> torch.Tensor:
     """(K, 2) float64 (w, h) of every object of `image_ids` after the image mode, as fractions of
     the output image (zero-width or zero-height boxes left out): what anchor priors are fitted to.
     """
-    found = encoded_objects(images, objects, image_ids, mode, size)
-    shapes = torch.cat([torch.zeros(0, 2, dtype=torch.float64)]
-                       + [encoded[:, 2:].double() for _, encoded, _ in found])  # fmt: skip
+    found = encoded_objects(images, objects, image_ids, spec)
+    shapes = torch.cat(
+        [torch.zeros(0, 2, dtype=torch.float64)]
+        + [encoded[:, 2:].double() for _, encoded, _ in found]
+    )
     return shapes[(shapes > 0).all(dim=1)]
 
 
@@ -224,9 +190,11 @@ def ground_truth(
     truth = []
     for image_id in image_ids:
         mine = by_image.get(image_id, empty)
-        truth.append((
-            torch.tensor(mine[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4),
-            torch.tensor(mine["class_id"].to_numpy(), dtype=torch.int64),
-            torch.tensor(mine["difficult"].to_numpy(), dtype=torch.bool),
-        ))  # fmt: skip
+        truth.append(
+            (
+                torch.tensor(mine[BOX_COLUMNS].to_numpy(), dtype=torch.float64).reshape(-1, 4),
+                torch.tensor(mine["class_id"].to_numpy(), dtype=torch.int64),
+                torch.tensor(mine["difficult"].to_numpy(), dtype=torch.bool),
+            )
+        )
     return truth

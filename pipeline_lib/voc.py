@@ -44,10 +44,27 @@ from tqdm import tqdm
 from pipeline_lib.errors import PipelineError
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
-)  # fmt: skip
+)
 # Image ids: letters of any script, digits, "_", "." and "-"; no spaces or slashes, no leading "."
 IMAGE_ID = re.compile(r"^[^\W_][\w.-]*$")
 MAX_ANNOTATION_BYTES = 1 << 20  # a VOC annotation is 1-3 KB; anything this large is not one
@@ -97,13 +114,27 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
     object_index, class_name, class_id, xmin, ymin, xmax, ymax, difficult, truncated, occluded,
     pose.
     """
+    root = _read_root(xml_path)
+    image = _image_row(xml_path, root)
+    objects = [
+        _object_row(xml_path, obj, index, class_ids, image)
+        for index, obj in enumerate(root.findall("object"))  # direct children only: not <part>
+    ]
+    return image, objects
+
+
+def _read_root(xml_path: Path):
+    """The <annotation> element of a file no larger than MAX_ANNOTATION_BYTES, parsed safely."""
     try:
         size = xml_path.stat().st_size
     except OSError as exc:
         raise AnnotationError(xml_path, "xml", f"cannot read ({exc.strerror})") from None
     if size > MAX_ANNOTATION_BYTES:
-        raise AnnotationError(xml_path, "xml", f"{size:,} bytes: larger than "
-                              f"{MAX_ANNOTATION_BYTES:,}, not a VOC annotation")  # fmt: skip
+        raise AnnotationError(
+            xml_path,
+            "xml",
+            f"{size:,} bytes: larger than {MAX_ANNOTATION_BYTES:,}, not a VOC annotation",
+        )
     try:
         root = defusedxml.ElementTree.parse(xml_path).getroot()
     except ParseError as exc:
@@ -116,62 +147,62 @@ def parse_annotation(xml_path: Path, class_ids: Mapping[str, int]) -> tuple[dict
         raise AnnotationError(xml_path, "xml", f"cannot read ({exc.strerror})") from None
     if root.tag != "annotation":
         raise AnnotationError(xml_path, "annotation", f"root element is <{root.tag}>")
+    return root
 
+
+def _image_row(xml_path: Path, root) -> dict:
     filename = _text(xml_path, root, "filename")
     if not is_bare_filename(filename):
         raise AnnotationError(
             xml_path, "filename", f"{filename!r} is not a plain file name inside JPEGImages/"
         )
     size = _child(xml_path, root, "size")
-    width = _integer(xml_path, size, "width", "size/width")
-    height = _integer(xml_path, size, "height", "size/height")
-    depth = _integer(xml_path, size, "depth", "size/depth", default=3)
-    image = {
+    return {
         "filename": filename,
-        "width": width,
-        "height": height,
-        "depth": depth,
+        "width": _integer(xml_path, size, "width", "size/width"),
+        "height": _integer(xml_path, size, "height", "size/height"),
+        "depth": _integer(xml_path, size, "depth", "size/depth", default=3),
         "segmented": _flag(xml_path, root, "segmented", "segmented"),
     }
 
-    objects = []
-    for index, obj in enumerate(root.findall("object")):  # direct children only: not <part>
-        where = f"object[{index}]"
-        name = _text(xml_path, obj, "name", f"{where}/name")
-        if name not in class_ids:
-            known = ", ".join(class_ids)
-            raise AnnotationError(xml_path, f"{where}/name", f"unknown class {name!r} ({known})")
-        box = _child(xml_path, obj, "bndbox", f"{where}/bndbox")
-        xmin, ymin, xmax, ymax = (
-            _number(xml_path, box, key, f"{where}/bndbox/{key}")
-            for key in ("xmin", "ymin", "xmax", "ymax")
+
+def _object_row(xml_path: Path, obj, index: int, class_ids: Mapping[str, int], image: dict) -> dict:
+    where = f"object[{index}]"
+    name = _text(xml_path, obj, "name", f"{where}/name")
+    if name not in class_ids:
+        known = ", ".join(class_ids)
+        raise AnnotationError(xml_path, f"{where}/name", f"unknown class {name!r} ({known})")
+    box = _child(xml_path, obj, "bndbox", f"{where}/bndbox")
+    xmin, ymin, xmax, ymax = (
+        _number(xml_path, box, key, f"{where}/bndbox/{key}")
+        for key in ("xmin", "ymin", "xmax", "ymax")
+    )
+    width, height = image["width"], image["height"]
+    if not (0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height):
+        raise AnnotationError(
+            xml_path,
+            f"{where}/bndbox",
+            f"box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) is empty or outside the "
+            f"{width}x{height} image",
         )
-        if not (0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height):
-            raise AnnotationError(
-                xml_path,
-                f"{where}/bndbox",
-                f"box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) is empty or outside the "
-                f"{width}x{height} image",
-            )
-        occluded = obj.find("occluded")
-        objects.append(
-            {
-                "object_index": index,
-                "class_name": name,
-                "class_id": class_ids[name],
-                "xmin": xmin,
-                "ymin": ymin,
-                "xmax": xmax,
-                "ymax": ymax,
-                "difficult": _flag(xml_path, obj, "difficult", f"{where}/difficult"),
-                "truncated": _flag(xml_path, obj, "truncated", f"{where}/truncated"),
-                "occluded": None
-                if occluded is None
-                else _flag(xml_path, obj, "occluded", f"{where}/occluded"),
-                "pose": (obj.findtext("pose") or "").strip() or "Unspecified",
-            }
-        )
-    return image, objects
+    difficult = _flag(xml_path, obj, "difficult", f"{where}/difficult")
+    truncated = _flag(xml_path, obj, "truncated", f"{where}/truncated")
+    occluded = None
+    if obj.find("occluded") is not None:
+        occluded = _flag(xml_path, obj, "occluded", f"{where}/occluded")
+    return {
+        "object_index": index,
+        "class_name": name,
+        "class_id": class_ids[name],
+        "xmin": xmin,
+        "ymin": ymin,
+        "xmax": xmax,
+        "ymax": ymax,
+        "difficult": difficult,
+        "truncated": truncated,
+        "occluded": occluded,
+        "pose": (obj.findtext("pose") or "").strip() or "Unspecified",
+    }
 
 
 def read_image_entry(dataset_dir: Path, image_id: str, class_ids: Mapping[str, int]) -> tuple:

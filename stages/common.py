@@ -20,7 +20,16 @@ EXTRACT_REPORTS = Path("reports/extract")
 MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")  # train_<kind>/ and evaluate_<kind>/ per head kind
 
+VAL_FEATURES = FEATURES_DIR / "val.safetensors"
+
 PARAMS_OPTION = typer.Option("params.yaml", "--params", help="The params file to read.")
+
+
+def command_group(help: str) -> typer.Typer:
+    """A Typer app whose commands stay subcommands even when there is one (`train single`)."""
+    app = typer.Typer(add_completion=False, help=help)
+    app.callback()(lambda: None)
+    return app
 
 
 @contextlib.contextmanager
@@ -31,3 +40,8 @@ def clean_errors() -> Iterator[None]:
     except PipelineError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+def warn(message: str) -> None:
+    """A yellow 'warning: ...' line on stderr."""
+    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)

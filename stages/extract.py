@@ -18,11 +18,19 @@ import torch
 import typer
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import check_mode, extract_features, pick_device
+from pipeline_lib.features import ExtractSettings, check_stackable, extract_features, pick_device
 from pipeline_lib.files import atomic_dir, write_json
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.params import ParamsError, load_params
 from pipeline_lib.tables import read_prepared
-from stages.common import EXTRACT_REPORTS, FEATURES_DIR, PARAMS_OPTION, PREPARED_DIR, clean_errors
+from stages.common import (
+    EXTRACT_REPORTS,
+    FEATURES_DIR,
+    PARAMS_OPTION,
+    PREPARED_DIR,
+    clean_errors,
+    warn,
+)
 
 app = typer.Typer(add_completion=False)
 
@@ -32,58 +40,36 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """Run backbone.name over data/prepared's images under image.mode / image.size."""
     with clean_errors():
         params = load_params(params_file)
-        bb, image = params.backbone, params.image
-        check_mode(image.mode)
+        bb, spec = params.backbone, ImageSpec(params.image.mode, params.image.size)
+        check_stackable(spec.mode)
+        if bb.fine_layer != "none" and spec.size % 32:
+            raise ParamsError(
+                f"backbone.fine_layer: {bb.fine_layer} needs image.size to be a multiple of 32 "
+                f"(got {spec.size})"
+            )
+        settings = ExtractSettings(
+            bb.store_dtype, bb.batch_size, bb.device, bb.compile, bb.workers, params.data.on_error
+        )
         device = pick_device(bb.device)
         prepared = read_prepared(PREPARED_DIR)
-        dataset_dir = Path(prepared.info["dataset_dir"])
-        if bb.fine_layer != "none" and image.size % 32:
-            raise ParamsError(f"backbone.fine_layer: {bb.fine_layer} needs image.size to be a "
-                              f"multiple of 32 (got {image.size})")  # fmt: skip
         backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)
-        description = {
-            **backbone.describe(),
-            "image_mode": image.mode,
-            "image_size": image.size,
-            "store_dtype": bb.store_dtype,
-            "splits": {},
-        }
+        description = {**backbone.describe(), "image_mode": spec.mode, "image_size": spec.size}
+        description |= {"store_dtype": bb.store_dtype, "splits": {}}
         report = {"device": str(device), "torch": torch.__version__, "splits": {}}
         with atomic_dir(FEATURES_DIR) as out:
-            for split, rows in prepared.images.groupby("split", sort=False):
+            for split, images in prepared.split_files():
+                file = f"{split}.safetensors"
                 result = extract_features(
-                    backbone,
-                    [dataset_dir / p for p in rows["path"]],
-                    rows["image_id"].tolist(),
-                    out / f"{split}.safetensors",
-                    image.mode,
-                    image.size,
-                    store_dtype=bb.store_dtype,
-                    batch_size=bb.batch_size,
-                    device=bb.device,
-                    compile=bb.compile,
-                    workers=bb.workers,
-                    on_error=params.data.on_error,
-                    description=f"extract {split}",
+                    backbone, images, out / file, spec, settings, f"extract {split}"
                 )
                 for skip in result.skipped:
-                    typer.secho(f"warning: skipped {skip['reason']}", err=True, fg="yellow")
-                description["splits"][split] = {
-                    "file": f"{split}.safetensors",
-                    "shape": list(result.shape),
-                }
-                report["splits"][split] = {
-                    "images": len(result.image_ids),
-                    "skipped": len(result.skipped),
-                    "seconds": round(result.seconds, 2),
-                    "images_per_second": round(result.images_per_second, 1),
-                    "skipped_images": result.skipped,
-                }
+                    warn(f"skipped {skip['reason']}")
+                description["splits"][split] = {"file": file, "shape": list(result.shape)}
+                report["splits"][split] = result.report()
                 typer.echo(
                     f"{split}: {len(result.image_ids)} images -> {tuple(result.shape)} "
-                    f"{bb.store_dtype} in {result.seconds:.1f} s "
-                    f"({result.images_per_second:.1f} images/s on {device}), "
-                    f"{len(result.skipped)} skipped"
+                    f"{bb.store_dtype} in {result.seconds:.1f} s ({result.images_per_second:.1f} "
+                    f"images/s on {device}), {len(result.skipped)} skipped"
                 )
             write_json(out / "features.json", description)
         write_json(EXTRACT_REPORTS / "report.json", report)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -26,22 +27,41 @@ import pandas as pd
 import typer
 from tqdm import tqdm
 
-from pipeline_lib.detection import Detections
+from pipeline_lib.detection import Filtering
 from pipeline_lib.features import ImageError
 from pipeline_lib.files import atomic_file, write_json
-from pipeline_lib.inference import Detector, cell_rectangles, detect, load_detector, open_photo
-from pipeline_lib.plots import annotate
+from pipeline_lib.inference import (
+    TABLE_COLUMNS,
+    Detector,
+    collect_images,
+    detect,
+    draw,
+    load_detector,
+    open_photo,
+    table_rows,
+    unique_name,
+)
 from stages.common import MODELS_DIR, clean_errors
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_MODEL = MODELS_DIR / "multi.safetensors"
 DEFAULT_OUT = Path("predictions")
-COLUMNS = ["image", "class", "score", "xmin", "ymin", "xmax", "ymax"]
+Score = Annotated[float, typer.Option(min=0.0, max=1.0, help="Grid head: lowest score kept.")]
+NmsIou = Annotated[float, typer.Option(min=0.0, max=1.0, help="Grid head: NMS IoU.")]
+MaxDetections = Annotated[int, typer.Option(min=1, help="Grid head: most boxes per image.")]
+Device = Annotated[str, typer.Option(help="auto (GPU if there is one) | cpu | cuda.")]
 
 
 class Format(StrEnum):
     parquet = "parquet"
     json = "json"
+
+
+@dataclass
+class Output:
+    folder: Path
+    show_grid: bool
+    batch_size: int
+    progress: bool
 
 
 app = typer.Typer(add_completion=False)
@@ -52,19 +72,15 @@ def main(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     model: Annotated[Path, typer.Option(help="A trained model file.")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the table.")] = DEFAULT_OUT,
-    score: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Grid head: lowest score kept.")
-    ] = 0.2,
-    nms_iou: Annotated[float, typer.Option(min=0.0, max=1.0, help="Grid head: NMS IoU.")] = 0.5,
-    max_detections: Annotated[
-        int, typer.Option(min=1, help="Grid head: most boxes per image.")
-    ] = 100,
+    score: Score = 0.2,
+    nms_iou: NmsIou = 0.5,
+    max_detections: MaxDetections = 100,
     format: Annotated[
         Format, typer.Option(help="Format of the detections table.")
     ] = Format.parquet,
     show_grid: Annotated[bool, typer.Option(help="Draw the grid head's cells.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per backbone call.")] = 16,
-    device: Annotated[str, typer.Option(help="auto (GPU if there is one) | cpu | cuda.")] = "auto",
+    device: Device = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Detect objects in IMAGES with a trained model; annotated PNGs and a detections table."""
@@ -75,91 +91,57 @@ def main(
         raise typer.Exit(1)
     with clean_errors():
         detector = load_detector(model, device)
-    show = detector.info["kind"] == "multi" and show_grid
-    rows: list[dict] = []
-    names: set[str] = set()
-    done, start = 0, time.perf_counter()
-    bar = tqdm(total=len(paths), desc="predict", unit="image", disable=not progress)
-    for first in range(0, len(paths), batch_size):
-        batch = []
-        for path in paths[first : first + batch_size]:
-            try:
-                batch.append((path, open_photo(path)))
-            except ImageError as error:
-                failures.append(str(error))
-                with tqdm.external_write_mode(file=sys.stderr):  # above the progress bar
-                    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-        if batch:
-            found = detect(detector, [image for _, image in batch], score, nms_iou, max_detections)
-            for (path, image), detections in zip(batch, found, strict=True):
-                rows.extend(table_rows(path, detections, detector.classes))
-                drawn = draw(detector, image, detections, show)
-                with atomic_file(out / unique_name(path, names)) as tmp:
-                    drawn.save(tmp, format="PNG")
-            done += len(batch)
-        bar.update(len(paths[first : first + batch_size]))
-    bar.close()
-    seconds = time.perf_counter() - start
-    table = out / f"detections.{format.value}"
-    if format is Format.json:
-        write_json(table, rows)
-    else:
-        with atomic_file(table) as tmp:
-            pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp, index=False)
-    images = f"{done} image{'' if done == 1 else 's'}"
+    keep = Filtering(score, nms_iou, max_detections)
+    output = Output(out, show_grid and detector.card.kind == "multi", batch_size, progress)
+    start = time.perf_counter()
+    rows, done = predict_all(detector, paths, keep, output, failures)
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    table = write_table(rows, out / f"detections.{Format(format).value}")
     typer.echo(
-        f"{images}, {len(rows)} detections, {done / max(seconds, 1e-9):.1f} images/s on "
-        f"{detector.device.type} -> {out}/ ({table.name} and one PNG per image)"
+        f"{done} image{'' if done == 1 else 's'}, {len(rows)} detections, {rate:.1f} images/s "
+        f"on {detector.device.type} -> {out}/ ({table.name} and one PNG per image)"
     )
     if failures:
         typer.secho(f"{len(failures)} input(s) failed (listed above)", err=True, fg="red")
         raise typer.Exit(1)
 
 
-def collect_images(arguments: list[Path]) -> tuple[list[Path], list[str]]:
-    """Files as given, folders expanded to their image files (sorted); problems as messages."""
-    paths, problems = [], []
-    for argument in arguments:
-        if argument.is_dir():
-            found = sorted(p for p in argument.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
-            if not found:
-                problems.append(f"{argument}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
-            paths.extend(found)
-        elif argument.exists():
-            paths.append(argument)
-        else:
-            problems.append(f"{argument}: no such file or folder")
-    return paths, problems
+def predict_all(
+    detector: Detector, paths: list[Path], keep: Filtering, output: Output, failures: list[str]
+) -> tuple[list[dict], int]:
+    """Detect in `paths` batch by batch, write a PNG per image; table rows and images done.
+    Files that cannot be read are reported, added to `failures` and skipped."""
+    rows: list[dict] = []
+    names: set[str] = set()
+    done = 0
+    with tqdm(total=len(paths), desc="predict", unit="image", disable=not output.progress) as bar:
+        for first in range(0, len(paths), output.batch_size):
+            batch = []
+            for path in paths[first : first + output.batch_size]:
+                try:
+                    batch.append((path, open_photo(path)))
+                except ImageError as error:
+                    failures.append(str(error))
+                    with tqdm.external_write_mode(file=sys.stderr):  # above the progress bar
+                        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+            found = detect(detector, [image for _, image in batch], keep) if batch else []
+            for (path, image), detections in zip(batch, found, strict=True):
+                rows.extend(table_rows(path, detections, detector.classes))
+                with atomic_file(output.folder / unique_name(path, names)) as tmp:
+                    draw(detector, image, detections, output.show_grid).save(tmp, format="PNG")
+            done += len(batch)
+            bar.update(len(paths[first : first + output.batch_size]))
+    return rows, done
 
 
-def table_rows(path: Path, detections: Detections, classes: list[str]) -> list[dict]:
-    boxes = detections.boxes.tolist()
-    pairs = zip(detections.labels.tolist(), detections.scores.tolist(), boxes, strict=True)
-    return [
-        {"image": str(path), "class": classes[k], "score": round(s, 5),
-         **{c: round(v, 2) for c, v in zip(COLUMNS[3:], box, strict=True)}}
-        for k, s, box in pairs
-    ]  # fmt: skip
-
-
-def draw(detector: Detector, image, detections: Detections, show_grid: bool):
-    texts = [
-        f"{detector.classes[k]} {s:.2f}"
-        for k, s in zip(detections.labels.tolist(), detections.scores.tolist(), strict=True)
-    ]
-    cells = cell_rectangles(detector.info, *image.size) if show_grid else None
-    return annotate(image, detections.boxes, texts, detections.labels.tolist(), cells)
-
-
-def unique_name(path: Path, taken: set[str]) -> str:
-    """<stem>.png, or <stem>_2.png, ... when two inputs share a stem."""
-    name, n = f"{path.stem}.png", 1
-    while name in taken:
-        n += 1
-        name = f"{path.stem}_{n}.png"
-    taken.add(name)
-    return name
+def write_table(rows: list[dict], table: Path) -> Path:
+    """The detections as JSON records or a Parquet table (by the file's suffix)."""
+    if table.suffix == ".json":
+        write_json(table, rows)
+    else:
+        with atomic_file(table) as tmp:
+            pd.DataFrame(rows, columns=TABLE_COLUMNS).to_parquet(tmp, index=False)
+    return table
 
 
 if __name__ == "__main__":

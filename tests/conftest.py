@@ -26,10 +26,13 @@ SHARED_VOC = Path(
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that use the `trained` fixture run the real stages: mark them `stages`."""
+    """Tests that use the `trained` fixture run the real stages: mark them `stages`; those in
+    tests/e2e/ run the real dvc CLI or stage processes: mark them `e2e`."""
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.stages)
+        if "e2e" in Path(item.path).relative_to(REPO / "tests").parts[:-1]:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -45,9 +48,17 @@ def shared_voc() -> Path:
     return SHARED_VOC
 
 
-def voc_xml(filename="a.jpg", width=100, height=80, objects=("<object><name>cat</name>"
-            "<bndbox><xmin>10</xmin><ymin>20</ymin><xmax>50</xmax><ymax>60</ymax></bndbox>"
-            "</object>",), extra="") -> str:  # fmt: skip
+def voc_xml(
+    filename="a.jpg",
+    width=100,
+    height=80,
+    objects=(
+        "<object><name>cat</name>"
+        "<bndbox><xmin>10</xmin><ymin>20</ymin><xmax>50</xmax><ymax>60</ymax></bndbox>"
+        "</object>",
+    ),
+    extra="",
+) -> str:
     """A small VOC annotation; `objects` are raw <object> XML snippets."""
     return (
         f"<annotation><filename>{filename}</filename>"
@@ -109,12 +120,12 @@ def voc_folder(tmp_path) -> VocFolder:
     return VocFolder(tmp_path / "VOCdevkit" / "VOC2007")
 
 
-def tiny_params(params: dict, n_train: int = 8, n_val: int = 4, epochs: int = 2,
-                max_side: int = 128) -> dict:  # fmt: skip
+def tiny_params(
+    params: dict, n_train: int = 8, n_val: int = 4, epochs: int = 2, max_side: int = 128
+) -> dict:
     """`params` (params.yaml as a dict) shrunk for tests, in place: a few small synthetic images,
     tiny heads, few epochs, one sample per figure. Returns it."""
-    params["data"]["synthetic"].update(n_train=n_train, n_val=n_val, min_side=96,
-                                       max_side=max_side)  # fmt: skip
+    params["data"]["synthetic"].update(n_train=n_train, n_val=n_val, min_side=96, max_side=max_side)
     params["report"].update(samples=1, mode_samples=1)
     params["backbone"].update(batch_size=8, workers=0)
     params["head"].update(hidden=16, grid_hidden=16)

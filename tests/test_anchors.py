@@ -14,11 +14,14 @@ import yaml
 from conftest import invoke
 
 from pipeline_lib.anchors import best_anchor, kmeans_anchors, shape_iou
-from pipeline_lib.detection import cell_scores, grid_detections, grid_to_encoded
-from pipeline_lib.heads import MultiObjectHead, load_checkpoint, save_checkpoint
-from pipeline_lib.losses import multi_object_loss
+from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.detection import Filtering, cell_scores, grid_detections
+from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.gridcoding import decode_grid
+from pipeline_lib.heads import MultiObjectHead
+from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.tables import read_prepared
-from pipeline_lib.targets import grid_targets, multi_object_targets, training_shapes
+from pipeline_lib.targets import GridLevel, multi_object_targets, training_shapes
 
 
 def test_shape_iou_by_hand():
@@ -67,29 +70,6 @@ def test_kmeans_edge_cases():
         kmeans_anchors(torch.tensor([[0.1, 0.0]]), 1)
 
 
-def test_grid_targets_with_anchors_by_hand():
-    anchors = torch.tensor([[0.1, 0.1], [0.6, 0.3]])
-    # S = 2. Objects 0 and 1 share cell (0, 0) but not their best anchor; object 2 shares cell
-    # (0, 0) and anchor 0 with object 0 and overwrites it.
-    encoded = torch.tensor([
-        [0.20, 0.30, 0.10, 0.12],  # cell (0, 0), anchor 0
-        [0.25, 0.40, 0.50, 0.30],  # cell (0, 0), anchor 1
-        [0.30, 0.10, 0.08, 0.10],  # cell (0, 0), anchor 0: replaces object 0
-        [0.75, 0.90, 0.70, 0.20],  # cell (1, 1), anchor 1
-    ])  # fmt: skip
-    labels = torch.tensor([3, 4, 5, 6])
-    boxes, has_obj, cell_labels, dropped = grid_targets(encoded, labels, 2, anchors)
-    assert boxes.shape == (2, 4, 2, 2) and has_obj.shape == cell_labels.shape == (2, 2, 2)
-    assert dropped == 1
-    assert has_obj.tolist() == [[[1, 0], [0, 0]], [[1, 0], [0, 1]]]
-    assert cell_labels[0, 0, 0] == 5 and cell_labels[1, 0, 0] == 4 and cell_labels[1, 1, 1] == 6
-    # centres in cell units: 0.3 * 2 - 0 = 0.6, 0.1 * 2 - 0 = 0.2; 0.75 * 2 - 1 = 0.5, 0.9 * 2 - 1
-    assert boxes[0, :, 0, 0].tolist() == pytest.approx([0.6, 0.2, 0.08, 0.10])
-    assert boxes[1, :, 1, 1].tolist() == pytest.approx([0.5, 0.8, 0.70, 0.20])
-    # without anchors the three objects of cell (0, 0) keep one: two are dropped
-    assert grid_targets(encoded, labels, 2)[3] == 2
-
-
 def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):
     """Two objects collide with anchors only if they also collide without: on the genuine VOC2007
     subset the learnable objects can only grow."""
@@ -100,13 +80,17 @@ def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):
     write_prepared(tmp_path, rows.images, rows.objects, {"classes": list(VOC_CLASSES)})
     prepared = read_prepared(tmp_path)
     ids = prepared.images["image_id"].tolist()
-    plain = multi_object_targets(prepared.images, prepared.objects, ids, "shrink", 224, 7)
-    shapes = training_shapes(prepared.images, prepared.objects, ids, "shrink", 224)
+    plain = multi_object_targets(
+        prepared.images, prepared.objects, ids, ImageSpec("shrink", 224), GridLevel(7)
+    )
+    shapes = training_shapes(prepared.images, prepared.objects, ids, ImageSpec("shrink", 224))
     assert len(shapes) == int(plain.objects.sum()) == len(prepared.objects)
     for k in (1, 3, 5):
         anchors = kmeans_anchors(shapes, k)[0].float()
-        anchored = multi_object_targets(prepared.images, prepared.objects, ids, "shrink", 224,
-                                        7, anchors)  # fmt: skip
+        level = GridLevel(7, anchors)
+        anchored = multi_object_targets(
+            prepared.images, prepared.objects, ids, ImageSpec("shrink", 224), level
+        )
         assert (anchored.dropped <= plain.dropped).all()
         if k == 1:  # one anchor: the same collisions as no anchor
             assert torch.equal(anchored.dropped, plain.dropped)
@@ -116,8 +100,7 @@ def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):
 
 def _anchored_head(anchors):
     torch.manual_seed(0)
-    return MultiObjectHead((8, 3, 3), n_classes=4, num_cells=3, hidden=8,
-                           anchors=anchors).eval()  # fmt: skip
+    return MultiObjectHead((8, 3, 3), n_classes=4, num_cells=3, hidden=8, anchors=anchors).eval()
 
 
 def test_anchored_head_starts_at_its_anchors():
@@ -143,7 +126,7 @@ def test_anchored_decoding_order_and_values():
     # B = 1, A = 2, S = 2: slot index = a * 4 + i * 2 + j
     pred = torch.zeros(1, 2, 4, 2, 2)
     pred[0, 1, :, 1, 0] = torch.tensor([0.5, 0.25, 0.3, 0.2])  # anchor 1, row 1, column 0
-    encoded = grid_to_encoded(pred)
+    encoded = decode_grid(pred)
     assert encoded.shape == (1, 8, 4)
     # cx = (0.5 + 0) / 2, cy = (0.25 + 1) / 2
     assert encoded[0, 6].tolist() == pytest.approx([0.25, 0.625, 0.3, 0.2])
@@ -153,39 +136,30 @@ def test_anchored_decoding_order_and_values():
     scores, labels = cell_scores(logits)
     assert scores.shape == (1, 8) and scores[0, 6].item() == pytest.approx(0.5)
     assert labels[0, 6] == 1 and scores[0, :6].max() < 0.01
-    (found,) = grid_detections(pred, logits, [(200, 100)], "shrink", 224, 0.2, 0.5, 10)
+    (found,) = grid_detections(
+        pred, logits, [(200, 100)], ImageSpec("shrink", 224), Filtering(0.2, 0.5, 10)
+    )
     # (0.25, 0.625, 0.3, 0.2) of 200 x 100: x 20..80, y 52.5..72.5
     assert found.labels.tolist() == [1]
     assert found.boxes[0].tolist() == pytest.approx([20.0, 52.5, 80.0, 72.5])
 
 
-def test_anchored_loss_counts_only_assigned_slots():
-    s, a = 2, 2
-    boxes = torch.zeros(1, a, 4, s, s)
-    has_obj = torch.zeros(1, a, s, s, dtype=torch.uint8)
-    labels = torch.zeros(1, a, s, s, dtype=torch.int64)
-    boxes[0, 1, :, 0, 1] = torch.tensor([0.5, 0.5, 0.3, 0.3])
-    has_obj[0, 1, 0, 1], labels[0, 1, 0, 1] = 1, 2
-    logits = torch.zeros(1, a, 4, s, s)
-    pred = boxes.clone()
-    base = multi_object_loss(pred, logits, boxes, has_obj, labels)
-    assert base["box_loss"].item() == 0.0
-    pred[0, 0, :, 0, 1] = 0.9  # wrong box in the other anchor's slot of the same cell: no loss
-    assert multi_object_loss(pred, logits, boxes, has_obj, labels)["box_loss"].item() == 0.0
-    pred[0, 1, 0, 0, 1] = 0.7  # 0.2 off in one of 4 coordinates: SmoothL1 0.5 * 0.2^2 / 4
-    assert multi_object_loss(pred, logits, boxes, has_obj, labels)["box_loss"].item() == (
-        pytest.approx(0.005)
-    )
-    # objectness: BCE of logit 0 is ln 2 in every one of the 8 slots
-    assert base["obj_loss"].item() == pytest.approx(0.6931, abs=1e-4)
-
-
 def test_anchored_checkpoint_round_trip(tmp_path):
     anchors = [[0.1, 0.2], [0.5, 0.4]]
     head = _anchored_head(anchors)
-    info = {"kind": "multi", "head": {"hidden": 8, "dropout": 0.5}, "num_cells": 3,
-            "anchors": anchors, "classes": list("abcd"), "feature_shape": [8, 3, 3]}  # fmt: skip
-    save_checkpoint(tmp_path / "m.safetensors", head, info)
+    info = {
+        "kind": "multi",
+        "head": {"hidden": 8, "dropout": 0.5},
+        "num_cells": 3,
+        "anchors": anchors,
+        "classes": list("abcd"),
+        "feature_shape": [8, 3, 3],
+        "feature_dtype": "float16",
+        "backbone": {"name": "resnet18"},
+        "image_mode": "shrink",
+        "image_size": 96,
+    }
+    save_checkpoint(tmp_path / "m.safetensors", head, ModelCard.from_dict(info))
     loaded = load_checkpoint(tmp_path / "m.safetensors")
     x = torch.randn(2, 8, 3, 3)
     for mine, theirs in zip(head(x), loaded.head(x), strict=True):
@@ -207,16 +181,18 @@ def test_train_and_evaluate_multi_with_anchors(trained, tmp_path, monkeypatch):
     output = invoke(train.app, ["multi", "--no-progress"]).output
     assert "anchors (w x h, image fractions) from k-means on" in output
     checkpoint = load_checkpoint("models/multi.safetensors")
-    assert len(checkpoint.info["anchors"]) == 2 and checkpoint.head.anchors.shape == (2, 2)
+    assert len(checkpoint.card.grid.anchors) == 2 and checkpoint.head.anchors.shape == (2, 2)
     prepared = read_prepared("data/prepared")
     train_ids = prepared.images.query("split == 'train'")["image_id"].tolist()
-    shapes = training_shapes(prepared.images, prepared.objects, train_ids, "shrink",
-                             params["image"]["size"])  # fmt: skip
-    stored = torch.tensor(checkpoint.info["anchors"], dtype=torch.float64)
+    shapes = training_shapes(
+        prepared.images, prepared.objects, train_ids, ImageSpec("shrink", params["image"]["size"])
+    )
+    stored = torch.tensor(checkpoint.card.grid.anchors, dtype=torch.float64)
     torch.testing.assert_close(stored, kmeans_anchors(shapes, 2)[0], atol=1e-7, rtol=0)
     summary = json.loads((folder / "reports/train_multi/metrics.json").read_text())
-    torch.testing.assert_close(torch.tensor(summary["anchors"], dtype=torch.float64), stored,
-                               atol=1e-4, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(summary["anchors"], dtype=torch.float64), stored, atol=1e-4, rtol=0
+    )
     invoke(evaluate.app, ["multi"])
     metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
     assert 0.0 <= metrics["map"] <= 1.0 and metrics["recall_upper_bound"] > 0

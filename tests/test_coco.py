@@ -25,8 +25,9 @@ def write_coco(root: Path, split: str, images, annotations, categories=None) -> 
                 Image.new("RGB", (max(image["width"], 1), image["height"])).save(path)
     path = annotation_path(root, split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))  # fmt: skip
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return path
 
 
@@ -35,8 +36,7 @@ def image(n, name=None, width=100, height=80):
 
 
 def box(n, image_id, bbox, category=1, crowd=0):
-    return {"id": n, "image_id": image_id, "bbox": bbox, "category_id": category,
-            "iscrowd": crowd}  # fmt: skip
+    return {"id": n, "image_id": image_id, "bbox": bbox, "category_id": category, "iscrowd": crowd}
 
 
 def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
@@ -50,8 +50,10 @@ def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
     rows, names, ids = read_coco(tmp_path, {"train": "tr", "val": "va"}, progress=False)
     assert names == ["cat", "dog"] and ids == [1, 3]  # category id order, names kept
     assert [(i["image_id"], i["split"], i["path"], i["n_objects"]) for i in rows.images] == [
-        ("img7", "train", "tr/img7.jpg", 2), ("img9", "train", "tr/img9.jpg", 0),
-        ("v", "val", "va/v.jpg", 1)]  # fmt: skip
+        ("img7", "train", "tr/img7.jpg", 2),
+        ("img9", "train", "tr/img9.jpg", 0),
+        ("v", "val", "va/v.jpg", 1),
+    ]
     first, crowd, clipped = rows.objects
     assert (first["class_name"], first["class_id"], first["difficult"]) == ("cat", 0, False)
     assert [first[k] for k in ("xmin", "ymin", "xmax", "ymax")] == [10, 20, 40.5, 60]
@@ -72,7 +74,7 @@ def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
             [box(1, 1, [10, 10, 5, 5], category=2)],
             "annotations[0].category_id",
             "not a category",
-        ),  # fmt: skip
+        ),
         ([image(1, "../up.jpg")], [], "images[0].file_name", "not a plain file name"),
         ([image(1, "/etc/passwd")], [], "images[0].file_name", "not a plain file name"),
         ([image(1, "my photo.jpg")], [], "images[0].file_name", "not a plain image id"),
@@ -124,17 +126,29 @@ def test_voc_to_coco_and_back_gives_the_same_tables(shared_voc, tmp_path):
         voc_to_coco(shared_voc, split, classes, tmp_path / "coco")
     data = json.loads(annotation_path(tmp_path / "coco", "val").read_text())
     assert len(data["images"]) == 186 and len(data["annotations"]) == 636
-    rows, names, ids = read_coco(tmp_path / "coco", {"train": "train", "val": "val"},
-                                 progress=False)  # fmt: skip
+    rows, names, ids = read_coco(
+        tmp_path / "coco", {"train": "train", "val": "val"}, progress=False
+    )
     voc = read_voc(shared_voc, {"train": "train", "val": "val"}, classes, progress=False)
     assert names == classes and ids == list(range(1, 21))
     keys = ("image_id", "split", "width", "height", "n_objects")
     assert [tuple(i[k] for k in keys) for i in rows.images] == [
-        tuple(i[k] for k in keys) for i in voc.images]  # fmt: skip
-    keys = ("image_id", "object_index", "class_name", "class_id", "xmin", "ymin", "xmax", "ymax",
-            "difficult")  # fmt: skip
+        tuple(i[k] for k in keys) for i in voc.images
+    ]
+    keys = (
+        "image_id",
+        "object_index",
+        "class_name",
+        "class_id",
+        "xmin",
+        "ymin",
+        "xmax",
+        "ymax",
+        "difficult",
+    )
     assert [tuple(o[k] for k in keys) for o in rows.objects] == [
-        tuple(o[k] for k in keys) for o in voc.objects]  # fmt: skip
+        tuple(o[k] for k in keys) for o in voc.objects
+    ]
 
 
 @pytest.mark.stages
@@ -147,8 +161,19 @@ def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     invoke(synthesize.app, ["--workers", "1"])
     classes = raw_params["data"]["synthetic"]["classes"]
-    invoke(convert.app, ["data/synthetic/VOCdevkit/VOCshapes", "coco", "--split", "train",
-                         "--split", "val", "--classes", ",".join(classes)])  # fmt: skip
+    invoke(
+        convert.app,
+        [
+            "data/synthetic/VOCdevkit/VOCshapes",
+            "coco",
+            "--split",
+            "train",
+            "--split",
+            "val",
+            "--classes",
+            ",".join(classes),
+        ],
+    )
     raw_params["data"].update(source="coco", root="coco")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     invoke(prepare.app, [])
@@ -161,10 +186,12 @@ def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_
     assert info["coco_category_ids"] == list(range(1, len(classes) + 1))
     xml_objects = sum(
         (tmp_path / "data/synthetic/VOCdevkit/VOCshapes/Annotations" / f"{i}.xml")
-        .read_text().count("<object>")
+        .read_text()
+        .count("<object>")
         for i in (tmp_path / "data/synthetic/VOCdevkit/VOCshapes/ImageSets/Main/val.txt")
-        .read_text().split()
-    )  # fmt: skip
+        .read_text()
+        .split()
+    )
     metrics = json.loads((tmp_path / "reports/evaluate_multi/metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["objects"] == xml_objects
     assert metrics["overlap"] == "continuous"  # COCO's coordinates: no VOC pixel convention

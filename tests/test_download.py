@@ -37,8 +37,10 @@ def server(tmp_path, monkeypatch):
 def make_archive(tmp_path, extra_member: str | None = None) -> bytes:
     """A tiny VOC2012-shaped tar: VOCdevkit/VOC2012/{Annotations,JPEGImages,ImageSets/Main}."""
     folder = VocFolder(tmp_path / "src" / "VOCdevkit" / "VOC2012")
-    objects = ["<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax>"
-               "<ymax>30</ymax></bndbox></object>"]  # fmt: skip
+    objects = [
+        "<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax>"
+        "<ymax>30</ymax></bndbox></object>"
+    ]
     folder.add("2012_000001", voc_xml("2012_000001.jpg", objects=objects))
     folder.split("train", ["2012_000001"])
     buffer = io.BytesIO()

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ImageError, extract_features, read_features
+from pipeline_lib.features import ExtractSettings, ImageError, extract_features, read_features
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.params import ParamsError
 
 
@@ -28,8 +29,9 @@ def images(tmp_path) -> list[Path]:
     """Five small photos-like images of different sizes (and one greyscale, one CMYK)."""
     torch.manual_seed(1)
     paths = []
-    for i, (w, h, mode) in enumerate([(120, 90, "RGB"), (64, 128, "RGB"), (100, 100, "L"),
-                                      (150, 80, "CMYK"), (90, 90, "RGB")]):  # fmt: skip
+    for i, (w, h, mode) in enumerate(
+        [(120, 90, "RGB"), (64, 128, "RGB"), (100, 100, "L"), (150, 80, "CMYK"), (90, 90, "RGB")]
+    ):
         pixels = (torch.rand(h, w, 3) * 255).to(torch.uint8).numpy()
         image = Image.fromarray(pixels).convert(mode)
         path = tmp_path / f"img{i}.jpg"
@@ -45,8 +47,11 @@ def direct_forward(backbone, path: Path, mode: str, size: int) -> torch.Tensor:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     else:
         image = F.center_crop(image, [size, size])
-    x = F.normalize(F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True),
-                    list(backbone.mean), list(backbone.std))  # fmt: skip
+    x = F.normalize(
+        F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True),
+        list(backbone.mean),
+        list(backbone.std),
+    )
     with torch.no_grad():
         return backbone.module.eval()(x[None])[0]
 
@@ -55,8 +60,14 @@ def direct_forward(backbone, path: Path, mode: str, size: int) -> torch.Tensor:
 def test_features_equal_a_direct_forward_pass(resnet18, images, tmp_path, mode):
     ids = [f"id{i}" for i in range(len(images))]
     out = tmp_path / "train.safetensors"
-    result = extract_features(resnet18, images, ids, out, mode, 96, batch_size=2, workers=1,
-                              progress=False)  # fmt: skip
+    result = extract_features(
+        resnet18,
+        dict(zip(ids, images, strict=True)),
+        out,
+        ImageSpec(mode, 96),
+        ExtractSettings(batch_size=2, workers=1),
+        progress=None,
+    )
     features = read_features(out)
     assert features.image_ids == ids == result.image_ids
     assert features.features.shape == (5, 512, 3, 3) and features.features.dtype == torch.float16
@@ -75,8 +86,14 @@ def test_compiled_path_equals_eager_with_a_padded_last_batch(images, tmp_path):
     ids = [f"id{i}" for i in range(len(images))]
     eager, compiled = tmp_path / "eager.safetensors", tmp_path / "compiled.safetensors"
     for out, flag in ((eager, False), (compiled, True)):
-        extract_features(backbone, images, ids, out, "shrink", 64, store_dtype="float32",
-                         batch_size=2, workers=0, compile=flag, progress=False)  # fmt: skip
+        extract_features(
+            backbone,
+            dict(zip(ids, images, strict=True)),
+            out,
+            ImageSpec("shrink", 64),
+            ExtractSettings(store_dtype="float32", batch_size=2, workers=0, compile=flag),
+            progress=None,
+        )
     a, b = read_features(eager), read_features(compiled)
     assert a.image_ids == b.image_ids == ids and a.features.shape == b.features.shape
     assert torch.allclose(a.features, b.features, rtol=1e-3, atol=1e-3)
@@ -84,8 +101,14 @@ def test_compiled_path_equals_eager_with_a_padded_last_batch(images, tmp_path):
 
 def test_file_is_plain_safetensors_with_float32_option(resnet18, images, tmp_path):
     out = tmp_path / "val.safetensors"
-    extract_features(resnet18, images[:3], ["a", "b", "c"], out, "shrink", 64,
-                     store_dtype="float32", workers=0, progress=False)  # fmt: skip
+    extract_features(
+        resnet18,
+        dict(zip(["a", "b", "c"], images[:3], strict=True)),
+        out,
+        ImageSpec("shrink", 64),
+        ExtractSettings(store_dtype="float32", workers=0),
+        progress=None,
+    )
     with safe_open(str(out), framework="pt") as handle:
         assert list(handle.keys()) == ["features"]
         tensor = handle.get_tensor("features")
@@ -118,13 +141,25 @@ def test_bad_image_raises_naming_the_file_or_is_skipped(resnet18, images, tmp_pa
     paths = [images[0], bad, images[1]]
     out = tmp_path / "f.safetensors"
     with pytest.raises(ImageError, match=re.escape(words)) as info:
-        extract_features(resnet18, paths, ["a", "bad", "b"], out, "shrink", 64, workers=0,
-                         progress=False)  # fmt: skip
+        extract_features(
+            resnet18,
+            dict(zip(["a", "bad", "b"], paths, strict=True)),
+            out,
+            ImageSpec("shrink", 64),
+            ExtractSettings(workers=0),
+            progress=None,
+        )
     assert bad.name in str(info.value)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
-    result = extract_features(resnet18, paths, ["a", "bad", "b"], out, "shrink", 64, workers=1,
-                              on_error="skip", progress=False)  # fmt: skip
+    result = extract_features(
+        resnet18,
+        dict(zip(["a", "bad", "b"], paths, strict=True)),
+        out,
+        ImageSpec("shrink", 64),
+        ExtractSettings(workers=1, on_error="skip"),
+        progress=None,
+    )
     assert result.image_ids == ["a", "b"]
     assert [s["image_id"] for s in result.skipped] == ["bad"] and words in result.skipped[0][
         "reason"
@@ -136,13 +171,25 @@ def test_bad_image_raises_naming_the_file_or_is_skipped(resnet18, images, tmp_pa
 def test_decompression_bomb_guard(resnet18, images, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every test image is > 2x this
     with pytest.raises(ImageError, match="cannot decode.*decompression bomb"):
-        extract_features(resnet18, images[:1], ["a"], tmp_path / "f.safetensors", "shrink", 64,
-                         workers=0, progress=False)  # fmt: skip
+        extract_features(
+            resnet18,
+            dict(zip(["a"], images[:1], strict=True)),
+            tmp_path / "f.safetensors",
+            ImageSpec("shrink", 64),
+            ExtractSettings(workers=0),
+            progress=None,
+        )
 
 
 def test_mode_none_is_refused(resnet18, images, tmp_path):
     with pytest.raises(ParamsError, match="image.mode: none"):
-        extract_features(resnet18, images, list("abcde"), tmp_path / "f.safetensors", "none", 64)
+        extract_features(
+            resnet18,
+            dict(zip(list("abcde"), images, strict=True)),
+            tmp_path / "f.safetensors",
+            ImageSpec("none", 64),
+            ExtractSettings(),
+        )
 
 
 def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch):
@@ -164,7 +211,13 @@ def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch)
 
     monkeypatch.setattr(features_module, "prepare_model", interrupted_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(resnet18, images, list("abcde"), tmp_path / "f.safetensors", "shrink", 64,
-                         batch_size=2, workers=0, progress=False)  # fmt: skip
+        extract_features(
+            resnet18,
+            dict(zip(list("abcde"), images, strict=True)),
+            tmp_path / "f.safetensors",
+            ImageSpec("shrink", 64),
+            ExtractSettings(batch_size=2, workers=0),
+            progress=None,
+        )
     assert calls["n"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in images)

@@ -16,9 +16,10 @@ from conftest import REPO, invoke
 from torchvision.transforms import v2
 
 from pipeline_lib.backbones import backbone_units, load_backbone
+from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.features import prepare_model
 from pipeline_lib.finetuning import FineTuner, augment, augmentation
-from pipeline_lib.heads import MultiObjectHead, load_checkpoint
+from pipeline_lib.heads import MultiObjectHead
 
 
 def _boxes_image(boxes, height=60, width=80):
@@ -31,8 +32,9 @@ def _boxes_image(boxes, height=60, width=80):
 
 def test_flip_moves_boxes_with_pixels_by_hand():
     image = _boxes_image([(1, 2, 5, 6)], height=10, width=20)
-    flipped, boxes, labels = augment(augmentation(hflip=1.0), image, torch.tensor([[1.0, 2, 5, 6]]),
-                                     torch.tensor([3]))  # fmt: skip
+    flipped, boxes, labels = augment(
+        augmentation(hflip=1.0), image, torch.tensor([[1.0, 2, 5, 6]]), torch.tensor([3])
+    )
     assert boxes.tolist() == [[15.0, 2.0, 19.0, 6.0]]  # x -> 20 - x
     assert labels.tolist() == [3]
     assert torch.equal(flipped, image.flip(-1))
@@ -40,8 +42,13 @@ def test_flip_moves_boxes_with_pixels_by_hand():
 
 def test_zoom_by_hand_clamps_and_drops_boxes():
     # scale x2 about the centre (10, 10) of a 20 x 20 image: x -> 2x - 10
-    zoom = v2.Compose([v2.RandomAffine(degrees=0, scale=(2.0, 2.0)), v2.ClampBoundingBoxes(),
-                       v2.SanitizeBoundingBoxes(min_size=1.0)])  # fmt: skip
+    zoom = v2.Compose(
+        [
+            v2.RandomAffine(degrees=0, scale=(2.0, 2.0)),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+        ]
+    )
     image = _boxes_image([(8, 8, 12, 12)], 20, 20)
     boxes = torch.tensor([[8.0, 8, 12, 12], [0, 0, 4, 4], [2, 9, 6, 11]])
     _, out, labels = augment(zoom, image, boxes, torch.tensor([0, 1, 2]))
@@ -58,8 +65,9 @@ def test_augmented_boxes_still_frame_their_pixels(seed):
     drawn = [(10, 8, 30, 20), (50, 30, 76, 56)]  # far enough apart to tell them apart
     image = _boxes_image(drawn)
     transform = augmentation(hflip=0.5, scale_jitter=0.3, translate=0.25, color_jitter=0.0)
-    out, boxes, labels = augment(transform, image, torch.tensor(drawn, dtype=torch.float64),
-                                 torch.tensor([0, 1]))  # fmt: skip
+    out, boxes, labels = augment(
+        transform, image, torch.tensor(drawn, dtype=torch.float64), torch.tensor([0, 1])
+    )
     white = out[0] > 127
     for box in boxes.tolist():
         x0, y0, x1, y1 = box
@@ -121,13 +129,20 @@ def _project(trained, tmp_path, **finetune):
 
 def test_disabled_stage_writes_notes_without_torch(trained, tmp_path):
     folder = _project(trained, tmp_path, enabled=False)
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom stages.finetune import app\n"
-            "for command in ('train', 'evaluate'):\n"
-            "    result = CliRunner().invoke(app, [command])\n"
-            "    assert result.exit_code == 0, result.output\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom stages.finetune import app\n"
+        "for command in ('train', 'evaluate'):\n"
+        "    result = CliRunner().invoke(app, [command])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
     assert run.returncode == 0, run.stderr
     for stage in ("finetune", "evaluate_finetune"):
         metrics = json.loads((folder / "reports" / stage / "metrics.json").read_text())
@@ -139,8 +154,9 @@ def test_disabled_stage_writes_notes_without_torch(trained, tmp_path):
 def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatch):
     from stages import finetune, predict
 
-    folder = _project(trained, tmp_path, enabled=True, epochs=1, batch_size=4, unfreeze=1,
-                      workers=0, lr=0.01)  # fmt: skip
+    folder = _project(
+        trained, tmp_path, enabled=True, epochs=1, batch_size=4, unfreeze=1, workers=0, lr=0.01
+    )
     monkeypatch.chdir(folder)
     output = invoke(finetune.app, ["train", "--no-progress"]).output
     assert "training bn2 and the head" in output
@@ -156,7 +172,7 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
 
     tuned = load_checkpoint(folder / "models/finetuned/model.safetensors")
     original = load_checkpoint(folder / "models/multi.safetensors")
-    assert tuned.info["feature_dtype"] == "float32" and tuned.info["finetuned"]["epochs"] == 1
+    assert tuned.card.feature_dtype == "float32" and tuned.card.finetuned["epochs"] == 1
     pretrained = load_backbone("efficientnet_lite0").module.state_dict()
     state = tuned.backbone_state
     assert state.keys() == pretrained.keys()
@@ -166,6 +182,18 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
     assert any(not torch.equal(t, before[k]) for k, t in tuned.head.state_dict().items())
 
     image = next((folder / "data/synthetic").rglob("*.jpg"))
-    invoke(predict.app, [str(image), "--model", "models/finetuned/model.safetensors", "--out",
-                         "out", "--format", "json", "--score", "0.0"])  # fmt: skip
+    invoke(
+        predict.app,
+        [
+            str(image),
+            "--model",
+            "models/finetuned/model.safetensors",
+            "--out",
+            "out",
+            "--format",
+            "json",
+            "--score",
+            "0.0",
+        ],
+    )
     assert (folder / "out" / f"{image.stem}.png").is_file()

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import box_iou
 
-from pipeline_lib.detection import grid_to_encoded
 from pipeline_lib.geometry import (
     crop_window,
     encode_boxes,
@@ -20,7 +19,6 @@ from pipeline_lib.geometry import (
     paired_iou,
     transform_boxes,
 )
-from pipeline_lib.targets import grid_targets
 
 # The same examples on every run and machine (no example database): a failure reproduces.
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None)
@@ -56,29 +54,16 @@ def test_encode_then_decode_gives_the_box_back_in_original_pixels(case, mode, si
         return
     left, top = crop_window(width, height, size)  # the window in original pixels
     window = [max(left, 0), max(top, 0), min(left + size, width), min(top + size, height)]
-    clipped = [max(box[0], window[0]), max(box[1], window[1]),
-               min(box[2], window[2]), min(box[3], window[3])]  # fmt: skip
+    clipped = [
+        max(box[0], window[0]),
+        max(box[1], window[1]),
+        min(box[2], window[2]),
+        min(box[3], window[3]),
+    ]
     inside = clipped[2] > clipped[0] and clipped[3] > clipped[1]
     assert bool(keep[0]) == inside
     if inside:
         assert torch.allclose(back[0], torch.tensor(clipped, dtype=torch.float64), atol=1e-6 * size)
-
-
-@given(
-    st.floats(0, 1, exclude_max=True),
-    st.floats(0, 1, exclude_max=True),
-    st.floats(1e-3, 1),
-    st.floats(1e-3, 1),
-    st.integers(1, 19),
-)
-def test_grid_cell_encoding_round_trips_for_every_grid_size(cx, cy, w, h, cells):
-    encoded = torch.tensor([[cx, cy, w, h]], dtype=torch.float64)
-    boxes, has_obj, labels, dropped = grid_targets(encoded, torch.tensor([3]), cells)
-    i, j = int(cy * cells), int(cx * cells)  # the cell hosting the centre
-    assert has_obj.sum() == 1 and has_obj[i, j] == 1 and labels[i, j] == 3 and dropped == 0
-    assert ((boxes[:2] >= 0) & (boxes[:2] <= 1)).all()  # centre relative to its cell
-    decoded = grid_to_encoded(boxes.unsqueeze(0).double())[0, i * cells + j]
-    assert torch.allclose(decoded, encoded[0], atol=1e-6)
 
 
 def xyxy(draw_box):
@@ -91,8 +76,9 @@ side = st.one_of(st.just(0.0), st.floats(1e-3, 100))
 box_strategy = st.tuples(st.floats(-100, 100), st.floats(-100, 100), side, side).map(xyxy)
 
 
-@given(st.lists(box_strategy, min_size=1, max_size=6), st.lists(box_strategy, min_size=1,
-                                                                  max_size=6))  # fmt: skip
+@given(
+    st.lists(box_strategy, min_size=1, max_size=6), st.lists(box_strategy, min_size=1, max_size=6)
+)
 def test_iou_is_symmetric_bounded_and_one_on_itself(a, b):
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     ab, ba = box_iou(a, b), box_iou(b, a)

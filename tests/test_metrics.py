@@ -12,6 +12,7 @@ from conftest import SHARED_VOC
 from pipeline_lib.metrics import (
     OVERLAP_OF_SOURCE,
     ClassAP,
+    all_point_ap,
     box_overlap,
     coco_map,
     confusion_matrix,
@@ -414,3 +415,101 @@ def test_a_class_without_objects_and_the_means():
 def test_confusion_matrix_keeps_classes_never_seen():
     matrix = confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([1, 1, 0]), 4)
     assert matrix.tolist() == [[0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def one_image(det_boxes, det_scores, det_labels, gt_boxes, gt_labels, gt_difficult=None):
+    gt_difficult = gt_difficult or [False] * len(gt_labels)
+    return (
+        (
+            torch.tensor(det_boxes, dtype=torch.float64).reshape(-1, 4),
+            torch.tensor(det_scores),
+            torch.tensor(det_labels, dtype=torch.long),
+        ),
+        (
+            torch.tensor(gt_boxes, dtype=torch.float64).reshape(-1, 4),
+            torch.tensor(gt_labels, dtype=torch.long),
+            torch.tensor(gt_difficult),
+        ),
+    )
+
+
+A, B, C, FAR = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [100, 100, 110, 110]
+
+
+def ap_of_images(images, n_classes=1):
+    dets, gts = zip(*images, strict=True)
+    return voc_average_precision(list(dets), list(gts), n_classes)
+
+
+def test_perfect_detections_give_ap_one():
+    [c] = ap_of_images([one_image([A, B], [0.9, 0.8], [0, 0], [A, B], [0, 0])])
+    assert c.ap == 1.0 and c.ap11 == 1.0
+
+
+def test_false_positive_ranked_first():
+    # ranked FP, TP, TP over 2 objects: recall 0, .5, 1; precision 0, .5, 2/3
+    # all-point: envelope 2/3 over recall 0..1 -> 2/3; 11-point: 2/3 at every t -> 2/3
+    [c] = ap_of_images([one_image([FAR, A, B], [0.9, 0.8, 0.7], [0, 0, 0], [A, B], [0, 0])])
+    assert c.ap == pytest.approx(2 / 3) and c.ap11 == pytest.approx(2 / 3)
+    assert c.precision == pytest.approx([0, 0.5, 2 / 3])
+
+
+def test_eleven_point_and_all_point_differ_by_hand():
+    # 3 objects, ranked TP, FP, TP: recall 1/3, 1/3, 2/3; precision 1, 1/2, 2/3
+    # all-point: 1/3 * 1 + 1/3 * 2/3 + 1/3 * 0 = 5/9
+    # 11-point: t = 0, .1, .2, .3 -> 1; t = .4, .5, .6 -> 2/3; t = .7 ... 1 -> 0: 6/11
+    [c] = ap_of_images([one_image([A, FAR, B], [0.9, 0.8, 0.7], [0, 0, 0], [A, B, C], [0, 0, 0])])
+    assert c.ap == pytest.approx(5 / 9) and c.ap11 == pytest.approx(6 / 11)
+    recall, precision = torch.tensor([1 / 3, 1 / 3, 2 / 3]), torch.tensor([1, 0.5, 2 / 3])
+    assert all_point_ap(recall, precision) == pytest.approx(5 / 9)
+
+
+def test_difficult_objects_are_neither_true_nor_false_positives():
+    images = [
+        one_image([A], [0.9], [0], [A], [0]),
+        one_image([B], [0.95], [0], [B], [0], [True]),  # detecting a difficult object: ignored
+    ]
+    [c] = ap_of_images(images)
+    assert c.ap == 1.0 and c.positives == 1 and c.detections == 1
+
+
+def test_duplicates_give_one_true_positive_then_false_positives():
+    shifted = [1, 0, 11, 10]
+    [c] = ap_of_images([one_image([A, shifted, A], [0.9, 0.8, 0.7], [0, 0, 0], [A, B], [0, 0])])
+    assert c.precision == pytest.approx([1, 0.5, 1 / 3]) and c.recall == pytest.approx([0.5] * 3)
+    assert c.ap == pytest.approx(0.5)
+
+
+def test_class_absent_from_ground_truth_is_left_out_of_the_mean():
+    per_class = ap_of_images([one_image([A, B], [0.9, 0.8], [0, 1], [A], [0])], n_classes=2)
+    assert per_class[0].ap == 1.0 and per_class[1].ap is None and per_class[1].detections == 1
+    assert mean_ap(per_class) == 1.0
+
+
+def test_agrees_with_torchmetrics_on_random_detections():
+    from torchmetrics.detection import MeanAveragePrecision
+
+    g = torch.Generator().manual_seed(0)
+    images, preds, targets = [], [], []
+    for _ in range(20):
+        n_gt = int(torch.randint(1, 5, (1,), generator=g))
+        xy = torch.rand(n_gt, 2, generator=g) * 200
+        gt = torch.cat([xy, xy + 20 + torch.rand(n_gt, 2, generator=g) * 80], dim=1)
+        gt_labels = torch.randint(0, 3, (n_gt,), generator=g)
+        jitter = (torch.rand(n_gt, 4, generator=g) - 0.5) * 30
+        noise_xy = torch.rand(3, 2, generator=g) * 200
+        noise = torch.cat([noise_xy, noise_xy + 40], dim=1)
+        det = torch.cat([gt + jitter, noise])
+        scores = torch.rand(len(det), generator=g)
+        det_labels = torch.cat([gt_labels, torch.randint(0, 3, (3,), generator=g)])
+        images.append(
+            ((det, scores, det_labels), (gt, gt_labels, torch.zeros(n_gt, dtype=torch.bool)))
+        )
+        preds.append({"boxes": det.float(), "scores": scores.float(), "labels": det_labels})
+        targets.append({"boxes": gt.float(), "labels": gt_labels})
+    ours = mean_ap(ap_of_images(images, n_classes=3))
+    metric = MeanAveragePrecision(iou_thresholds=[0.5], backend="faster_coco_eval")
+    metric.update(preds, targets)
+    theirs = float(metric.compute()["map_50"])
+    assert 0.2 < ours < 0.95
+    assert ours == pytest.approx(theirs, abs=0.02)  # COCO interpolates at 101 recall points

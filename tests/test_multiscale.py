@@ -21,10 +21,13 @@ from pipeline_lib.backbones import (
     run_levels,
     unpack_levels,
 )
-from pipeline_lib.detection import grid_detections
-from pipeline_lib.heads import TwoLevelHead, load_checkpoint
+from pipeline_lib.checkpoints import load_checkpoint
+from pipeline_lib.detection import Filtering, grid_detections
+from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.gridcoding import encode_grid
+from pipeline_lib.heads import TwoLevelHead
 from pipeline_lib.params import ParamsError, parse_params
-from pipeline_lib.targets import grid_levels, grid_targets
+from pipeline_lib.targets import GridLevel, grid_levels
 
 
 def test_pack_and_unpack_are_exact_inverses():
@@ -66,14 +69,20 @@ def test_resnet_fine_level_is_the_end_of_layer3():
 @pytest.mark.parametrize(
     ("backbone", "message"),
     [
-        ({"name": "resnet18", "layer": "layer4", "fine_layer": "blocks.4"},
-         "resnet18's stride-16 level is 'layer3'"),
-        ({"name": "squeezenet1_1", "layer": "features", "fine_layer": "features"},
-         "a second level is available for efficientnet_lite0 (blocks.4)"),
-        ({"name": "efficientnet_lite0", "layer": "blocks", "fine_layer": "blocks.4"},
-         "with their default layer only"),
+        (
+            {"name": "resnet18", "layer": "layer4", "fine_layer": "blocks.4"},
+            "resnet18's stride-16 level is 'layer3'",
+        ),
+        (
+            {"name": "squeezenet1_1", "layer": "features", "fine_layer": "features"},
+            "a second level is available for efficientnet_lite0 (blocks.4)",
+        ),
+        (
+            {"name": "efficientnet_lite0", "layer": "blocks", "fine_layer": "blocks.4"},
+            "with their default layer only",
+        ),
     ],
-)  # fmt: skip
+)
 def test_fine_layer_params_are_checked(raw_params, backbone, message):
     raw_params["backbone"].update(backbone)
     with pytest.raises(ParamsError, match="backbone.fine_layer: ") as error:
@@ -83,15 +92,17 @@ def test_fine_layer_params_are_checked(raw_params, backbone, message):
 
 def test_levels_split_objects_by_scale_by_hand():
     levels = grid_levels(7, 0.2)
-    assert levels == [(7, (0.2, float("inf"))), (14, (0.0, 0.2))]
-    assert grid_levels(7) == [(7, None)]
+    assert levels == [GridLevel(7, None, (0.2, float("inf"))), GridLevel(14, None, (0.0, 0.2))]
+    assert grid_levels(7) == [GridLevel(7)]
     # scale sqrt(0.1 * 0.1) = 0.1 < 0.2: the fine grid; sqrt(0.5 * 0.3) = 0.387: the main grid
     encoded = torch.tensor([[0.30, 0.52, 0.1, 0.1], [0.30, 0.52, 0.5, 0.3]], dtype=torch.float64)
     labels = torch.tensor([1, 2])
     scale = (encoded[:, 2] * encoded[:, 3]).sqrt()
     small = scale < 0.2
-    _, has_fine, fine_labels, _ = grid_targets(encoded[small], labels[small], 14)
-    _, has_coarse, coarse_labels, _ = grid_targets(encoded[~small], labels[~small], 7)
+    fine = encode_grid(encoded[small], labels[small], 14)
+    coarse = encode_grid(encoded[~small], labels[~small], 7)
+    has_fine, fine_labels = fine.has_obj, fine.labels
+    has_coarse, coarse_labels = coarse.has_obj, coarse.labels
     # fine: column floor(0.30 * 14) = 4, row floor(0.52 * 14) = 7; main: column 2, row 3
     assert has_fine.nonzero().tolist() == [[7, 4]] and fine_labels[7, 4] == 1
     assert has_coarse.nonzero().tolist() == [[3, 2]] and coarse_labels[3, 2] == 2
@@ -99,11 +110,16 @@ def test_levels_split_objects_by_scale_by_hand():
 
 def test_two_level_head_and_merged_nms():
     torch.manual_seed(0)
-    head = TwoLevelHead((16 + 4 * 4, 2, 2), n_classes=3, fine_channels=4, num_cells=2,
-                        hidden=8).eval()  # fmt: skip
+    head = TwoLevelHead(
+        (16 + 4 * 4, 2, 2), n_classes=3, fine_channels=4, num_cells=2, hidden=8
+    ).eval()
     outputs = head(torch.randn(5, 32, 2, 2))
-    assert [tuple(t.shape) for t in outputs] == [(5, 4, 2, 2), (5, 4, 2, 2), (5, 4, 4, 4),
-                                                 (5, 4, 4, 4)]  # fmt: skip
+    assert [tuple(t.shape) for t in outputs] == [
+        (5, 4, 2, 2),
+        (5, 4, 2, 2),
+        (5, 4, 4, 4),
+        (5, 4, 4, 4),
+    ]
     # the same box found by a main cell (0.9) and a fine cell (0.8): one detection after NMS
     coarse_boxes, fine_boxes = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 4, 4)
     coarse_boxes[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.2, 0.2])  # centre (0.25, 0.25)
@@ -111,11 +127,16 @@ def test_two_level_head_and_merged_nms():
     coarse_logits, fine_logits = torch.full((1, 4, 2, 2), -20.0), torch.full((1, 4, 4, 4), -20.0)
     coarse_logits[0, 1, 0, 0], coarse_logits[0, 3, 0, 0] = 20.0, 2.1972  # sigmoid 0.9
     fine_logits[0, 1, 1, 1], fine_logits[0, 3, 1, 1] = 20.0, 1.3863  # sigmoid 0.8
-    args = ([coarse_boxes, fine_boxes], [coarse_logits, fine_logits], [(100, 100)], "shrink", 64)
-    (merged,) = grid_detections(*args, 0.5, 0.5, 10)
+    args = (
+        [coarse_boxes, fine_boxes],
+        [coarse_logits, fine_logits],
+        [(100, 100)],
+        ImageSpec("shrink", 64),
+    )
+    (merged,) = grid_detections(*args, Filtering(0.5, 0.5, 10))
     assert merged.labels.tolist() == [1] and merged.scores.tolist() == pytest.approx([0.9], 1e-3)
     assert merged.boxes[0].tolist() == pytest.approx([15.0, 15.0, 35.0, 35.0], abs=1e-4)
-    (both,) = grid_detections(*args, 0.5, None, 10)
+    (both,) = grid_detections(*args, Filtering(0.5, None, 10))
     assert both.scores.tolist() == pytest.approx([0.9, 0.8], abs=1e-3)
 
 
@@ -135,7 +156,7 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     assert "(7x7 and 14x14 cells)" in output
     checkpoint = load_checkpoint("models/multi.safetensors")
     assert isinstance(checkpoint.head, TwoLevelHead)
-    assert checkpoint.info["fine_channels"] == 112 and checkpoint.info["fine_below"] == 0.2
+    assert checkpoint.card.grid.fine_channels == 112 and checkpoint.card.grid.fine_below == 0.2
     invoke(evaluate.app, ["multi"])
     metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0

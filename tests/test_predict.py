@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -14,11 +15,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pipeline_lib.detection import grid_detections, single_detections
+from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.detection import Filtering, grid_detections, single_detections
 from pipeline_lib.features import read_features
-from pipeline_lib.geometry import encoded_to_image
-from pipeline_lib.heads import load_checkpoint, save_checkpoint
+from pipeline_lib.geometry import ImageSpec, encoded_to_image
 from pipeline_lib.inference import cell_rectangles
+from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.tables import read_prepared
 from pipeline_lib.training import predict as run_head
 from stages import predict
@@ -41,9 +43,22 @@ def test_grid_predictions_equal_the_evaluate_stage(trained, tmp_path):
     """The same val images and model: predict from the photos, evaluate from the cached features."""
     paths = val_paths(trained)
     out = tmp_path / "out"
-    result = run_predict([*paths, "--model", trained / "models/multi.safetensors", "--out", out,
-                          "--score", 0.05, "--format", "json", "--batch-size", 8,
-                          "--no-progress"])  # fmt: skip
+    result = run_predict(
+        [
+            *paths,
+            "--model",
+            trained / "models/multi.safetensors",
+            "--out",
+            out,
+            "--score",
+            0.05,
+            "--format",
+            "json",
+            "--batch-size",
+            8,
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "detections.json").read_text())
 
@@ -55,14 +70,17 @@ def test_grid_predictions_equal_the_evaluate_stage(trained, tmp_path):
     image_sizes = list(zip(sizes["width"], sizes["height"], strict=True))
     assert any(w != h for w, h in image_sizes)  # non-square photos among them
     pred_boxes, logits = run_head(checkpoint.head, features.features)
-    expected = grid_detections(pred_boxes, logits, image_sizes, "shrink", 224, 0.05, 0.5, 100)
+    expected = grid_detections(
+        pred_boxes, logits, image_sizes, ImageSpec("shrink", 224), Filtering(0.05, 0.5, 100)
+    )
     by_id = {Path(p).stem: p for p in map(str, paths)}
     total = 0
     for image_id, found in zip(features.image_ids, expected, strict=True):
         mine = [r for r in rows if r["image"] == by_id[image_id]]
         assert len(mine) == len(found), image_id
-        for row, box, score, label in zip(mine, found.boxes.tolist(), found.scores.tolist(),
-                                          found.labels.tolist(), strict=True):  # fmt: skip
+        for row, box, score, label in zip(
+            mine, found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), strict=True
+        ):
             assert row["class"] == checkpoint.classes[label]
             assert row["score"] == pytest.approx(score, abs=1e-4)
             got = [row[c] for c in ("xmin", "ymin", "xmax", "ymax")]
@@ -113,33 +131,53 @@ def test_boxes_map_back_to_a_non_square_image_by_hand():
     boxes, logits = grid_outputs(7, 3, 3, 5, [0.5, 0.5, 0.2, 0.4], label=1, obj=5.0)
     score = 1 / (1 + math.exp(-5)) / (1 + 2 * math.exp(-15))  # sigmoid(obj) x softmax of class 1
     # shrink, 400 x 200: centre (5.5/7 * 400, 3.5/7 * 200) = (314.29, 100), size 80 x 80
-    (found,) = grid_detections(boxes, logits, [(400, 200)], "shrink", 224, 0.2, 0.5, 100)
+    (found,) = grid_detections(
+        boxes, logits, [(400, 200)], ImageSpec("shrink", 224), Filtering(0.2, 0.5, 100)
+    )
     assert found.labels.tolist() == [1] and found.scores.tolist() == pytest.approx([score])
     assert found.boxes[0].tolist() == pytest.approx([274.2857, 60, 354.2857, 140], abs=1e-3)
     # crop 224 of 400 x 300: window from (88, 38); centre (176 + 88, 112 + 38), size 44.8 x 89.6
-    (found,) = grid_detections(boxes, logits, [(400, 300)], "crop", 224, 0.2, 0.5, 100)
+    (found,) = grid_detections(
+        boxes, logits, [(400, 300)], ImageSpec("crop", 224), Filtering(0.2, 0.5, 100)
+    )
     assert found.boxes[0].tolist() == pytest.approx([241.6, 105.2, 286.4, 194.8], abs=1e-3)
     # below the score threshold: nothing
     boxes, logits = grid_outputs(7, 3, 3, 5, [0.5, 0.5, 0.2, 0.4], label=1, obj=-5.0)
-    assert len(grid_detections(boxes, logits, [(400, 200)], "shrink", 224, 0.2, 0.5, 100)[0]) == 0
+    assert (
+        len(
+            grid_detections(
+                boxes, logits, [(400, 200)], ImageSpec("shrink", 224), Filtering(0.2, 0.5, 100)
+            )[0]
+        )
+        == 0
+    )
 
     # single head: encoded (0.25, 0.5, 0.5, 0.5) of a 300 x 100 photo -> (0, 25, 150, 75)
     logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax (0.25, 0.75)
-    (one,) = single_detections(torch.tensor([[0.25, 0.5, 0.5, 0.5]]), logits, [(300, 100)],
-                               "shrink", 224)  # fmt: skip
+    (one,) = single_detections(
+        torch.tensor([[0.25, 0.5, 0.5, 0.5]]), logits, [(300, 100)], ImageSpec("shrink", 224)
+    )
     assert one.boxes[0].tolist() == pytest.approx([0, 25, 150, 75])
     assert one.labels.tolist() == [1] and one.scores.tolist() == pytest.approx([0.75])
     # a box overhanging the photo is clipped to it: centre x 30, width 150 -> (-45, 105) -> (0, 105)
-    (one,) = single_detections(torch.tensor([[0.1, 0.5, 0.5, 0.5]]), logits, [(300, 100)],
-                               "shrink", 224)  # fmt: skip
+    (one,) = single_detections(
+        torch.tensor([[0.1, 0.5, 0.5, 0.5]]), logits, [(300, 100)], ImageSpec("shrink", 224)
+    )
     assert one.boxes[0].tolist() == pytest.approx([0, 25, 105, 75])
 
 
+def card(mode: str) -> ModelCard:
+    """A 2 x 2 grid model's card at 224 pixels."""
+    return ModelCard(
+        "multi", {}, ["a"], [8, 7, 7], "float16", {}, ImageSpec(mode, 224), grid=GridSpec(2)
+    )
+
+
 def test_cell_rectangles_by_hand():
-    shrink = cell_rectangles({"num_cells": 2, "image_mode": "shrink", "image_size": 224}, 100, 50)
+    shrink = cell_rectangles(card("shrink"), 100, 50)
     expected = [[0, 0, 50, 25], [50, 0, 100, 25], [0, 25, 50, 50], [50, 25, 100, 50]]
     assert torch.allclose(shrink, torch.tensor(expected, dtype=shrink.dtype))
-    crop = cell_rectangles({"num_cells": 2, "image_mode": "crop", "image_size": 224}, 300, 300)
+    crop = cell_rectangles(card("crop"), 300, 300)
     assert crop[0].tolist() == pytest.approx([38, 38, 150, 150])  # window from round(76 / 2)
     assert crop[3].tolist() == pytest.approx([150, 150, 262, 262])
 
@@ -154,19 +192,47 @@ def test_folders_any_size_and_colour_mode_with_the_grid(trained, tmp_path):
     (photos / "notes.txt").write_text("not an image, not picked from a folder")
     out = tmp_path / "out"
     model = trained / "models/multi.safetensors"
-    result = run_predict([photos, "--model", model, "--out", out, "--show-grid", "--score", 0.0,
-                          "--max-detections", 3, "--no-progress"])  # fmt: skip
+    result = run_predict(
+        [
+            photos,
+            "--model",
+            model,
+            "--out",
+            out,
+            "--show-grid",
+            "--score",
+            0.0,
+            "--max-detections",
+            3,
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out / "detections.parquet")
     assert sorted(set(table["image"].map(lambda p: Path(p).name))) == [
-        "alpha.png", "cmyk.jpg", "grey.jpg", "palette.PNG"]  # fmt: skip
+        "alpha.png",
+        "cmyk.jpg",
+        "grey.jpg",
+        "palette.PNG",
+    ]
     assert (table.groupby("image").size() == 3).all()  # score 0 keeps cells; max 3 per image
     for name, size in (("grey", (333, 111)), ("cmyk", (120, 250)), ("alpha", (64, 64))):
         with Image.open(out / f"{name}.png") as drawn:
             assert drawn.size == size and drawn.mode == "RGB"
     # the grid alone (no score reaches 1): white lines between the 7 x 7 cells of the grey photo
-    result = run_predict([photos / "grey.jpg", "--model", model, "--out", out / "grid",
-                          "--show-grid", "--score", 1.0, "--no-progress"])  # fmt: skip
+    result = run_predict(
+        [
+            photos / "grey.jpg",
+            "--model",
+            model,
+            "--out",
+            out / "grid",
+            "--show-grid",
+            "--score",
+            1.0,
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
     with Image.open(out / "grid" / "grey.png") as drawn:
         pixels = drawn.load()
@@ -187,9 +253,21 @@ def test_every_bad_input_gets_one_line_and_the_rest_is_processed(trained, tmp_pa
     missing = bad / "missing.jpg"
     out = tmp_path / "out"
     model = trained / "models/multi.safetensors"
-    result = run_predict([good, bad / "truncated.jpg", bad / "empty.jpg", bad / "notes.txt",
-                          bad / "empty_folder", missing, "--model", model, "--out", out,
-                          "--no-progress"])  # fmt: skip
+    result = run_predict(
+        [
+            good,
+            bad / "truncated.jpg",
+            bad / "empty.jpg",
+            bad / "notes.txt",
+            bad / "empty_folder",
+            missing,
+            "--model",
+            model,
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 5, result.output
@@ -212,8 +290,8 @@ def test_bad_model_files_are_refused_before_any_work(trained, tmp_path):
     torch.save({"weight": torch.zeros(2)}, pickled)  # a pickle: must never be unpickled
     checkpoint = load_checkpoint(model)
     random_backbone = tmp_path / "random.safetensors"
-    info = {**checkpoint.info, "backbone": {**checkpoint.info["backbone"], "weights": "random"}}
-    save_checkpoint(random_backbone, checkpoint.head, info)
+    card = replace(checkpoint.card, backbone=checkpoint.card.backbone | {"weights": "random"})
+    save_checkpoint(random_backbone, checkpoint.head, card)
     cases = {
         truncated: "not a readable safetensors model file",
         foreign: "not a model of this pipeline",

@@ -54,17 +54,25 @@ def test_synthetic_default_chain(workdir):
     info = json.loads((folder / "data/prepared/dataset.json").read_text())
     assert info["classes"] == raw["data"]["synthetic"]["classes"]
     figures = sorted(p.name for p in (folder / "reports/prepare/figures").iterdir())
-    assert figures == ["class_counts.png", "modes_train.png", "modes_val.png",
-                       "samples_train.png", "samples_val.png", "sizes_train.png",
-                       "sizes_val.png"]  # fmt: skip
+    assert figures == [
+        "class_counts.png",
+        "modes_train.png",
+        "modes_val.png",
+        "samples_train.png",
+        "samples_val.png",
+        "sizes_train.png",
+        "sizes_val.png",
+    ]
     assert all(p.stat().st_size < 1_000_000 for p in (folder / "reports/prepare/figures").iterdir())
     assert json.loads((folder / "reports/prepare/skipped.json").read_text()) == []
 
 
 def voc_params(folder, raw, on_error):
     voc = VocFolder(folder / "VOCdevkit" / "VOC2007")
-    dog = "<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax>" \
-          "<ymax>30</ymax></bndbox></object>"  # fmt: skip
+    dog = (
+        "<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax>"
+        "<ymax>30</ymax></bndbox></object>"
+    )
     for image_id in ("a", "b", "c"):
         voc.add(image_id, voc_xml(f"{image_id}.jpg", objects=[dog]))
     voc.add("bad", voc_xml("bad.jpg", objects=[dog.replace("dog", "dragon")]))

@@ -24,7 +24,15 @@ from typer.testing import CliRunner
 from pipeline_lib import features as features_module
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import ImageError, ImageFolder, extract_features, load_rgb, read_features
+from pipeline_lib.features import (
+    ExtractSettings,
+    ImageError,
+    ImageFolder,
+    extract_features,
+    load_rgb,
+    read_features,
+)
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.inference import open_photo
 from pipeline_lib.params import ParamsError, load_params
 from pipeline_lib.voc import MAX_ANNOTATION_BYTES, AnnotationError, parse_annotation, read_voc
@@ -35,8 +43,10 @@ IDS = {name: i for i, name in enumerate(CLASSES)}
 
 def obj(box=(10, 20, 50, 60), name="cat") -> str:
     xmin, ymin, xmax, ymax = box
-    return (f"<object><name>{name}</name><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
-            f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")  # fmt: skip
+    return (
+        f"<object><name>{name}</name><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+        f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+    )
 
 
 def parse_error(tmp_path: Path, content: bytes) -> AnnotationError:
@@ -66,7 +76,7 @@ def test_a_huge_annotation_is_refused_without_parsing(tmp_path):
             b'<?xml version="1.0" encoding="utf-8"?>'
             + "<annotation>\xe9</annotation>".encode("latin-1"),
             "malformed XML",
-        ),  # fmt: skip
+        ),
         (b'<?xml version="1.0" encoding="klingon"?><annotation/>', "malformed XML"),
         (b"\x00\x01\x02binary", "malformed XML"),
         (b"", "malformed XML"),
@@ -201,8 +211,9 @@ def test_a_20000_pixel_square_image_is_refused_everywhere(voc_folder, tmp_path):
 
 
 def test_a_one_pixel_image_goes_through(voc_folder):
-    voc_folder.add("p", voc_xml("p.jpg", width=1, height=1, objects=[obj((0, 0, 1, 1))]),
-                   size=(1, 1))  # fmt: skip
+    voc_folder.add(
+        "p", voc_xml("p.jpg", width=1, height=1, objects=[obj((0, 0, 1, 1))]), size=(1, 1)
+    )
     voc_folder.split("train", ["p"])
     rows = read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
     assert rows.objects[0]["xmax"] == 1
@@ -226,8 +237,9 @@ def test_multi_frame_files_use_their_first_frame(tmp_path):
 
 def test_an_animated_gif_named_jpg_is_refused_for_training(tmp_path):
     path = tmp_path / "a.jpg"
-    Image.new("RGB", (8, 8)).save(path, format="GIF", save_all=True,
-                                  append_images=[Image.new("RGB", (8, 8))])  # fmt: skip
+    Image.new("RGB", (8, 8)).save(
+        path, format="GIF", save_all=True, append_images=[Image.new("RGB", (8, 8))]
+    )
     with pytest.raises(ImageError, match="a GIF file named .jpg"):
         load_rgb(path)
 
@@ -277,8 +289,14 @@ def test_bad_feature_files_are_refused_with_their_name(tmp_path):
     good = tmp_path / "good.safetensors"
     resnet = load_backbone("resnet18", "layer4", "random")
     Image.new("RGB", (40, 40), (9, 90, 200)).save(tmp_path / "i.jpg")
-    extract_features(resnet, [tmp_path / "i.jpg"], ["i"], good, "shrink", 64, workers=0,
-                     progress=False)  # fmt: skip
+    extract_features(
+        resnet,
+        dict(zip(["i"], [tmp_path / "i.jpg"], strict=True)),
+        good,
+        ImageSpec("shrink", 64),
+        ExtractSettings(workers=0),
+        progress=None,
+    )
     assert read_features(good).image_ids == ["i"]
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:200])
@@ -286,9 +304,11 @@ def test_bad_feature_files_are_refused_with_their_name(tmp_path):
     torch.save({"features": torch.zeros(1, 2)}, pickled)  # never unpickled
     foreign = tmp_path / "foreign.safetensors"
     save_file({"features": torch.zeros(1, 2)}, str(foreign))
-    for path, words in ((truncated, "not a readable feature file"),
-                        (pickled, "not a readable feature file"),
-                        (foreign, "not features of this pipeline")):  # fmt: skip
+    for path, words in (
+        (truncated, "not a readable feature file"),
+        (pickled, "not a readable feature file"),
+        (foreign, "not features of this pipeline"),
+    ):
         with pytest.raises(PipelineError, match=words) as info:
             read_features(path)
         assert str(path) in str(info.value)
@@ -304,8 +324,11 @@ def test_features_of_another_backbone_are_refused_by_evaluate(trained, tmp_path,
     val = work / "data/features/val.safetensors"
     stored = read_features(val)
     backbone = {**stored.metadata["backbone"], "name": "resnet18"}
-    other = {**stored.metadata, "image_ids": json.dumps(stored.image_ids),
-             "backbone": json.dumps(backbone)}  # fmt: skip
+    other = {
+        **stored.metadata,
+        "image_ids": json.dumps(stored.image_ids),
+        "backbone": json.dumps(backbone),
+    }
     save_file({"features": stored.features}, str(val), metadata=other)
     monkeypatch.chdir(work)
     result = CliRunner().invoke(evaluate.app, ["multi"])
@@ -342,6 +365,12 @@ def test_a_full_disk_while_writing_features_keeps_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(features_module, "open", patched_open, raising=False)
     out = tmp_path / "features" / "train.safetensors"
     with pytest.raises(PipelineError, match="cannot write features \\(No space left on device\\)"):
-        extract_features(resnet, paths, list("abcd"), out, "shrink", 64, batch_size=1,
-                         workers=0, progress=False)  # fmt: skip
+        extract_features(
+            resnet,
+            dict(zip(list("abcd"), paths, strict=True)),
+            out,
+            ImageSpec("shrink", 64),
+            ExtractSettings(batch_size=1, workers=0),
+            progress=None,
+        )
     assert list(out.parent.iterdir()) == []  # no partial file, no temporary left

@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline_lib.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.geometry import (
     IMAGE_MODES,
+    ImageSpec,
     encode_boxes,
     encoded_to_image,
     largest_box,
@@ -18,32 +20,40 @@ from pipeline_lib.geometry import (
     paired_iou,
     transform_boxes,
 )
-from pipeline_lib.heads import CheckpointError, SingleObjectHead, load_checkpoint, save_checkpoint
+from pipeline_lib.heads import SingleObjectHead
 from pipeline_lib.losses import single_object_loss
 from pipeline_lib.metrics import confusion_matrix, single_object_batch_sums, single_object_metrics
+from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.targets import single_object_targets
-from pipeline_lib.training import Dataset, TrainConfig, fit, predict, seed_everything
+from pipeline_lib.training import Dataset, Objective, TrainConfig, fit, predict, seed_everything
 from pipeline_lib.voc import VOC_CLASSES, parse_annotation
 
 
 def tables(image_id: str, width: int, height: int, objects: list[tuple]) -> tuple:
     """Prepared-like tables for one image; objects are (class_id, xmin, ymin, xmax, ymax)."""
     images = pd.DataFrame([{"image_id": image_id, "width": width, "height": height}])
-    rows = [dict(zip(["class_id", "xmin", "ymin", "xmax", "ymax"], o, strict=True)) | {
-        "image_id": image_id} for o in objects]  # fmt: skip
+    rows = [
+        dict(zip(["class_id", "xmin", "ymin", "xmax", "ymax"], o, strict=True))
+        | {"image_id": image_id}
+        for o in objects
+    ]
     return images, pd.DataFrame(rows)
 
 
 def test_lab_example_largest_object():
     # The lab's example, as encoded (cx, cy, w, h) fractions of the image.
-    encoded = torch.tensor([[0.524, 0.5735294117647058, 0.836, 0.753393665158371],
-                            [0.447, 0.23868778280542988, 0.262, 0.27828054298642535]])  # fmt: skip
+    encoded = torch.tensor(
+        [
+            [0.524, 0.5735294117647058, 0.836, 0.753393665158371],
+            [0.447, 0.23868778280542988, 0.262, 0.27828054298642535],
+        ]
+    )
     assert largest_box(encoded) == 0
     # The same objects as VOC pixel boxes of a 500 x 442 image, derived by hand:
     # cx 0.524 * 500 = 262, w 0.836 * 500 = 418 -> x 53..471; cy * 442 = 253.5, h * 442 = 333
     # -> y 87..420; second: x 223.5 -/+ 65.5 -> 158..289, y 105.5 -/+ 61.5 -> 44..167.
     images, objects = tables("lab", 500, 442, [(5, 53, 87, 471, 420), (0, 158, 44, 289, 167)])
-    targets = single_object_targets(images, objects, ["lab"], "none", 224)
+    targets = single_object_targets(images, objects, ["lab"], ImageSpec("none", 224))
     expected = torch.tensor([[0.5240, 0.5735, 0.8360, 0.7534]])
     assert torch.allclose(targets.boxes, expected, atol=5e-5)
     assert torch.allclose(targets.boxes, encoded[:1], atol=1e-7)
@@ -58,7 +68,7 @@ def test_real_voc_file_encoded_by_hand(shared_voc):
     images, objects = pd.DataFrame([image | {"image_id": "000009"}]), pd.DataFrame(objects)
     objects["image_id"] = "000009"
     horse = VOC_CLASSES.index("horse")
-    shrink = single_object_targets(images, objects, ["000009"], "shrink", 224)
+    shrink = single_object_targets(images, objects, ["000009"], ImageSpec("shrink", 224))
     # shrink scales both axes, so the fractions are the original ones:
     # cx = (69 + 270) / 2 / 500, cy = (172 + 330) / 2 / 375, w = 201 / 500, h = 158 / 375
     expected = torch.tensor([[0.339, 251 / 375, 0.402, 158 / 375]])
@@ -66,7 +76,7 @@ def test_real_voc_file_encoded_by_hand(shared_voc):
     assert shrink.labels.tolist() == [horse]
     # crop 224: window at left = round(276 / 2) = 138, top = round(151 / 2) = 76 (half to even);
     # horse -> (-69, 96, 132, 254) clipped to (0, 96, 132, 224): 132 x 128 still the largest.
-    crop = single_object_targets(images, objects, ["000009"], "crop", 224)
+    crop = single_object_targets(images, objects, ["000009"], ImageSpec("crop", 224))
     expected = torch.tensor([[66 / 224, 160 / 224, 132 / 224, 128 / 224]])
     assert torch.allclose(crop.boxes, expected, atol=1e-6)
     assert crop.labels.tolist() == [horse]
@@ -75,7 +85,7 @@ def test_real_voc_file_encoded_by_hand(shared_voc):
 def test_no_object_left_is_marked_absent():
     # crop 100 of a 400 x 400 image keeps 150..250: the only box lies outside the window.
     images, objects = tables("x", 400, 400, [(1, 0, 0, 50, 50)])
-    targets = single_object_targets(images, objects, ["x", "missing"], "crop", 100)
+    targets = single_object_targets(images, objects, ["x", "missing"], ImageSpec("crop", 100))
     assert targets.present.tolist() == [False, False]
 
 
@@ -147,7 +157,8 @@ def train_tiny(epochs=15, seed=0, classifier="pooled"):
         return single_object_loss(*outputs, *targets)
 
     train, val = learnable_data(128), learnable_data(64, seed=1)
-    result = fit(head, train, val, loss_fn, single_object_batch_sums, config, progress=False)
+    objective = Objective(loss_fn, single_object_batch_sums)
+    result = fit(head, train, val, objective, config, progress=False)
     return head, result, train
 
 
@@ -160,18 +171,31 @@ def test_head_learns_clearly_better_than_chance(classifier):
     assert result.history[result.best_epoch - 1]["val"]["accuracy"] > 0.6
 
 
+def tiny_card() -> dict:
+    """The description of `train_tiny`'s head, as a model file stores it."""
+    return {
+        "kind": "single",
+        "head": {"hidden": 32, "dropout": 0.1, "classifier": "pooled", "classifier_dropout": 0.0},
+        "classes": ["a", "b", "c", "d"],
+        "feature_shape": [8, 4, 4],
+        "feature_dtype": "float16",
+        "backbone": {"name": "resnet18"},
+        "image_mode": "shrink",
+        "image_size": 128,
+        "train": {},
+    }
+
+
 def test_same_seed_same_numbers_and_checkpoint_round_trip(tmp_path):
     head_a, a, train = train_tiny(epochs=3)
     _, b, _ = train_tiny(epochs=3)
     assert a.history == b.history and a.best_epoch == b.best_epoch
     head_a.load_state_dict(a.best_state)
-    info = {"kind": "single", "classes": ["a", "b", "c", "d"], "feature_shape": [8, 4, 4],
-            "head": {"hidden": 32, "dropout": 0.1, "classifier": "pooled",
-                     "classifier_dropout": 0.0}}  # fmt: skip
+    info = tiny_card()
     path = tmp_path / "single.safetensors"
-    save_checkpoint(path, head_a, info)
+    save_checkpoint(path, head_a, ModelCard.from_dict(info))
     loaded = load_checkpoint(path)
-    assert loaded.info == info and not loaded.head.training
+    assert loaded.card.to_dict() == info and not loaded.head.training
     for x, y in zip(
         predict(head_a, train.features), predict(loaded.head, train.features), strict=True
     ):
@@ -223,24 +247,23 @@ def test_batches_of_one_sample_are_refused_before_training():
     def loss_fn(outputs, targets):
         return single_object_loss(*outputs, *targets)
 
+    objective = Objective(loss_fn, single_object_batch_sums)
     one, some = learnable_data(1), learnable_data(8)
     with pytest.raises(PipelineError, match="one training sample"):
-        fit(head, one, some, loss_fn, single_object_batch_sums, config, progress=False)
+        fit(head, one, some, objective, config, progress=False)
     config.batch_size = 1
     with pytest.raises(PipelineError, match="batch size 1"):
-        fit(head, some, some, loss_fn, single_object_batch_sums, config, progress=False)
+        fit(head, some, some, objective, config, progress=False)
     config.batch_size = 7  # 8 samples: a last batch of one is skipped, the epoch still counts
-    result = fit(head, some, some, loss_fn, single_object_batch_sums, config, progress=False)
+    result = fit(head, some, some, objective, config, progress=False)
     assert set(result.history[0]["train"]) >= {"loss", "accuracy", "iou"}
 
 
 def test_bad_model_files_are_refused(tmp_path):
     head = SingleObjectHead((8, 4, 4), 4, hidden=32)
-    info = {"kind": "single", "classes": list("abcd"), "feature_shape": [8, 4, 4],
-            "head": {"hidden": 32, "dropout": 0.1, "classifier": "pooled",
-                     "classifier_dropout": 0.0}}  # fmt: skip
+    info = tiny_card()
     good = tmp_path / "good.safetensors"
-    save_checkpoint(good, head, info)
+    save_checkpoint(good, head, ModelCard.from_dict(info))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
     pickle = tmp_path / "pickle.safetensors"
@@ -250,11 +273,14 @@ def test_bad_model_files_are_refused(tmp_path):
 
     save_file({"w": torch.zeros(2)}, str(foreign))
     wrong = tmp_path / "wrong.safetensors"
-    save_checkpoint(wrong, head, info | {"feature_shape": [8, 2, 2]})
-    for path, words in [(tmp_path / "none.safetensors", "no such model file"),
-                        (truncated, "not a readable"), (pickle, "not a readable"),
-                        (foreign, "not a model of this pipeline"),
-                        (wrong, "does not fit its tensors")]:  # fmt: skip
+    save_checkpoint(wrong, head, ModelCard.from_dict(info | {"feature_shape": [8, 2, 2]}))
+    for path, words in [
+        (tmp_path / "none.safetensors", "no such model file"),
+        (truncated, "not a readable"),
+        (pickle, "not a readable"),
+        (foreign, "not a model of this pipeline"),
+        (wrong, "does not fit its tensors"),
+    ]:
         with pytest.raises(CheckpointError, match=words) as error:
             load_checkpoint(path)
         assert path.name in str(error.value)

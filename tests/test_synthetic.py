@@ -43,8 +43,9 @@ def test_valid_voc_with_configured_classes_and_sizes(tiny, tmp_path):
     params = dataclasses.replace(tiny, classes=["star", "cross"], max_objects=3)
     generate_dataset(tmp_path / "d", params, progress=False)
     # The strict VOC reader checks boxes inside images and sizes against the JPEGs.
-    rows = read_voc(tmp_path / "d", {"train": "train", "val": "val"}, ["star", "cross"],
-                    progress=False)  # fmt: skip
+    rows = read_voc(
+        tmp_path / "d", {"train": "train", "val": "val"}, ["star", "cross"], progress=False
+    )
     assert [i["split"] for i in rows.images] == ["train"] * 12 + ["val"] * 4
     assert {o["class_name"] for o in rows.objects} == {"star", "cross"}
     for image in rows.images:
@@ -60,8 +61,9 @@ def test_flags_follow_their_definitions(tiny, tmp_path):
     size = {i["image_id"]: (i["width"], i["height"]) for i in rows.images}
     for o in rows.objects:
         width, height = size[o["image_id"]]
-        touches_border = o["xmin"] == 1 or o["ymin"] == 1 or o["xmax"] == width or \
-            o["ymax"] == height  # fmt: skip
+        touches_border = (
+            o["xmin"] == 1 or o["ymin"] == 1 or o["xmax"] == width or o["ymax"] == height
+        )
         if o["truncated"]:
             assert touches_border
         narrow = min(o["xmax"] - o["xmin"], o["ymax"] - o["ymin"]) < tiny.difficult_below

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.targets import (
-    grid_targets,
+    GridLevel,
     ground_truth,
     image_boxes,
     multi_object_targets,
     single_object_targets,
+    targets_to_grid_cell_tensor,
     training_shapes,
 )
 
@@ -56,8 +58,12 @@ def test_each_level_learns_the_objects_of_its_scale_and_the_boundary_goes_up():
             "b": [],
         }
     )
-    coarse = multi_object_targets(images, objects, ["a", "b"], "none", 0, 2, scales=(0.25, 1e9))
-    fine = multi_object_targets(images, objects, ["a", "b"], "none", 0, 4, scales=(0.0, 0.25))
+    coarse = multi_object_targets(
+        images, objects, ["a", "b"], ImageSpec("none", 0), GridLevel(2, scales=(0.25, 1e9))
+    )
+    fine = multi_object_targets(
+        images, objects, ["a", "b"], ImageSpec("none", 0), GridLevel(4, scales=(0.0, 0.25))
+    )
     assert coarse.objects.tolist() == [1, 0] and fine.objects.tolist() == [3, 0]
     assert coarse.has_obj[0].nonzero().tolist() == [[0, 0]] and coarse.labels[0, 0, 0] == 1
     # fine cells (row, column): (3, 3) class 2, (0, 3) class 3, (3, 0) class 4
@@ -66,7 +72,7 @@ def test_each_level_learns_the_objects_of_its_scale_and_the_boundary_goes_up():
     assert fine.has_obj[1].sum() == 0 and fine.dropped.tolist() == [0, 0]
     # box of the coarse object: centre in cell units (0.125 * 2 = 0.25), size in image fractions
     assert coarse.boxes[0, :, 0, 0].tolist() == [0.25, 0.25, 0.25, 0.25]
-    everything = multi_object_targets(images, objects, ["a"], "none", 0, 4)
+    everything = multi_object_targets(images, objects, ["a"], ImageSpec("none", 0), GridLevel(4))
     assert everything.objects.tolist() == [4]
     for t in (coarse, fine):
         assert t.boxes.dtype == torch.float32 and t.has_obj.dtype == torch.uint8
@@ -76,7 +82,7 @@ def test_each_level_learns_the_objects_of_its_scale_and_the_boundary_goes_up():
 
 def test_largest_object_targets_and_images_without_one():
     images, objects = tables({"a": [(0, 0, 10, 10, 1), (20, 20, 60, 50, 2)], "b": []})
-    t = single_object_targets(images, objects, ["b", "a"], "none", 0)
+    t = single_object_targets(images, objects, ["b", "a"], ImageSpec("none", 0))
     assert t.present.tolist() == [False, True]
     assert t.labels.tolist() == [0, 2] and t.labels.dtype == torch.int64
     assert t.boxes.dtype == torch.float32 and t.present.dtype == torch.bool
@@ -107,24 +113,28 @@ def test_ground_truth_of_images_with_and_without_objects():
 
 def test_image_boxes_and_training_shapes():
     images, objects = tables({"a": [(10, 20, 50, 60, 3)], "b": []}, size=(200, 100))
-    encoded, labels = image_boxes(objects, 200, 100, "shrink", 64)
+    encoded, labels = image_boxes(objects, 200, 100, ImageSpec("shrink", 64))
     assert encoded.flatten().tolist() == pytest.approx([0.15, 0.4, 0.2, 0.4])
     assert encoded.dtype == torch.float64
     assert labels.tolist() == [3] and labels.dtype == torch.int64
-    shapes = training_shapes(images, objects, ["a", "b"], "shrink", 64)
+    shapes = training_shapes(images, objects, ["a", "b"], ImageSpec("shrink", 64))
     assert shapes.shape == (1, 2) and shapes.dtype == torch.float64
     assert shapes.flatten().tolist() == pytest.approx([0.2, 0.4])
-    none = training_shapes(images, objects, ["b"], "shrink", 64)
+    none = training_shapes(images, objects, ["b"], ImageSpec("shrink", 64))
     assert none.shape == (0, 2) and none.dtype == torch.float64
 
 
-def test_grid_targets_of_one_image_by_hand():
-    # 2 x 2 cells: centre (0.75, 0.25) -> row 0, column 1, offsets (0.5, 0.5) in the cell
-    boxes, has_obj, labels, dropped = grid_targets(
-        torch.tensor([[0.75, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([3]), 2
-    )
-    assert boxes.shape == (4, 2, 2) and boxes.dtype == torch.float32
-    assert boxes[:, 0, 1].tolist() == [0.5, 0.5, 0.5, 0.25]
-    assert has_obj.dtype == torch.uint8 and has_obj.tolist() == [[0, 1], [0, 0]]
-    assert labels.dtype == torch.int64 and labels.tolist() == [[0, 3], [0, 0]]
-    assert dropped == 0
+def test_lab_grid_example():
+    objects = [
+        {"bndbox": {"cx": 0.60, "cy": 0.65, "width": 0.84, "height": 0.75}, "class": 5},
+        {"bndbox": {"cx": 0.40, "cy": 0.20, "width": 0.26, "height": 0.27}, "class": 0},
+    ]
+    bboxes, has_obj, labels = targets_to_grid_cell_tensor(objects, 4)
+    expected = torch.zeros(4, 4, 4)
+    expected[:, 0, 1] = torch.tensor([0.60, 0.80, 0.26, 0.27])
+    expected[:, 2, 2] = torch.tensor([0.40, 0.60, 0.84, 0.75])
+    assert bboxes.dtype == torch.float32 and torch.equal(bboxes, expected)
+    assert has_obj.dtype == torch.uint8
+    assert has_obj.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert labels.dtype == torch.int32
+    assert labels.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 5, 0], [0, 0, 0, 0]]

@@ -34,13 +34,28 @@ def error_of(tmp_path, xml) -> AnnotationError:
 
 def test_fields_and_documented_defaults(tmp_path):
     image, objects = parse(tmp_path, voc_xml(objects=[obj("dog", (1, 2, 100, 80))]))
-    assert image == {"filename": "a.jpg", "width": 100, "height": 80, "depth": 3,
-                     "segmented": False}  # fmt: skip
+    assert image == {
+        "filename": "a.jpg",
+        "width": 100,
+        "height": 80,
+        "depth": 3,
+        "segmented": False,
+    }
     assert objects == [
-        {"object_index": 0, "class_name": "dog", "class_id": 1, "xmin": 1.0, "ymin": 2.0,
-         "xmax": 100.0, "ymax": 80.0, "difficult": False, "truncated": False, "occluded": None,
-         "pose": "Unspecified"}
-    ]  # fmt: skip
+        {
+            "object_index": 0,
+            "class_name": "dog",
+            "class_id": 1,
+            "xmin": 1.0,
+            "ymin": 2.0,
+            "xmax": 100.0,
+            "ymax": 80.0,
+            "difficult": False,
+            "truncated": False,
+            "occluded": None,
+            "pose": "Unspecified",
+        }
+    ]
 
 
 def test_flags_pose_and_decimal_coordinates(tmp_path):
@@ -53,8 +68,10 @@ def test_flags_pose_and_decimal_coordinates(tmp_path):
 
 
 def test_parts_and_owner_are_not_objects(tmp_path):
-    part = "<part><name>hand</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>" \
-           "<ymax>5</ymax></bndbox></part>"  # fmt: skip
+    part = (
+        "<part><name>hand</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+        "<ymax>5</ymax></bndbox></part>"
+    )
     owner = "<owner><flickrid>x</flickrid><name>Some Person</name></owner>"
     _, objects = parse(tmp_path, voc_xml(objects=[obj("person", inner=part)], extra=owner))
     assert [o["class_name"] for o in objects] == ["person"]

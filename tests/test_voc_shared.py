@@ -24,8 +24,12 @@ def test_trainval_counts_match_the_readme(trainval):
     for o in trainval.objects:
         per_class[o["class_name"]] = per_class.get(o["class_name"], 0) + 1
     assert {k: per_class[k] for k in ("person", "chair", "car", "bird", "sheep")} == {
-        "person": 786, "chair": 273, "car": 261, "bird": 127, "sheep": 39
-    }  # fmt: skip
+        "person": 786,
+        "chair": 273,
+        "car": 261,
+        "bird": 127,
+        "sheep": 39,
+    }
     assert all(o["occluded"] is None for o in trainval.objects)  # VOC2007 has no <occluded>
     assert trainval.skipped == []
 
@@ -43,9 +47,12 @@ def test_person_layout_file_by_hand(trainval):
     image = next(i for i in trainval.images if i["image_id"] == "000162")
     assert (image["width"], image["height"], image["n_objects"]) == (500, 375, 2)
     objects = [o for o in trainval.objects if o["image_id"] == "000162"]
-    assert [(o["class_name"], o["xmin"], o["ymin"], o["xmax"], o["ymax"], o["pose"])
-            for o in objects] == [("tvmonitor", 306, 227, 380, 299, "Frontal"),
-                                  ("person", 196, 143, 309, 369, "Unspecified")]  # fmt: skip
+    assert [
+        (o["class_name"], o["xmin"], o["ymin"], o["xmax"], o["ymax"], o["pose"]) for o in objects
+    ] == [
+        ("tvmonitor", 306, 227, 380, 299, "Frontal"),
+        ("person", 196, 143, 309, 369, "Unspecified"),
+    ]
 
 
 def test_sizes_match_the_jpegs(trainval, shared_voc):

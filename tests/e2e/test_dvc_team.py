@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run, snapshot, tiny_params, write_tiny_voc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 DATASET = Path("data/VOCdevkit")
 ANNOTATION = DATASET / "VOC2007/Annotations/000000.xml"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run, tiny_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 FINETUNE = {"finetune", "evaluate_finetune"}  # opt-in: no-ops here, re-run after train_multi
 
@@ -47,8 +47,15 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing(project):
     first = run(project, "dvc", "repro")
-    everything = {"synthesize", "prepare", "extract", "train_single", "evaluate_single",
-                  "train_multi", "evaluate_multi"} | FINETUNE  # fmt: skip
+    everything = {
+        "synthesize",
+        "prepare",
+        "extract",
+        "train_single",
+        "evaluate_single",
+        "train_multi",
+        "evaluate_multi",
+    } | FINETUNE
     assert stages_run(first) == everything
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == everything
@@ -144,14 +151,25 @@ def test_experiments_metrics_diff_and_plots(project):
 
     rendered = json.loads(run(project, "dvc", "plots", "show", "--json"))
     plots = set(rendered["data"])
-    for plot in ("train_single_loss", "train_multi_obj_loss", "evaluate_multi_pr_curves",
-                 "evaluate_multi_per_class_ap", "evaluate_single_confusion"):  # fmt: skip
+    for plot in (
+        "train_single_loss",
+        "train_multi_obj_loss",
+        "evaluate_multi_pr_curves",
+        "evaluate_multi_per_class_ap",
+        "evaluate_single_confusion",
+    ):
         assert plot in plots, sorted(plots)
     pr = rendered["data"]["evaluate_multi_pr_curves"][0]["content"]["data"]["values"]
     assert {"class", "recall", "precision"} <= set(pr[0])  # one curve per class
     images = {p for p in plots if p.endswith(".png")}
-    for figure in ("confusion.png", "predictions.png", "pr_curves.png", "nms_before_after.png",
-                   "class_counts.png", "training_curves.png"):  # fmt: skip
+    for figure in (
+        "confusion.png",
+        "predictions.png",
+        "pr_curves.png",
+        "nms_before_after.png",
+        "class_counts.png",
+        "training_curves.png",
+    ):
         assert any(p.endswith(figure) for p in images), sorted(images)
     html = project / "plots_html"
     run(project, "dvc", "plots", "show", "-o", str(html))
@@ -159,10 +177,23 @@ def test_experiments_metrics_diff_and_plots(project):
     assert "evaluate_multi_pr_curves" in page and "nms_before_after.png" in page
 
     # A new backbone re-runs extract and everything after it, never prepare.
-    output = run(project, "dvc", "exp", "run", "-S", "backbone.name=resnet18",
-                 "-S", "backbone.layer=layer4", "-S", "backbone.weights=random")  # fmt: skip
-    assert stages_run(output) == {"extract", "train_single", "evaluate_single", "train_multi",
-                                  "evaluate_multi"} | FINETUNE  # fmt: skip
+    output = run(
+        project,
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        "backbone.name=resnet18",
+        "-S",
+        "backbone.layer=layer4",
+        "-S",
+        "backbone.weights=random",
+    )
+    assert (
+        stages_run(output)
+        == {"extract", "train_single", "evaluate_single", "train_multi", "evaluate_multi"}
+        | FINETUNE
+    )
 
 
 def test_queued_experiments_run_in_the_background(project):
@@ -201,8 +232,9 @@ def test_whole_chain_on_the_genuine_voc_subset(tmp_path_factory, shared_voc):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source="voc", root=str(shared_voc.parent), year=2007,
-                          train_split="train", val_split="val")  # fmt: skip
+    params["data"].update(
+        source="voc", root=str(shared_voc.parent), year=2007, train_split="train", val_split="val"
+    )
     params["data"]["synthetic"].update(n_train=2, n_val=2, min_side=64, max_side=64)
     params["report"].update(samples=2, mode_samples=1)
     params["train"].update(epochs=3)

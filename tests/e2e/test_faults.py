@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import snapshot, tiny_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
@@ -26,8 +26,9 @@ def environment() -> dict:
 
 
 def dvc(cwd: Path, *args: str, ok: bool = True) -> str:
-    done = subprocess.run(["dvc", *args], cwd=cwd, env=environment(), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        ["dvc", *args], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=600
+    )
     output = done.stdout + done.stderr
     assert (done.returncode == 0) == ok, f"dvc {' '.join(args)} (exit {done.returncode}):\n{output}"
     return output
@@ -43,8 +44,11 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     # enough images and epochs that extract and training can be caught mid-run
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), 48, 8, epochs=6)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["init", "-q", "-b", "main"], ["config", "user.email", "t@example.com"],
-                 ["config", "user.name", "t"]):  # fmt: skip
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["config", "user.email", "t@example.com"],
+        ["config", "user.name", "t"],
+    ):
         subprocess.run(["git", *args], cwd=root, check=True)
     dvc(root, "init", "-q")
     for message in ("pipeline", "baseline"):  # dvclive needs a commit; then commit its results
@@ -58,8 +62,14 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
 def start(root: Path, *args: str) -> subprocess.Popen:
     """`dvc ...` in its own process group (as a terminal runs it), output to a file."""
     log = open(root / "run.log", "w")  # noqa: SIM115 (closed by the caller via the process)
-    return subprocess.Popen(["dvc", *args], cwd=root, env=environment(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        ["dvc", *args],
+        cwd=root,
+        env=environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(process: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
@@ -118,10 +128,11 @@ def test_a_second_repro_is_refused_while_one_runs(project):
 
 def test_bad_params_given_with_s_fail_before_any_work_naming_the_key(project):
     root, baseline = project
-    for setting, words in (("train.epochs=-3", "params.yaml: train.epochs: Input should be "
-                            "greater than 0 (got -3)"),
-                           ("head.dropout=abc", "params.yaml: head.dropout"),
-                           ("backbone.name=resnet9", "params.yaml: backbone.name")):  # fmt: skip
+    for setting, words in (
+        ("train.epochs=-3", "params.yaml: train.epochs: Input should be greater than 0 (got -3)"),
+        ("head.dropout=abc", "params.yaml: head.dropout"),
+        ("backbone.name=resnet9", "params.yaml: backbone.name"),
+    ):
         output = dvc(root, "exp", "run", "-S", setting, ok=False)
         assert words in output, output
         assert "Traceback" not in output

@@ -1,0 +1,285 @@
+"""Evaluation reports: a trained head measured on the validation images, as the evaluate stages
+write them (metrics, plot tables, figures).
+
+- `read_evaluation_inputs`: the model, the prepared tables and the val features, checked to match.
+- `single_report`: accuracy, IoU and the lab's box loss of the single-object head, its confusion
+  rows and a figure of predictions.
+- `grid_report`: PASCAL VOC mAP (all-point and 11-point), COCO mAP, diagnostics and PR curves of
+  the grid head, and a figure of detections before and after NMS.
+- `voc_summary`: the VOC part, shared with the fine-tuning comparison (finetuning.py).
+Detections are compared with every object of the original images, in their pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
+from pipeline_lib.detection import Detections, Filtering, grid_detections
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.features import Features, read_features
+from pipeline_lib.geometry import encoded_to_image
+from pipeline_lib.metrics import (
+    OVERLAP_OF_SOURCE,
+    ClassAP,
+    coco_map,
+    confusion_matrix,
+    mean_ap,
+    single_object_metrics,
+    voc_average_precision,
+)
+from pipeline_lib.params import EvalParams
+from pipeline_lib.plots import (
+    Comparison,
+    ap_chart,
+    comparison_grid,
+    confusion_figure,
+    nms_grid,
+    pick_evenly,
+    pr_curves,
+)
+from pipeline_lib.tables import Prepared, read_prepared
+from pipeline_lib.targets import (
+    grid_levels,
+    ground_truth,
+    multi_object_targets,
+    single_object_targets,
+)
+from pipeline_lib.training import predict
+
+Truth = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EvaluationInputs:
+    checkpoint: Checkpoint
+    prepared: Prepared
+    features: Features  # val
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each val image, in feature-row order."""
+        rows = self.prepared.images.set_index("image_id").loc[self.features.image_ids]
+        return [(int(w), int(h)) for w, h in zip(rows["width"], rows["height"], strict=True)]
+
+
+def check_classes(prepared: Prepared, checkpoint: Checkpoint, model: Path) -> None:
+    """Refuse a model trained on other classes than the prepared tables have."""
+    if prepared.classes != checkpoint.classes:
+        raise PipelineError(
+            f"data/prepared has classes {prepared.classes} but {model} was trained on "
+            f"{checkpoint.classes}: run dvc repro"
+        )
+
+
+def read_evaluation_inputs(model: Path, prepared_dir: Path, features: Path) -> EvaluationInputs:
+    """The model in `model`, the prepared tables and the val features, checked to match."""
+    checkpoint = load_checkpoint(model)
+    prepared = read_prepared(prepared_dir)
+    val = read_features(features)
+    backbone = checkpoint.card.backbone
+    if val.metadata["backbone"] != backbone:
+        raise PipelineError(
+            f"{features} comes from {val.metadata['backbone']['name']} "
+            f"but {model} was trained on {backbone['name']}: run dvc repro"
+        )
+    check_classes(prepared, checkpoint, model)
+    return EvaluationInputs(checkpoint, prepared, val)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+@dataclass
+class VocSummary:
+    """Per-class VOC AP of one model on a set of images."""
+
+    classes: list[str]
+    per_class: list[ClassAP]
+
+    def map(self, eleven_point: bool = False) -> float:
+        return mean_ap(self.per_class, eleven_point)
+
+    def per_class_ap(self, eleven_point: bool = False) -> dict[str, float | None]:
+        """{class: AP rounded to 4 digits, None for a class without objects}."""
+        values = [c.ap11 if eleven_point else c.ap for c in self.per_class]
+        return {name: _round(v) for name, v in zip(self.classes, values, strict=True)}
+
+
+def voc_summary(
+    found: list[Detections], truth: Truth, classes: list[str], iou: float, overlap: str
+) -> VocSummary:
+    """VOC AP per class of `found` against `truth` at overlap `iou` (see metrics.OVERLAPS)."""
+    detections = [d.as_tuple() for d in found]
+    return VocSummary(classes, voc_average_precision(detections, truth, len(classes), iou, overlap))
+
+
+@dataclass
+class Report:
+    """What an evaluate stage writes: metrics.json, plot tables (name -> rows) and figures."""
+
+    metrics: dict
+    tables: dict[str, list[dict]]
+    figures: dict[str, tuple[Figure, int]]  # file name -> (figure, dpi)
+    summary: str  # one line for the user
+
+
+def single_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
+    """The single-object head on val: metrics, confusion rows and figures."""
+    checkpoint, prepared, features = inputs.checkpoint, inputs.prepared, inputs.features
+    classes, spec = checkpoint.classes, checkpoint.card.image
+    targets = single_object_targets(prepared.images, prepared.objects, features.image_ids, spec)
+    keep = targets.present
+    if not keep.any():
+        raise PipelineError(f"val: none of {len(keep)} images has an object to evaluate on")
+    pred_boxes, logits = predict(checkpoint.head, features.features[keep])
+    boxes, labels = targets.boxes[keep], targets.labels[keep]
+    metrics = single_object_metrics(pred_boxes, logits, boxes, labels, classes, ev.iou_threshold)
+    metrics["images_without_object"] = int((~keep).sum())
+    predicted = logits.argmax(dim=1)
+    pairs = zip(labels.tolist(), predicted.tolist(), strict=True)
+    confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in pairs]
+    matrix = confusion_matrix(labels, predicted, len(classes))
+    title = "Single-object head on val"
+    ids = [i for i, k in zip(features.image_ids, keep.tolist(), strict=True) if k]
+    rows = prepared.images.set_index("image_id").loc[ids].reset_index()
+    rows["row"] = range(len(rows))
+    scores = torch.softmax(logits, dim=1).max(dim=1).values
+    items = []
+    for row in pick_evenly(rows, ev.samples).itertuples():
+        r, shape = row.row, (row.width, row.height, spec.mode, spec.size)
+        truth = encoded_to_image(boxes[r : r + 1], *shape)
+        found = encoded_to_image(pred_boxes[r : r + 1], *shape)
+        text = f"{classes[predicted[r]]} {scores[r]:.2f}"
+        image = _open(prepared, row.path)
+        items.append(Comparison(image, truth, [classes[labels[r]]], found, [text], row.image_id))
+    figures = {
+        "confusion.png": (confusion_figure(matrix, classes, title), 80),
+        "predictions.png": (comparison_grid(items, title=title), 64),
+    }
+    m = metrics
+    summary = (
+        f"val: {m['images']} images, accuracy {m['accuracy']:.3f}, mean IoU {m['mean_iou']:.3f}, "
+        f"hit rate {m['hit_rate']:.3f}, box loss {m['box_loss']:.4f}"
+    )
+    return Report(metrics, {"confusion.json": confusion}, figures, summary)
+
+
+def _open(prepared: Prepared, path: str) -> Image.Image:
+    with Image.open(Path(prepared.info["dataset_dir"]) / path) as image:
+        return image.convert("RGB")
+
+
+def recall_upper_bound(inputs: EvaluationInputs, n_objects: int) -> float:
+    """Share of the val objects the grid can learn: not cut away by crop, not lost in a cell
+    (and anchor) collision."""
+    card, head, tables = inputs.checkpoint.card, inputs.checkpoint.head, inputs.prepared
+    anchors = head.anchors if getattr(head, "n_anchors", 0) else None
+    learnable = 0
+    for level in grid_levels(card.grid.num_cells, card.grid.fine_below, anchors):
+        grid = multi_object_targets(
+            tables.images, tables.objects, inputs.features.image_ids, card.image, level
+        )
+        learnable += int(grid.objects.sum() - grid.dropped.sum())
+    return learnable / max(n_objects, 1)
+
+
+def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
+    """The grid head on val: VOC and COCO mAP, diagnostics, PR curves and figures."""
+    start = time.perf_counter()
+    card, classes = inputs.checkpoint.card, inputs.checkpoint.classes
+    outputs = predict(inputs.checkpoint.head, inputs.features.features)
+    pred_boxes, logits = outputs[0::2], outputs[1::2]  # per level (two-level head: two)
+    sizes = inputs.image_sizes()
+    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    found = grid_detections(pred_boxes, logits, sizes, card.image, keep)
+    truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
+    overlap = OVERLAP_OF_SOURCE[inputs.prepared.info["source"]]
+    voc = voc_summary(found, truth, classes, ev.iou_threshold, overlap)
+    n_objects = sum(len(t[1]) for t in truth)
+    metrics = {
+        "images": len(truth),
+        "objects": n_objects,
+        "map": round(voc.map(), 4),
+        "map_11point": round(voc.map(eleven_point=True), 4),
+        "iou_threshold": ev.iou_threshold,
+        "overlap": overlap,
+        "coco_map": round(coco_map([d.as_tuple() for d in found], truth), 4),
+    }
+    for iou in (0.3, 0.1):
+        metrics[f"map_iou_{iou}"] = round(voc_summary(found, truth, classes, iou, overlap).map(), 4)
+    metrics |= {
+        "recall_upper_bound": round(recall_upper_bound(inputs, n_objects), 4),
+        "detections_per_image": round(sum(len(d) for d in found) / len(truth), 3),
+        "per_class_ap": voc.per_class_ap(),
+        "per_class_ap_11point": voc.per_class_ap(eleven_point=True),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    tables = {"pr_curves.json": pr_rows(voc), "per_class_ap.json": ap_rows(voc)}
+    curves = {n: (c.recall, c.precision, c.ap) for n, c in zip(classes, voc.per_class, strict=True)}
+    figures = {
+        "pr_curves.png": (pr_curves(curves), 80),
+        "per_class_ap.png": (
+            ap_chart(metrics["per_class_ap"], f"AP@{ev.iou_threshold} per class (val)"),
+            80,
+        ),
+        "nms_before_after.png": (nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev)), 56),
+    }
+    m = metrics
+    summary = (
+        f"val: {m['images']} images, mAP@{ev.iou_threshold} {m['map']:.3f} (11-point "
+        f"{m['map_11point']:.3f}), COCO mAP {m['coco_map']:.3f}, recall upper bound "
+        f"{m['recall_upper_bound']:.3f}, {m['detections_per_image']:.1f} detections/image"
+    )
+    return Report(metrics, tables, figures, summary)
+
+
+def pr_rows(voc: VocSummary) -> list[dict]:
+    """DVC plot rows: one (class, recall, precision) per ranked detection of each class."""
+    return [
+        {"class": name, "recall": round(r, 5), "precision": round(p, 5)}
+        for name, c in zip(voc.classes, voc.per_class, strict=True)
+        for r, p in zip(c.recall, c.precision, strict=True)
+    ]
+
+
+def ap_rows(voc: VocSummary) -> list[dict]:
+    """DVC plot rows: one (class, ap) per class that has objects."""
+    pairs = zip(voc.classes, voc.per_class, strict=True)
+    return [{"class": name, "ap": c.ap} for name, c in pairs if c.ap is not None]
+
+
+def nms_pairs(
+    inputs: EvaluationInputs, outputs: tuple, truth: Truth, ev: EvalParams
+) -> list[tuple[Comparison, Comparison]]:
+    """ev.samples val images, each with its detections scoring ev.draw_score or more, before and
+    after NMS; `outputs` = (boxes per level, logits per level) of all val images."""
+    pred_boxes, logits = outputs
+    classes, spec = inputs.checkpoint.classes, inputs.checkpoint.card.image
+    sizes = inputs.image_sizes()
+    rows = inputs.prepared.images.set_index("image_id").loc[inputs.features.image_ids]
+    rows = rows.reset_index()
+    rows["row"] = range(len(rows))
+    pairs = []
+    for row in pick_evenly(rows, ev.samples).itertuples():
+        n = row.row
+        image = _open(inputs.prepared, row.path)
+        gt_boxes, gt_labels, _ = truth[n]
+        texts = [classes[k] for k in gt_labels.tolist()]
+        pair = []
+        for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
+            keep = Filtering(ev.draw_score, nms, ev.max_detections)
+            mine = ([b[n : n + 1] for b in pred_boxes], [k[n : n + 1] for k in logits])
+            (d,) = grid_detections(*mine, [sizes[n]], spec, keep)
+            scored = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
+            found = [f"{classes[k]} {s:.2f}" for k, s in scored]
+            title = f"{row.image_id}: {len(d)} {label}"
+            pair.append(Comparison(image, gt_boxes, texts, d.boxes, found, title))
+        pairs.append(tuple(pair))
+    return pairs

@@ -1,0 +1,113 @@
+"""Grid coding of boxes: image fractions <-> cell boxes, an encoding and its inverse side by side.
+
+Two box codings meet here (see geometry.py for pixels):
+- *fractions*: (cx, cy, w, h), each a fraction of the (output) image's width or height, what
+  `geometry.encode_boxes` gives and the single-object head predicts;
+- *cell boxes*: on an S x S grid, the cell (row i, column j) hosting an object's centre is
+  responsible for it and holds (cx * S - j, cy * S - i, w, h): the centre relative to that cell
+  (in [0, 1]), the size still a fraction of the image. What the grid head predicts.
+
+With A anchor boxes (grid.anchors, see anchors.py) a cell has A slots; an object goes to the slot
+of its best-IoU anchor, and the head's raw size output t becomes anchor * (2 sigmoid(t))^2.
+
+Shapes: fractions (K, 4); one image's cell boxes (4, S, S), or (A, 4, S, S) with anchors; a batch
+adds B in front. Cells are listed in row-major order (i, then j), anchor by anchor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline_lib.anchors import best_anchor
+
+
+@dataclass
+class GridEncoding:
+    """One image's grid targets. boxes (4, S, S) float32 cell boxes, has_obj (S, S) uint8,
+    labels (S, S) int64 (with A anchors: (A, 4, S, S) and (A, S, S)); `dropped` is the number of
+    objects overwritten by a later one in the same cell (and anchor slot)."""
+
+    boxes: torch.Tensor
+    has_obj: torch.Tensor
+    labels: torch.Tensor
+    dropped: int
+
+
+def hosting_cells(fractions: torch.Tensor, num_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row i, column j) of the cell hosting each (K, 4) fraction box's centre, as int64 (K,).
+
+    A centre exactly on the right or bottom edge (1.0) belongs to the last cell.
+    """
+    j = (fractions[:, 0] * num_cells).floor().long().clamp(0, num_cells - 1)
+    i = (fractions[:, 1] * num_cells).floor().long().clamp(0, num_cells - 1)
+    return i, j
+
+
+def encode_grid(
+    fractions: torch.Tensor,
+    labels: torch.Tensor,
+    num_cells: int,
+    anchors: torch.Tensor | None = None,
+) -> GridEncoding:
+    """One image's (K, 4) fraction boxes and (K,) labels -> its grid targets.
+
+    A later object whose centre falls in the same cell overwrites an earlier one (as in the lab).
+    With (A, 2) `anchors` (w, h), each object goes to its best anchor's slot of the cell, and is
+    overwritten only by a later one in the same cell and slot.
+    """
+    s = num_cells
+    slots = 1 if anchors is None else len(anchors)
+    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32)
+    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8)
+    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64)
+    fractions = fractions.double()
+    i, j = hosting_cells(fractions, s)
+    a = torch.zeros_like(i) if anchors is None else best_anchor(fractions[:, 2:], anchors)
+    for k in range(len(fractions)):
+        cx, cy, w, h = fractions[k].tolist()
+        cell = (cx * s - j[k].item(), cy * s - i[k].item(), w, h)
+        boxes[a[k], :, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
+        has_obj[a[k], i[k], j[k]] = 1
+        cell_labels[a[k], i[k], j[k]] = labels[k]
+    dropped = len(fractions) - int(has_obj.sum())
+    if anchors is None:
+        return GridEncoding(boxes[0], has_obj[0], cell_labels[0], dropped)
+    return GridEncoding(boxes, has_obj, cell_labels, dropped)
+
+
+def decode_grid(cell_boxes: torch.Tensor) -> torch.Tensor:
+    """(B, 4, S, S) cell boxes -> (B, S*S, 4) fraction boxes, cells in row-major order.
+
+    With anchors, (B, A, 4, S, S) -> (B, A*S*S, 4), anchor by anchor. The inverse of
+    `encode_grid` for every cell that holds an object.
+    """
+    if cell_boxes.dim() == 5:
+        return decode_grid(cell_boxes.flatten(0, 1)).reshape(len(cell_boxes), -1, 4)
+    b, _, s, _ = cell_boxes.shape
+    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    cx = (cell_boxes[:, 0] + j) / s
+    cy = (cell_boxes[:, 1] + i) / s
+    return torch.stack([cx, cy, cell_boxes[:, 2], cell_boxes[:, 3]], dim=-1).reshape(b, s * s, 4)
+
+
+def anchor_sizes(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Box sizes from the head's sigmoid outputs: (B, A, 2, S, S) in [0, 1] and (A, 2) anchors
+    (w, h) -> (B, A, 2, S, S) = anchor * (2 raw)^2 (YOLOv5's form: the anchor itself at raw = 0.5,
+    bounded by 4 x anchor)."""
+    return (2 * raw) ** 2 * anchors.view(1, len(anchors), 2, 1, 1)
+
+
+def cell_local(cell_boxes: torch.Tensor, num_cells: int) -> torch.Tensor:
+    """(..., 4) cell boxes -> the same boxes in image fractions up to their cell's offset (the
+    centre divided by S): two boxes of one cell then have the IoU of their decoded forms."""
+    return cell_boxes * cell_boxes.new_tensor([1 / num_cells] * 2 + [1.0, 1.0])
+
+
+def cell_fractions(num_cells: int) -> torch.Tensor:
+    """The S x S cells themselves as (S*S, 4) fraction boxes, row-major (for drawing the grid)."""
+    s = num_cells
+    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    centres = torch.stack([(j.flatten() + 0.5) / s, (i.flatten() + 0.5) / s], dim=1)
+    return torch.cat([centres, torch.full_like(centres, 1 / s)], dim=1)

@@ -1,0 +1,240 @@
+"""Training tasks: what the train stage fits for each head kind, built from the prepared tables and
+the cached features.
+
+A `Task` bundles a fresh head, its train/val `Dataset`s (features and aligned targets), the
+objective (loss and training measures), the curves worth logging, and the model card the trained
+head will be saved with. `single_task` and `grid_task` build one from the params; `training.fit`
+trains it; `finish_card` adds the training summary to its card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline_lib.anchors import kmeans_anchors
+from pipeline_lib.checkpoints import build_head
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.features import Features, read_features
+from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
+from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.params import Params, TrainParams
+from pipeline_lib.tables import Prepared, read_prepared
+from pipeline_lib.targets import (
+    GridLevel,
+    grid_levels,
+    multi_object_targets,
+    single_object_targets,
+    training_shapes,
+)
+from pipeline_lib.training import Dataset, FitResult, Objective, TrainConfig, best_epoch_stats
+
+SPLITS = ("train", "val")
+SINGLE_CURVES = ("loss", "box_loss", "class_loss", "accuracy", "iou")
+GRID_CURVES = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
+
+
+@dataclass
+class TrainingInputs:
+    """The prepared tables and the train/val features, with the image spec they were made with."""
+
+    prepared: Prepared
+    features: dict[str, Features]
+
+    @property
+    def spec(self) -> ImageSpec:
+        metadata = self.features["train"].metadata
+        return ImageSpec(metadata["image_mode"], int(metadata["image_size"]))
+
+    def ids(self, split: str) -> list[str]:
+        return self.features[split].image_ids
+
+
+def read_training_inputs(prepared_dir: Path, features_dir: Path) -> TrainingInputs:
+    """data/prepared and data/features/{train,val}.safetensors."""
+    prepared = read_prepared(prepared_dir)
+    features = {split: read_features(features_dir / f"{split}.safetensors") for split in SPLITS}
+    return TrainingInputs(prepared, features)
+
+
+@dataclass
+class Task:
+    head: nn.Module
+    data: dict[str, Dataset]  # "train", "val"
+    objective: Objective
+    curves: tuple[str, ...]  # training measures worth a curve
+    card: ModelCard  # its `train` summary is filled by `finish_card`
+    notes: list[str] = field(default_factory=list)  # for the user to read
+    warnings: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)  # extra entries of the training metrics
+
+
+def loss_weights(train: TrainParams) -> LossWeights:
+    return LossWeights(
+        train.box_weight,
+        train.class_weight,
+        train.obj_weight,
+        train.obj_loss,
+        train.focal_gamma,
+        train.focal_alpha,
+    )
+
+
+def single_task(inputs: TrainingInputs, params: Params) -> Task:
+    """The single-object head: class and box of each image's largest object."""
+    data, warnings = {}, []
+    tables, spec = inputs.prepared, inputs.spec
+    for split in SPLITS:
+        ids = inputs.ids(split)
+        t = single_object_targets(tables.images, tables.objects, ids, spec)
+        if not t.present.any():
+            raise PipelineError(
+                f"{split}: none of {len(ids)} images has an object left after image.mode "
+                f"{spec.mode} (size {spec.size}); nothing to train or validate on"
+            )
+        if not t.present.all():
+            left_out = int((~t.present).sum())
+            warnings.append(
+                f"{split}: {left_out} images have no object after image.mode {spec.mode}; left out"
+            )
+        keep = t.present
+        data[split] = Dataset(
+            inputs.features[split].features[keep], (t.boxes[keep], t.labels[keep])
+        )
+    hp = params.head
+    config = {
+        "hidden": hp.hidden,
+        "dropout": hp.dropout,
+        "classifier": hp.classifier,
+        "classifier_dropout": hp.classifier_dropout,
+    }
+    card = _card(inputs, "single", config, data)
+    head = _build_head(card)
+    loss = partial(single_object_loss, weights=loss_weights(params.train))
+    objective = Objective(lambda o, t: loss(*o, *t), single_object_batch_sums)
+    return Task(head, data, objective, SINGLE_CURVES, card, warnings=warnings)
+
+
+def grid_task(inputs: TrainingInputs, params: Params) -> Task:
+    """The grid head (box, class and objectness per cell), with anchors and a second level as
+    params grid.anchors and backbone.fine_layer ask."""
+    grid, hp = params.grid, params.head
+    fine_channels = int(inputs.features["train"].metadata["backbone"].get("fine_channels", 0))
+    if fine_channels and grid.anchors:
+        raise PipelineError(
+            "grid.anchors with a second feature level (backbone.fine_layer) is not supported "
+            "yet: set grid.anchors: 0 or backbone.fine_layer: none"
+        )
+    notes: list[str] = []
+    anchors = fit_anchors(grid.anchors, inputs, notes)
+    levels = grid_levels(grid.num_cells, grid.fine_below if fine_channels else None, anchors)
+    data, collisions = grid_data(inputs, levels, notes)
+    anchor_list = None if anchors is None else anchors.tolist()
+    config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}
+    card = _card(inputs, "multi", config, data)
+    card.grid = GridSpec(
+        grid.num_cells, anchor_list, fine_channels, grid.fine_below if fine_channels else None
+    )
+    card.collisions = collisions
+    head = _build_head(card)
+    summary: dict = {"grid_collisions": collisions}
+    if anchor_list is not None:
+        summary["anchors"] = [[round(v, 4) for v in a] for a in anchor_list]
+    loss = partial(grid_loss, weights=loss_weights(params.train))
+    objective = Objective(loss, multi_object_batch_sums)
+    return Task(head, data, objective, GRID_CURVES, card, notes=notes, summary=summary)
+
+
+def grid_data(
+    inputs: TrainingInputs, levels: list[GridLevel], notes: list[str]
+) -> tuple[dict[str, Dataset], dict[str, dict[str, int]]]:
+    """Train/val datasets with the targets of every level (boxes, has_obj, labels per level), and
+    per split how many objects lost their cell (and anchor slot) to a later one."""
+    data, collisions = {}, {}
+    tables, spec = inputs.prepared, inputs.spec
+    slot = " and anchor" if levels[0].anchors is not None else ""
+    grids = " and ".join(f"{level.num_cells}x{level.num_cells}" for level in levels)
+    for split in SPLITS:
+        targets, objects, dropped = [], 0, 0
+        for level in levels:
+            t = multi_object_targets(tables.images, tables.objects, inputs.ids(split), spec, level)
+            targets += [t.boxes, t.has_obj, t.labels]
+            objects, dropped = objects + int(t.objects.sum()), dropped + int(t.dropped.sum())
+        data[split] = Dataset(inputs.features[split].features, tuple(targets))
+        collisions[split] = {"objects": objects, "dropped": dropped}
+        notes.append(
+            f"{split}: {dropped} of {objects} objects share a grid cell{slot} with a later one "
+            f"and are not learned ({grids} cells)"
+        )
+    return data, collisions
+
+
+def fit_anchors(k: int, inputs: TrainingInputs, notes: list[str]) -> torch.Tensor | None:
+    """grid.anchors = k > 0: (k, 2) float32 anchor shapes from k-means on the training boxes
+    (None for k = 0)."""
+    if k == 0:
+        return None
+    tables = inputs.prepared
+    shapes = training_shapes(tables.images, tables.objects, inputs.ids("train"), inputs.spec)
+    if len(shapes) < k:
+        raise PipelineError(
+            f"grid.anchors: {k} anchors need at least {k} training boxes, found {len(shapes)}"
+        )
+    anchors, fitness = kmeans_anchors(shapes, k)
+    text = ", ".join(f"{w:.3f}x{h:.3f}" for w, h in anchors.tolist())
+    notes.append(
+        f"anchors (w x h, image fractions) from k-means on {len(shapes)} training boxes: "
+        f"{text}; mean IoU of a box with its best anchor {fitness:.3f}"
+    )
+    return anchors.float()
+
+
+def training_summary(task: Task, result: FitResult, config: TrainConfig) -> dict:
+    """The training metrics beyond the curves: best epoch (with its val measures), seconds per
+    epoch, images per split, the CPU kernels that ran (train.cpu_kernels), the task's extras."""
+    best = {"epoch": result.best_epoch, "monitor": round(result.best_monitor, 6)}
+    summary = {
+        "best": best | best_epoch_stats(result),
+        "seconds_per_epoch": round(result.seconds / config.epochs, 2),
+        "images": {split: len(task.data[split]) for split in SPLITS},
+    }
+    if config.device == "cpu":
+        summary["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
+    return summary | task.summary
+
+
+def finish_card(task: Task, result: FitResult, train: TrainParams) -> ModelCard:
+    """The task's card with the training summary of `result`."""
+    task.card.train = {
+        "best_epoch": result.best_epoch,
+        "monitor": train.monitor,
+        "best_monitor": result.best_monitor,
+        "epochs": train.epochs,
+    }
+    return task.card
+
+
+def _card(inputs: TrainingInputs, kind: str, head: dict, data: dict[str, Dataset]) -> ModelCard:
+    features = inputs.features["train"]
+    return ModelCard(
+        kind=kind,
+        head=head,
+        classes=inputs.prepared.classes,
+        feature_shape=list(data["train"].features.shape[1:]),
+        feature_dtype=str(features.features.dtype).removeprefix("torch."),
+        backbone=features.metadata["backbone"],
+        image=inputs.spec,
+    )
+
+
+def _build_head(card: ModelCard) -> nn.Module:
+    try:
+        return build_head(card)
+    except ValueError as error:  # e.g. more grid cells than the feature map has
+        raise PipelineError(str(error)) from None

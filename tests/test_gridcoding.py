@@ -1,0 +1,128 @@
+"""Grid coding (gridcoding.py): fraction boxes <-> cell boxes, by hand and as properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline_lib.gridcoding import (
+    anchor_sizes,
+    cell_fractions,
+    cell_local,
+    decode_grid,
+    encode_grid,
+    hosting_cells,
+)
+
+
+def test_encode_one_image_by_hand():
+    # 2 x 2 cells: centre (0.75, 0.25) -> row 0, column 1, offsets (0.5, 0.5) in the cell
+    grid = encode_grid(
+        torch.tensor([[0.75, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([3]), 2
+    )
+    boxes, has_obj, labels, dropped = grid.boxes, grid.has_obj, grid.labels, grid.dropped
+    assert boxes.shape == (4, 2, 2) and boxes.dtype == torch.float32
+    assert boxes[:, 0, 1].tolist() == [0.5, 0.5, 0.5, 0.25]
+    assert has_obj.dtype == torch.uint8 and has_obj.tolist() == [[0, 1], [0, 0]]
+    assert labels.dtype == torch.int64 and labels.tolist() == [[0, 3], [0, 0]]
+    assert dropped == 0
+
+
+def test_collisions_later_wins_and_edges_go_to_the_last_cell():
+    encoded = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.2, 0.2, 0.3, 0.3], [1.0, 1.0, 0.1, 0.1]])
+    grid = encode_grid(encoded, torch.tensor([1, 2, 3]), 2)
+    boxes, has_obj, labels, dropped = grid.boxes, grid.has_obj, grid.labels, grid.dropped
+    assert dropped == 1  # the first two share cell (0, 0): the second wins
+    assert labels[0, 0] == 2 and torch.allclose(boxes[:, 0, 0], torch.tensor([0.4, 0.4, 0.3, 0.3]))
+    assert labels[1, 1] == 3 and torch.allclose(boxes[:, 1, 1], torch.tensor([1.0, 1.0, 0.1, 0.1]))
+    assert has_obj.sum() == 2
+
+
+def test_encode_with_anchors_by_hand():
+    anchors = torch.tensor([[0.1, 0.1], [0.6, 0.3]])
+    # S = 2. Objects 0 and 1 share cell (0, 0) but not their best anchor; object 2 shares cell
+    # (0, 0) and anchor 0 with object 0 and overwrites it.
+    encoded = torch.tensor(
+        [
+            [0.20, 0.30, 0.10, 0.12],  # cell (0, 0), anchor 0
+            [0.25, 0.40, 0.50, 0.30],  # cell (0, 0), anchor 1
+            [0.30, 0.10, 0.08, 0.10],  # cell (0, 0), anchor 0: replaces object 0
+            [0.75, 0.90, 0.70, 0.20],  # cell (1, 1), anchor 1
+        ]
+    )
+    labels = torch.tensor([3, 4, 5, 6])
+    grid = encode_grid(encoded, labels, 2, anchors)
+    boxes, has_obj, cell_labels, dropped = grid.boxes, grid.has_obj, grid.labels, grid.dropped
+    assert boxes.shape == (2, 4, 2, 2) and has_obj.shape == cell_labels.shape == (2, 2, 2)
+    assert dropped == 1
+    assert has_obj.tolist() == [[[1, 0], [0, 0]], [[1, 0], [0, 1]]]
+    assert cell_labels[0, 0, 0] == 5 and cell_labels[1, 0, 0] == 4 and cell_labels[1, 1, 1] == 6
+    # centres in cell units: 0.3 * 2 - 0 = 0.6, 0.1 * 2 - 0 = 0.2; 0.75 * 2 - 1 = 0.5, 0.9 * 2 - 1
+    assert boxes[0, :, 0, 0].tolist() == pytest.approx([0.6, 0.2, 0.08, 0.10])
+    assert boxes[1, :, 1, 1].tolist() == pytest.approx([0.5, 0.8, 0.70, 0.20])
+    # without anchors the three objects of cell (0, 0) keep one: two are dropped
+    assert encode_grid(encoded, labels, 2).dropped == 2
+
+
+@given(
+    st.floats(0, 1, exclude_max=True),
+    st.floats(0, 1, exclude_max=True),
+    st.floats(1e-3, 1),
+    st.floats(1e-3, 1),
+    st.integers(1, 19),
+)
+def test_grid_cell_encoding_round_trips_for_every_grid_size(cx, cy, w, h, cells):
+    encoded = torch.tensor([[cx, cy, w, h]], dtype=torch.float64)
+    grid = encode_grid(encoded, torch.tensor([3]), cells)
+    boxes, has_obj, labels, dropped = grid.boxes, grid.has_obj, grid.labels, grid.dropped
+    i, j = int(cy * cells), int(cx * cells)  # the cell hosting the centre
+    assert has_obj.sum() == 1 and has_obj[i, j] == 1 and labels[i, j] == 3 and dropped == 0
+    assert ((boxes[:2] >= 0) & (boxes[:2] <= 1)).all()  # centre relative to its cell
+    decoded = decode_grid(boxes.unsqueeze(0).double())[0, i * cells + j]
+    assert torch.allclose(decoded, encoded[0], atol=1e-6)
+
+
+def test_hosting_cells_by_hand():
+    # S = 4: x 0.3 -> column 1, y 0.9 -> row 3; an edge centre (1.0) is in the last cell
+    fractions = torch.tensor([[0.3, 0.9, 0.1, 0.1], [1.0, 0.0, 0.1, 0.1], [0.25, 0.5, 0.1, 0.1]])
+    i, j = hosting_cells(fractions, 4)
+    assert i.tolist() == [3, 0, 2] and j.tolist() == [1, 3, 1]
+
+
+def test_decode_with_anchors_goes_anchor_by_anchor():
+    # B = 1, A = 2, S = 1: two slots of the one cell, listed anchor by anchor
+    cell_boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.3], [0.25, 0.75, 0.4, 0.1]]]).view(1, 2, 4, 1, 1)
+    expected = [0.5, 0.5, 0.2, 0.3, 0.25, 0.75, 0.4, 0.1]
+    assert decode_grid(cell_boxes)[0].flatten().tolist() == pytest.approx(expected)
+
+
+def test_anchor_sizes_by_hand():
+    anchors = torch.tensor([[0.2, 0.1], [0.5, 0.4]])
+    raw = torch.tensor([[0.5, 0.25], [1.0, 0.0]]).view(1, 2, 2, 1, 1)
+    # anchor * (2 raw)^2: (0.2 * 1, 0.1 * 0.25) and (0.5 * 4, 0.4 * 0)
+    sizes = anchor_sizes(raw, anchors).flatten().tolist()
+    assert sizes == pytest.approx([0.2, 0.025, 2.0, 0.0])
+
+
+def test_cell_local_keeps_the_iou_of_the_decoded_boxes():
+    # S = 4, cell (row 1, column 2): the decoded centres are (2 + x) / 4, (1 + y) / 4
+    from torchvision.ops import box_convert, box_iou
+
+    a, b = torch.tensor([[0.5, 0.5, 0.2, 0.3]]), torch.tensor([[0.7, 0.4, 0.25, 0.2]])
+    assert cell_local(a, 4).flatten().tolist() == pytest.approx([0.125, 0.125, 0.2, 0.3])
+    decoded = [torch.tensor([[(2 + t[0, 0]) / 4, (1 + t[0, 1]) / 4, *t[0, 2:]]]) for t in (a, b)]
+    local = [cell_local(t, 4) for t in (a, b)]
+    iou = [box_iou(*(box_convert(t, "cxcywh", "xyxy") for t in pair)) for pair in (decoded, local)]
+    assert iou[0].item() == pytest.approx(iou[1].item())
+
+
+def test_cell_fractions_tile_the_image():
+    cells = cell_fractions(2)
+    assert cells.tolist() == [
+        [0.25, 0.25, 0.5, 0.5],
+        [0.75, 0.25, 0.5, 0.5],
+        [0.25, 0.75, 0.5, 0.5],
+        [0.75, 0.75, 0.5, 0.5],
+    ]

@@ -1,0 +1,87 @@
+"""Training losses (losses.py): the parts by hand, weights, anchors and two levels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline_lib.losses import LossWeights, grid_loss, multi_object_loss, single_object_loss
+
+
+@pytest.mark.parametrize("obj_loss", ["bce", "focal"])
+def test_grid_loss_counts_object_cells_only_for_box_and_class(obj_loss):
+    pred = torch.full((1, 4, 2, 2), 0.5)
+    target = pred.clone()
+    target[0, :, 1, 1] = 0.9  # wrong only in an empty cell: no box loss
+    has_obj = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    logits = torch.zeros(1, 3, 2, 2)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    losses = multi_object_loss(
+        pred, logits, target, has_obj, labels, LossWeights(obj_loss=obj_loss)
+    )
+    assert losses["box_loss"] == 0
+    assert losses["class_loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert losses["obj_loss"] > 0
+
+
+def test_anchored_loss_counts_only_assigned_slots():
+    s, a = 2, 2
+    boxes = torch.zeros(1, a, 4, s, s)
+    has_obj = torch.zeros(1, a, s, s, dtype=torch.uint8)
+    labels = torch.zeros(1, a, s, s, dtype=torch.int64)
+    boxes[0, 1, :, 0, 1] = torch.tensor([0.5, 0.5, 0.3, 0.3])
+    has_obj[0, 1, 0, 1], labels[0, 1, 0, 1] = 1, 2
+    logits = torch.zeros(1, a, 4, s, s)
+    pred = boxes.clone()
+    base = multi_object_loss(pred, logits, boxes, has_obj, labels)
+    assert base["box_loss"].item() == 0.0
+    pred[0, 0, :, 0, 1] = 0.9  # wrong box in the other anchor's slot of the same cell: no loss
+    assert multi_object_loss(pred, logits, boxes, has_obj, labels)["box_loss"].item() == 0.0
+    pred[0, 1, 0, 0, 1] = 0.7  # 0.2 off in one of 4 coordinates: SmoothL1 0.5 * 0.2^2 / 4
+    assert multi_object_loss(pred, logits, boxes, has_obj, labels)["box_loss"].item() == (
+        pytest.approx(0.005)
+    )
+    # objectness: BCE of logit 0 is ln 2 in every one of the 8 slots
+    assert base["obj_loss"].item() == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_single_object_loss_by_hand_and_its_weights():
+    pred, boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.tensor([[0.5, 0.5, 0.2, 1.2]])
+    logits, labels = torch.zeros(1, 4), torch.tensor([2])
+    losses = single_object_loss(pred, logits, boxes, labels)
+    # SmoothL1 (beta 1) of one coordinate off by 1.0: 1.0 - 0.5 = 0.5, mean over 4: 0.125
+    assert losses["box_loss"].item() == pytest.approx(0.125)
+    assert losses["class_loss"].item() == pytest.approx(math.log(4))
+    weighted = single_object_loss(pred, logits, boxes, labels, LossWeights(2.0, 0.5))
+    assert weighted["loss"].item() == pytest.approx(2 * 0.125 + 0.5 * math.log(4))
+
+
+def test_grid_loss_of_two_levels_is_the_sum_of_each_level():
+    g = torch.Generator().manual_seed(0)
+
+    def level(s):
+        outputs = (torch.rand(2, 4, s, s, generator=g), torch.randn(2, 3, s, s, generator=g))
+        has_obj = (torch.rand(2, s, s, generator=g) > 0.7).to(torch.uint8)
+        labels = torch.randint(0, 2, (2, s, s), generator=g)
+        return outputs, (torch.rand(2, 4, s, s, generator=g), has_obj, labels)
+
+    (coarse_out, coarse_t), (fine_out, fine_t) = level(2), level(4)
+    weights = LossWeights(obj_weight=3.0, obj_loss="focal")
+    both = grid_loss((*coarse_out, *fine_out), (*coarse_t, *fine_t), weights)
+    one = grid_loss(coarse_out, coarse_t, weights)
+    other = multi_object_loss(*fine_out, *fine_t, weights)
+    for name in ("loss", "box_loss", "class_loss", "obj_loss"):
+        assert both[name].item() == pytest.approx(one[name].item() + other[name].item())
+    assert one["loss"].item() == pytest.approx(
+        one["box_loss"].item() + one["class_loss"].item() + 3.0 * one["obj_loss"].item()
+    )
+
+
+def test_unknown_objectness_loss_is_refused():
+    pred, has_obj = torch.zeros(1, 4, 1, 1), torch.ones(1, 1, 1, dtype=torch.uint8)
+    labels = torch.zeros(1, 1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="obj_loss must be 'bce' or 'focal', got 'mse'"):
+        weights = LossWeights(obj_loss="mse")
+        multi_object_loss(pred, torch.zeros(1, 2, 1, 1), pred, has_obj, labels, weights)

@@ -1,0 +1,86 @@
+"""Model cards (modelcard.py): the committed models' descriptions read and written back byte for
+byte (so model hashes do not move), and descriptions this pipeline cannot read refused by key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.modelcard import CardError, GridSpec, ModelCard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stored_description(path: Path) -> str:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()["pipeline"]
+
+
+@pytest.mark.parametrize("model", ["single", "multi"])
+def test_the_committed_models_read_and_write_back_byte_for_byte(model):
+    path = REPO / "models" / f"{model}.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} is not checked out (dvc pull or dvc repro)")
+    text = stored_description(path)
+    card = ModelCard.from_dict(json.loads(text))
+    assert json.dumps(card.to_dict()) == text
+    assert card.kind == model and card.image == ImageSpec("shrink", 224)
+    assert card.feature_shape == [1280, 7, 7] and card.feature_dtype == "float16"
+    assert (card.grid is None) == (model == "single")
+
+
+def grid_card(**changes) -> dict:
+    raw = {
+        "kind": "multi",
+        "head": {"hidden": 8, "dropout": 0.5},
+        "num_cells": 7,
+        "collisions": {"train": {"objects": 3, "dropped": 1}},
+        "anchors": [[0.1, 0.2]],
+        "classes": ["a", "b"],
+        "feature_shape": [4, 7, 7],
+        "feature_dtype": "float16",
+        "backbone": {"name": "resnet18"},
+        "image_mode": "crop",
+        "image_size": 224,
+        "train": {"best_epoch": 3},
+    }
+    return raw | changes
+
+
+def test_fields_and_key_order():
+    card = ModelCard.from_dict(grid_card())
+    assert card.grid == GridSpec(7, [[0.1, 0.2]], 0, None) and card.image == ImageSpec("crop", 224)
+    assert list(card.to_dict()) == list(grid_card())  # the historical order: the file's bytes
+    tuned = ModelCard.from_dict(grid_card(finetuned={"epochs": 2}))
+    assert list(tuned.to_dict())[-1] == "finetuned"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": 2}, "model description format 2: this pipeline reads format 1"),
+        ({"kind": "triple"}, "unknown head kind 'triple'"),
+        ({"image_mode": "stretch"}, "unknown image mode 'stretch'"),
+        ({"num_cells": "seven"}, "wrong value"),
+    ],
+)
+def test_descriptions_it_cannot_read_are_refused(changes, message):
+    with pytest.raises(CardError, match=message):
+        ModelCard.from_dict(grid_card(**changes))
+
+
+@pytest.mark.parametrize("key", ["classes", "feature_dtype", "backbone", "num_cells", "head"])
+def test_a_missing_key_is_named(key):
+    raw = grid_card()
+    del raw[key]
+    with pytest.raises(CardError, match=f"model description lacks '{key}'"):
+        ModelCard.from_dict(raw)
+
+
+def test_a_description_that_is_not_an_object_is_refused():
+    with pytest.raises(CardError, match="not a JSON object"):
+        ModelCard.from_dict(["kind", "multi"])
