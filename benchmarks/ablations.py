@@ -1,17 +1,17 @@
 """Measure the rows of docs/ablations.md on the genuine VOC2007 subset, several seeds each.
 
     .venv/bin/python benchmarks/ablations.py [--voc PATH/TO/VOCdevkit] [--work FOLDER]
-        [--seeds 0 --seeds 1] [--row focal ...] [--finetune]
+        [--seeds 0 --seeds 1] [--row focal ...] [--finetune] [--synthetic]
 
 Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
-images, EfficientNet-Lite0 at 224 (shrink), 7x7 grid, default params but 30 epochs and the row's
-params. Every run is the real stages in a working folder (`python -m stages.prepare`, `extract`
-once per feature setting, then `train multi` and `evaluate multi` per row and seed), so the
-figures are exactly what `dvc exp run -S ...` gives. Besides the stage's metrics (VOC mAP with the
-devkit's inclusive-pixel overlap), each run's mAP@0.5 is also computed with the continuous IoU
-used before issue 15, on the same model and detections. Results go to `<work>/results.jsonl` (one
-line per run; runs already there are not repeated) and a summary per row is printed: the mean and
-the runs in brackets.
+images (`--synthetic`: the embedded synthetic default's 800 and 200), EfficientNet-Lite0 at 224
+(shrink), 7x7 grid, default params but 30 epochs and the row's params. Every run is the real stages
+in a working folder (`python -m stages.prepare`, `extract` once per feature setting, then `train
+multi` and `evaluate multi` per row and seed), so the figures are exactly what `dvc exp run -S ...`
+gives. Besides the stage's metrics (VOC mAP with the devkit's inclusive-pixel overlap), each run's
+mAP@0.5 is also computed with the continuous IoU used before issue 15, on the same model and
+detections. Results go to `<work>/results.jsonl` (one line per run; runs already there are not
+repeated) and a summary per row is printed: the mean and the runs in brackets.
 """
 
 from __future__ import annotations
@@ -23,12 +23,19 @@ from pathlib import Path
 import typer
 from workfolder import REPO, stage, write_params
 
+CONV = {"train.obj_loss": "focal", "head.grid_kind": "conv"}
 ROWS = {  # name -> (feature setting, params)
     "baseline (bce)": ("default", {"train.obj_loss": "bce"}),
     "focal": ("default", {"train.obj_loss": "focal"}),
     "3 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 3}),
     "5 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 5}),
     "second level": ("fine", {"train.obj_loss": "focal"}),
+    "conv head": ("default", CONV),
+    "conv head, cosine": ("default", {**CONV, "train.lr_schedule": "cosine"}),
+    "conv head, cosine, last epoch": (
+        "default",
+        {**CONV, "train.lr_schedule": "cosine", "train.monitor": "last"},
+    ),
 }
 FEATURES = {"default": {}, "fine": {"backbone.fine_layer": "blocks.4", "grid.fine_below": 0.2}}
 FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
@@ -38,8 +45,11 @@ FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
 }
 
 
-def voc_params(voc: Path, changes: dict) -> dict:
-    """The protocol's params: the VOC2007 subset, 30 epochs, and the row's `changes`."""
+def voc_params(voc: Path | None, changes: dict) -> dict:
+    """The protocol's params: the VOC2007 subset (None: the synthetic default), 30 epochs, and
+    the row's `changes`."""
+    if voc is None:
+        return {"train.epochs": 30, **changes}
     return {
         "data.source": "voc",
         "data.root": str(voc),
@@ -81,14 +91,18 @@ def main(
     seeds: list[int] = (0, 1),  # noqa: B008
     row: list[str] = (),  # noqa: B008
     finetune: bool = False,
+    synthetic: bool = False,
 ) -> None:
-    voc = voc.resolve()
-    if not (voc / "VOC2007" / "Annotations").is_dir():
+    """--synthetic: the same rows on the embedded synthetic default instead of VOC2007."""
+    voc = None if synthetic else voc.resolve()
+    if voc is not None and not (voc / "VOC2007" / "Annotations").is_dir():
         raise SystemExit(f"no VOC2007 folder in {voc} (pass --voc)")
     results_file = work / "results.jsonl"
     done = set()
     if results_file.is_file():
-        done = {(r["row"], r["seed"]) for r in map(json.loads, results_file.read_text().split())}
+        done = {
+            (r["row"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())
+        }
     for name, (feature_setting, changes) in ROWS.items():
         if row and name not in row:
             continue
@@ -96,6 +110,8 @@ def main(
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "data/features/val.safetensors").is_file():
             write_params(folder, voc_params(voc, FEATURES[feature_setting]))
+            if voc is None:
+                stage(folder, "synthesize")
             stage(folder, "prepare")
             stage(folder, "extract")
         for seed in seeds:
@@ -135,11 +151,8 @@ def run_finetune(work: Path, voc: Path, results_file: Path, done: set) -> None:
                 continue
             write_params(folder, voc_params(voc, {"train.obj_loss": "focal", "train.seed": 0}))
             stage(folder, "train", "multi", "--no-progress")
-            write_params(
-                folder,
-                voc,
-                {"train.obj_loss": "focal", "train.seed": 0, "finetune.seed": seed} | changes,
-            )
+            tuned = {"train.obj_loss": "focal", "train.seed": 0, "finetune.seed": seed} | changes
+            write_params(folder, voc_params(voc, tuned))
             trained = stage(folder, "finetune", "train").splitlines()[-1]
             stage(folder, "finetune", "evaluate")
             metrics = json.loads((folder / "reports/evaluate_finetune/metrics.json").read_text())

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_file
-from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
 from pipeline_lib.modelcard import ModelCard
 
 BACKBONE_PREFIX = "backbone."
@@ -48,6 +48,9 @@ def build_head(card: ModelCard) -> nn.Module:
     if card.kind == "single":
         return SingleObjectHead(shape, n_classes, **card.head)
     grid = card.grid
+    if card.head.get("kind") == "conv":
+        config = {k: v for k, v in card.head.items() if k != "kind"}
+        return ConvGridHead(shape, n_classes, grid.num_cells, **config)
     if grid.fine_channels:
         return TwoLevelHead(shape, n_classes, grid.fine_channels, grid.num_cells, **card.head)
     return MultiObjectHead(shape, n_classes, grid.num_cells, anchors=grid.anchors, **card.head)

@@ -168,6 +168,9 @@ class HeadParams:
     classifier: Literal["flatten", "pooled"]
     classifier_dropout: Probability
     grid_hidden: PositiveInt
+    grid_kind: Literal["lab", "conv"]  # see heads.MultiObjectHead / heads.ConvGridHead
+    conv_width: Annotated[Int, Field(ge=1, le=4096)]
+    conv_depth: Annotated[Int, Field(ge=0, le=8)]
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -178,7 +181,7 @@ class TrainParams:
     lr: PositiveFloat
     weight_decay: Annotated[Float, Field(ge=0.0)]
     lr_schedule: Literal["constant", "cosine"]
-    monitor: Literal["box_loss_plus_error", "loss"]
+    monitor: Literal["box_loss_plus_error", "loss", "last"]
     box_weight: Annotated[Float, Field(ge=0.0)]
     class_weight: Annotated[Float, Field(ge=0.0)]
     obj_weight: Annotated[Float, Field(ge=0.0)]

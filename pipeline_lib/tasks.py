@@ -131,12 +131,19 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
             "grid.anchors with a second feature level (backbone.fine_layer) is not supported "
             "yet: set grid.anchors: 0 or backbone.fine_layer: none"
         )
+    if hp.grid_kind == "conv" and (fine_channels or grid.anchors):
+        raise PipelineError(
+            "head.grid_kind: conv with grid.anchors or a second feature level is not supported "
+            "yet: set grid.anchors: 0 and backbone.fine_layer: none, or head.grid_kind: lab"
+        )
     notes: list[str] = []
     anchors = fit_anchors(grid.anchors, inputs, notes)
     levels = grid_levels(grid.num_cells, grid.fine_below if fine_channels else None, anchors)
     data, collisions = grid_data(inputs, levels, notes)
     anchor_list = None if anchors is None else anchors.tolist()
-    config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}
+    config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head
+    if hp.grid_kind == "conv":
+        config = {"kind": "conv", "width": hp.conv_width, "depth": hp.conv_depth}
     card = _card(inputs, "multi", config, data)
     card.grid = GridSpec(
         grid.num_cells, anchor_list, fine_channels, grid.fine_below if fine_channels else None

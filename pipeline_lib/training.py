@@ -6,7 +6,7 @@ on the fly. A task plugs in two functions of (head outputs, batch targets):
 - `measure_fn` -> dict of per-batch (sum, count) pairs (e.g. correct predictions, predictions),
   averaged as total sum / total count over the epoch.
 Every epoch reports, for train and val, the sample-weighted mean of each loss part and measure;
-the epoch with the lowest monitor value on val is kept.
+the epoch with the lowest monitor value on val is kept (or the last one: monitor "last").
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ MONITORS = {
     # The lab's choice: box regression and classification on one scale.
     "box_loss_plus_error": lambda stats: stats["box_loss"] + 1.0 - stats["accuracy"],
     "loss": lambda stats: stats["loss"],
+    # The last epoch whatever its val figures (its val loss is reported): for schedules that end
+    # low (cosine), where val loss can rise while detections still improve.
+    "last": lambda stats: stats["loss"],
 }
 
 
@@ -209,7 +212,7 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         monitor = MONITORS[config.monitor](val_stats)
-        if monitor < result.best_monitor:
+        if monitor < result.best_monitor or config.monitor == "last":
             result.best_epoch, result.best_monitor = epoch, monitor
             result.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()

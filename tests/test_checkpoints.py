@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline_lib.checkpoints import CheckpointError, build_head, load_checkpoint, save_checkpoint
-from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
 from pipeline_lib.modelcard import ModelCard
 
 CLASSES = ["cat", "dog", "bird"]
@@ -28,7 +28,19 @@ def heads():
     single = {"hidden": 8, "dropout": 0.3, "classifier": "flatten", "classifier_dropout": 0.2}
     grid = {"hidden": 6, "dropout": 0.1}
     anchors = [[0.1, 0.2], [0.5, 0.4]]
+    conv = {"kind": "conv", "width": 5, "depth": 2}
     return {
+        "conv": (
+            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=2),
+            {
+                "kind": "multi",
+                "head": conv,
+                "feature_shape": [4, 6, 6],
+                "classes": CLASSES,
+                **COMMON,
+                "num_cells": 3,
+            },
+        ),
         "single": (
             SingleObjectHead((4, 3, 3), 3, **single),
             {
@@ -78,7 +90,7 @@ def heads():
     }
 
 
-@pytest.mark.parametrize("kind", ["single", "multi", "anchors", "two levels"])
+@pytest.mark.parametrize("kind", ["single", "multi", "anchors", "two levels", "conv"])
 def test_every_head_is_rebuilt_exactly_from_its_file(tmp_path, kind):
     torch.manual_seed(0)
     head, info = heads()[kind]

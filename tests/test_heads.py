@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib.heads import MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -111,3 +111,28 @@ def test_grid_head_shapes_pooling_and_refusal():
     assert boxes.min() >= 0 and boxes.max() <= 1
     with pytest.raises(ValueError, match="grid.num_cells 9 is larger than the 7x7 feature map"):
         MultiObjectHead((16, 7, 7), 3, num_cells=9)
+
+
+def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():
+    torch.manual_seed(0)
+    head = ConvGridHead((16, 10, 10), 3, num_cells=5, width=8, depth=2).eval()
+    boxes, logits = head(torch.randn(2, 16, 10, 10))
+    assert boxes.shape == (2, 4, 5, 5) and logits.shape == (2, 4, 5, 5)
+    assert isinstance(head.pool, torch.nn.AdaptiveAvgPool2d)  # 10 x 10 pooled to 5 x 5
+    convs = [m for m in head.trunk if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (16, 8, (3, 3)),
+        (8, 8, (3, 3)),
+    ]
+    assert not any(isinstance(m, torch.nn.Dropout) for m in head.modules())
+    # objectness bias: log(0.01 / 0.99), so sigmoid = 0.01 before training
+    assert torch.sigmoid(head.classification.bias[-1]).item() == pytest.approx(0.01)
+    # two 3x3 layers: a change in cell (0, 0) reaches cell (2, 2) and no further
+    x = torch.zeros(1, 16, 5, 5)
+    base = ConvGridHead((16, 5, 5), 3, num_cells=5, width=8, depth=2).eval()
+    y = x.clone()
+    y[0, :, 0, 0] = 5.0
+    changed = (base(y)[1] - base(x)[1]).abs().sum(dim=1)[0] > 0
+    assert changed[2, 2] and not changed[3, 3] and not changed[0, 3]
+    with pytest.raises(ValueError, match="larger than the"):
+        ConvGridHead((16, 4, 4), 3, num_cells=5)

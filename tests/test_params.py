@@ -38,6 +38,8 @@ def test_repository_params_are_valid(raw_params):
         # BatchNorm cannot train on one sample: every batch would be skipped
         ("train", "batch_size", 1, "train.batch_size: Input should be greater than or equal to 2"),
         ("train", "cpu_kernels", "avx512", "train.cpu_kernels: Input should be 'avx2' or 'native'"),
+        ("head", "grid_kind", "yolo", "head.grid_kind: Input should be 'lab' or 'conv'"),
+        ("head", "conv_depth", 9, "head.conv_depth: Input should be less than or equal to 8"),
     ],
 )
 def test_bad_values_name_key_and_allowed(raw_params, group, key, value, expected):
@@ -49,7 +51,8 @@ def test_unknown_and_missing_keys(raw_params):
     raw_params["head"]["dropuot"] = 0.3
     assert (
         "head.dropuot: unknown key (allowed here: dropout, hidden, classifier, "
-        "classifier_dropout, grid_hidden)" in error_for(raw_params)
+        "classifier_dropout, grid_hidden, grid_kind, conv_width, conv_depth)"
+        in error_for(raw_params)
     )
     del raw_params["head"]["dropuot"]
     raw_params["extra_group"] = {}

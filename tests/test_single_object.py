@@ -284,3 +284,22 @@ def test_bad_model_files_are_refused(tmp_path):
         with pytest.raises(CheckpointError, match=words) as error:
             load_checkpoint(path)
         assert path.name in str(error.value)
+
+
+def test_monitor_last_keeps_the_last_epoch_whatever_val_says():
+    objective = Objective(lambda o, t: single_object_loss(*o, *t), single_object_batch_sums)
+
+    def run(monitor):
+        seed_everything(0)
+        head = SingleObjectHead((8, 4, 4), 4, hidden=32, dropout=0.1)
+        # lr 1.0: val loss is lowest after epoch 1, then rises
+        config = TrainConfig(epochs=3, batch_size=16, lr=1.0, weight_decay=0.0, monitor=monitor)
+        train, val = learnable_data(64), learnable_data(32, seed=1)
+        return head, fit(head, train, val, objective, config, progress=False)
+
+    assert run("loss")[1].best_epoch == 1
+    head, result = run("last")
+    assert result.best_epoch == 3
+    assert result.best_monitor == result.history[-1]["val"]["loss"]
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(result.best_state[name], tensor), name
