@@ -229,7 +229,10 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
             ap_chart(metrics["per_class_ap"], f"AP@{ev.iou_threshold} per class (val)"),
             80,
         ),
-        "nms_before_after.png": (nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev)), 56),
+        "nms_before_after.png": (
+            nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev, sizes)),
+            56,
+        ),
     }
     m = metrics
     summary = (
@@ -256,13 +259,13 @@ def ap_rows(voc: VocSummary) -> list[dict]:
 
 
 def nms_pairs(
-    inputs: EvaluationInputs, outputs: tuple, truth: Truth, ev: EvalParams
+    inputs: EvaluationInputs, outputs: tuple, truth: Truth, ev: EvalParams, sizes: list
 ) -> list[tuple[Comparison, Comparison]]:
     """ev.samples val images, each with its detections scoring ev.draw_score or more, before and
-    after NMS; `outputs` = (boxes per level, logits per level) of all val images."""
+    after NMS; `outputs` = (boxes per level, logits per level) of all val images, `sizes` their
+    (width, height)."""
     pred_boxes, logits = outputs
     classes, spec = inputs.checkpoint.classes, inputs.checkpoint.card.image
-    sizes = inputs.image_sizes()
     rows = inputs.prepared.images.set_index("image_id").loc[inputs.features.image_ids]
     rows = rows.reset_index()
     rows["row"] = range(len(rows))

@@ -230,12 +230,16 @@ def extract_features(
     )
     forward = prepare_model(backbone, device, settings.compile, settings.batch_size)
     dtype = STORE_DTYPES[settings.store_dtype]
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        return forward(batch.to(device, non_blocking=True)).to(dtype).cpu()
+
     start = time.perf_counter()
     raw = out_path.with_name(f".{out_path.name}.rows.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tqdm(total=len(images), desc=progress, unit="image", disable=progress is None) as bar:
-            rows = _write_rows(raw, loader, forward, dtype, list(images), settings, bar)
+            rows = _write_rows(raw, loader, embed, list(images), settings.on_error, bar)
         if rows.shape is None:
             raise ImageError(f"no image of {len(images)} could be decoded ({progress})")
         metadata = {"image_ids": json.dumps(rows.kept), **_describe(backbone, spec)}
@@ -257,18 +261,18 @@ class _Rows:
     shape: tuple[int, ...] | None = None
 
 
-def _write_rows(raw: Path, loader, forward, dtype, image_ids, settings, bar) -> _Rows:
-    """Features of every decodable image, appended to `raw` as row-major bytes."""
+def _write_rows(raw: Path, loader, embed, image_ids, on_error: str, bar) -> _Rows:
+    """Features (`embed` of each batch) of every decodable image, appended to `raw` as
+    row-major bytes."""
     rows = _Rows()
-    device = pick_device(settings.device)
     with open(raw, "wb") as sink:
         for indices, batch, bad in loader:
             for index, error in bad:
-                if settings.on_error == "raise":
+                if on_error == "raise":
                     raise ImageError(error)
                 rows.skipped.append({"image_id": image_ids[index], "reason": error})
             if batch is not None:
-                features = forward(batch.to(device, non_blocking=True)).to(dtype).cpu()
+                features = embed(batch)
                 rows.shape = tuple(features.shape[1:])
                 sink.write(features.contiguous().numpy().tobytes())
                 rows.kept.extend(image_ids[i] for i in indices)

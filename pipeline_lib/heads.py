@@ -20,6 +20,19 @@ from pipeline_lib.gridcoding import anchor_sizes
 CLASSIFIERS = ("flatten", "pooled")
 
 
+def grid_pool(feature_shape: tuple[int, int, int], num_cells: int) -> nn.Module:
+    """What brings a (C, H, W) feature map to S x S cells: nothing when it is S x S, adaptive
+    average pooling when larger; ValueError when it is smaller."""
+    _, height, width = feature_shape
+    if height < num_cells or width < num_cells:
+        raise ValueError(
+            f"grid.num_cells {num_cells} is larger than the {height}x{width} feature map; "
+            f"use at most {min(height, width)} (or a larger image.size)"
+        )
+    same = (height, width) == (num_cells, num_cells)
+    return nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
+
+
 class SingleObjectHead(nn.Module):
     """Box regression and classification of the largest object.
 
@@ -89,19 +102,14 @@ class MultiObjectHead(nn.Module):
         anchors: list[list[float]] | None = None,
     ):
         super().__init__()
-        channels, height, width = feature_shape
-        if height < num_cells or width < num_cells:
-            raise ValueError(
-                f"grid.num_cells {num_cells} is larger than the {height}x{width} feature map; "
-                f"use at most {min(height, width)} (or a larger image.size)"
-            )
+        channels = feature_shape[0]
+        pool = grid_pool(feature_shape, num_cells)
         self.num_cells = num_cells
         self.n_anchors = len(anchors) if anchors else 0
         slots = max(self.n_anchors, 1)
         if anchors:  # only then: the anchor-free head's state dict stays as it was
             self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))
-        same = (height, width) == (num_cells, num_cells)
-        self.pool = nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
+        self.pool = pool
         layers: list[nn.Module] = []
         inputs = channels
         for _ in range(2):
@@ -150,15 +158,9 @@ class ConvGridHead(nn.Module):
         prior: float = 0.01,
     ):
         super().__init__()
-        channels, height, width_in = feature_shape
-        if height < num_cells or width_in < num_cells:
-            raise ValueError(
-                f"grid.num_cells {num_cells} is larger than the {height}x{width_in} feature map; "
-                f"use at most {min(height, width_in)} (or a larger image.size)"
-            )
+        channels = feature_shape[0]
         self.num_cells, self.n_anchors = num_cells, 0
-        same = (height, width_in) == (num_cells, num_cells)
-        self.pool = nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
+        self.pool = grid_pool(feature_shape, num_cells)
         layers: list[nn.Module] = []
         for k in range(depth):
             inputs = channels if k == 0 else width

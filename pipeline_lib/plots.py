@@ -98,15 +98,7 @@ def draw_panel(ax: Axes, panel: Panel, class_names: list[str]) -> None:
         colour = class_colour(class_id)
         x0, y0, x1, y1 = box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=colour))
-        ax.text(
-            x0,
-            y0,
-            class_names[class_id],
-            fontsize=6,
-            color="white",
-            va="bottom",
-            bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
-        )
+        _tag(ax, box, class_names[class_id], colour)
     ax.set_title(panel.title, fontsize=8)
     ax.axis("off")
 
@@ -183,15 +175,7 @@ def comparison_grid(items: list[Comparison], columns: int = 4, title: str = "") 
         ):
             for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.8, ec=colour))
-                ax.text(
-                    x0,
-                    y1 if below else y0,
-                    text,
-                    fontsize=6,
-                    color="white",
-                    va="top" if below else "bottom",
-                    bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
-                )
+                _tag(ax, (x0, y0, x1, y1), text, colour, below)
         ax.set_title(item.title, fontsize=8)
     if title:
         figure.suptitle(f"{title}  (green: truth, red: prediction)")
@@ -236,27 +220,26 @@ def training_curves(history: list[dict], best_epoch: int, title: str) -> Figure:
 
 
 def _draw_boxes(ax: Axes, boxes: torch.Tensor, texts: list[str], colour, dashed=False, below=False):
+    style = "--" if dashed else "-"
     for (x0, y0, x1, y1), text in zip(boxes.tolist(), texts, strict=True):
-        ax.add_patch(
-            Rectangle(
-                (x0, y0),
-                x1 - x0,
-                y1 - y0,
-                fill=False,
-                lw=1.5,
-                ec=colour,
-                ls="--" if dashed else "-",
-            )
-        )
-        ax.text(
-            x0,
-            y1 if below else y0,
-            text,
-            fontsize=5.5,
-            color="white",
-            va="top" if below else "bottom",
-            bbox={"facecolor": colour, "edgecolor": "none", "pad": 0.8},
-        )
+        box = Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=colour, ls=style)
+        ax.add_patch(box)
+        _tag(ax, (x0, y0, x1, y1), text, colour, below, size=5.5, pad=0.8)
+
+
+def _tag(ax: Axes, box, text: str, colour, below: bool = False, size=6.0, pad=1.0) -> None:
+    """A white label on a `colour` patch at the left of an xyxy box: on its top edge, or with
+    `below` hanging from its bottom edge."""
+    x0, y0, _, y1 = box
+    ax.text(
+        x0,
+        y1 if below else y0,
+        text,
+        fontsize=size,
+        color="white",
+        va="top" if below else "bottom",
+        bbox={"facecolor": colour, "edgecolor": "none", "pad": pad},
+    )
 
 
 def nms_grid(rows: list[tuple[Comparison, Comparison]], title: str = "") -> Figure:
