@@ -5,13 +5,16 @@
 
 Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
 images (`--synthetic`: the embedded synthetic default's 800 and 200), EfficientNet-Lite0 at 224
-(shrink), 7x7 grid, default params but 30 epochs and the row's params. Every run is the real stages
-in a working folder (`python -m stages.prepare`, `extract` once per feature setting, then `train
-multi` and `evaluate multi` per row and seed), so the figures are exactly what `dvc exp run -S ...`
-gives. Besides the stage's metrics (VOC mAP with the devkit's inclusive-pixel overlap), each run's
-mAP@0.5 is also computed with the continuous IoU used before issue 15, on the same model and
-detections. Results go to `<work>/results.jsonl` (one line per run; runs already there are not
-repeated) and a summary per row is printed: the mean and the runs in brackets.
+(shrink), 7x7 grid, the lab's head and training (LAB: as the default was before issue 17) but 30
+epochs; rows named "448: ..." on 448x448 features (14x14 maps, 14x14 grid) with today's defaults
+(20 epochs) but the row's params; rows named "single: ..." train and evaluate the single head.
+Every run is the real stages in a working folder (`python -m stages.prepare`, `extract` once per
+feature setting, then `train` and `evaluate` per row and seed), so the figures are exactly what
+`dvc exp run -S ...` gives. Besides the stage's metrics (VOC mAP with the devkit's inclusive-pixel
+overlap), each grid run's mAP@0.5 is also computed with the continuous IoU used before issue 15,
+on the same model and detections. Results go to `<work>/results.jsonl` (one line per run; runs
+already there are not repeated) and a summary per row is printed: the mean and the runs in
+brackets.
 """
 
 from __future__ import annotations
@@ -23,21 +26,63 @@ from pathlib import Path
 import typer
 from workfolder import REPO, stage, write_params
 
-CONV = {"train.obj_loss": "focal", "head.grid_kind": "conv"}
+# The lab's grid head and training, as the default was before issue 17 (224 x 224, 7 x 7 grid).
+LAB = {
+    "grid.num_cells": 7,
+    "grid.assign": "centre",
+    "head.grid_kind": "lab",
+    "train.lr_schedule": "constant",
+    "train.monitor": "box_loss_plus_error",
+    "train.box_loss": "smooth_l1",
+    "train.obj_target": "binary",
+    "train.epochs": 30,
+}
+CONV = {**LAB, "train.obj_loss": "focal", "head.grid_kind": "conv"}
+CONV |= {"head.conv_width": 256, "head.conv_depth": 3}  # measured before the 1x1 stem
+# The conv head on 14 x 14 maps, one lever at a time up to today's default (20 epochs).
+CONV14 = {
+    "grid.num_cells": 14,
+    "head.grid_kind": "conv",
+    "grid.assign": "centre",
+    "train.box_loss": "smooth_l1",
+    "train.obj_target": "binary",
+}
 ROWS = {  # name -> (feature setting, params)
-    "baseline (bce)": ("default", {"train.obj_loss": "bce"}),
-    "focal": ("default", {"train.obj_loss": "focal"}),
-    "3 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 3}),
-    "5 anchors": ("default", {"train.obj_loss": "focal", "grid.anchors": 5}),
-    "second level": ("fine", {"train.obj_loss": "focal"}),
+    "baseline (bce)": ("default", {**LAB, "train.obj_loss": "bce"}),
+    "focal": ("default", {**LAB, "train.obj_loss": "focal"}),
+    "3 anchors": ("default", {**LAB, "train.obj_loss": "focal", "grid.anchors": 3}),
+    "5 anchors": ("default", {**LAB, "train.obj_loss": "focal", "grid.anchors": 5}),
+    "second level": ("fine", {**LAB, "train.obj_loss": "focal"}),
     "conv head": ("default", CONV),
     "conv head, cosine": ("default", {**CONV, "train.lr_schedule": "cosine"}),
     "conv head, cosine, last epoch": (
         "default",
         {**CONV, "train.lr_schedule": "cosine", "train.monitor": "last"},
     ),
+    "448: conv head, one cell, SmoothL1": ("448", CONV14),
+    "448: + neighbour cells": ("448", {**CONV14, "grid.assign": "neighbours"}),
+    "448: + CIoU box loss": (
+        "448",
+        {**CONV14, "grid.assign": "neighbours", "train.box_loss": "ciou"},
+    ),
+    "448: + IoU objectness (the default)": ("448", {}),
+    # single-object head (rows named "single ..." train and evaluate the single head)
+    "single: the lab's MLP, 224": (
+        "default",
+        {
+            "head.single_kind": "lab",
+            "train.lr_schedule": "constant",
+            "train.monitor": "box_loss_plus_error",
+            "train.box_loss": "smooth_l1",
+        },
+    ),
+    "single: spatial head (the default), 448": ("448", {}),
 }
-FEATURES = {"default": {}, "fine": {"backbone.fine_layer": "blocks.4", "grid.fine_below": 0.2}}
+FEATURES = {
+    "default": {"image.size": 224},
+    "fine": {"image.size": 224, "backbone.fine_layer": "blocks.4", "grid.fine_below": 0.2},
+    "448": {"image.size": 448},
+}
 FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
     "fine-tuning, 5 epochs": {"finetune.enabled": True},
     "fine-tuning, 10 epochs": {"finetune.enabled": True, "finetune.epochs": 10},
@@ -46,17 +91,16 @@ FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
 
 
 def voc_params(voc: Path | None, changes: dict) -> dict:
-    """The protocol's params: the VOC2007 subset (None: the synthetic default), 30 epochs, and
-    the row's `changes`."""
+    """The protocol's params: the VOC2007 subset (None: the synthetic default), the default
+    params and the row's `changes`."""
     if voc is None:
-        return {"train.epochs": 30, **changes}
+        return changes
     return {
         "data.source": "voc",
         "data.root": str(voc),
         "data.year": 2007,
         "data.train_split": "train",
         "data.val_split": "val",
-        "train.epochs": 30,
         **changes,
     }
 
@@ -120,16 +164,21 @@ def main(
             write_params(
                 folder, voc_params(voc, FEATURES[feature_setting] | changes | {"train.seed": seed})
             )
-            trained = stage(folder, "train", "multi", "--no-progress").splitlines()[-1]
-            stage(folder, "evaluate", "multi")
-            metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
-            result = {
-                "row": name,
-                "seed": seed,
-                "continuous_map": continuous_map(folder),
-                "trained": trained,
-                **metrics,
-            }
+            kind = "single" if name.startswith("single") else "multi"
+            trained = stage(folder, "train", kind, "--no-progress").splitlines()[-1]
+            stage(folder, "evaluate", kind)
+            metrics = json.loads((folder / f"reports/evaluate_{kind}/metrics.json").read_text())
+            result = {"row": name, "seed": seed, "trained": trained, **metrics}
+            if kind == "single":
+                print(
+                    f"{name} seed {seed}: accuracy {metrics['accuracy']:.4f}, mean IoU "
+                    f"{metrics['mean_iou']:.4f}",
+                    flush=True,
+                )
+                with results_file.open("a") as out:
+                    out.write(json.dumps(result) + "\n")
+                continue
+            result["continuous_map"] = continuous_map(folder)
             with results_file.open("a") as out:
                 out.write(json.dumps(result) + "\n")
             print(
@@ -149,9 +198,10 @@ def run_finetune(work: Path, voc: Path, results_file: Path, done: set) -> None:
         for seed in (0, 1) if name == "fine-tuning, 5 epochs" else (0,):
             if (name, seed) in done:
                 continue
-            write_params(folder, voc_params(voc, {"train.obj_loss": "focal", "train.seed": 0}))
+            reference = FEATURES["default"] | LAB | {"train.obj_loss": "focal", "train.seed": 0}
+            write_params(folder, voc_params(voc, reference))
             stage(folder, "train", "multi", "--no-progress")
-            tuned = {"train.obj_loss": "focal", "train.seed": 0, "finetune.seed": seed} | changes
+            tuned = reference | {"finetune.seed": seed} | changes
             write_params(folder, voc_params(voc, tuned))
             trained = stage(folder, "finetune", "train").splitlines()[-1]
             stage(folder, "finetune", "evaluate")
@@ -173,6 +223,8 @@ def summarise(results_file: Path) -> None:
             result = json.loads(line)
             rows.setdefault(result["row"], []).append(result)
     keys = (
+        "accuracy",
+        "mean_iou",
         "map",
         "continuous_map",
         "map_11point",

@@ -18,7 +18,13 @@ from torch import nn
 
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_file
-from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.heads import (
+    ConvGridHead,
+    MultiObjectHead,
+    SingleObjectHead,
+    SpatialSingleHead,
+    TwoLevelHead,
+)
 from pipeline_lib.modelcard import ModelCard
 
 BACKBONE_PREFIX = "backbone."
@@ -45,11 +51,13 @@ class Checkpoint:
 def build_head(card: ModelCard) -> nn.Module:
     """The head a card describes, with fresh weights."""
     shape, n_classes = tuple(card.feature_shape), len(card.classes)
+    config = {k: v for k, v in card.head.items() if k != "kind"}
     if card.kind == "single":
+        if card.head.get("kind") == "spatial":
+            return SpatialSingleHead(shape, n_classes, **config)
         return SingleObjectHead(shape, n_classes, **card.head)
     grid = card.grid
     if card.head.get("kind") == "conv":
-        config = {k: v for k, v in card.head.items() if k != "kind"}
         return ConvGridHead(shape, n_classes, grid.num_cells, **config)
     if grid.fine_channels:
         return TwoLevelHead(shape, n_classes, grid.fine_channels, grid.num_cells, **card.head)

@@ -77,6 +77,47 @@ def encode_grid(
     return GridEncoding(boxes, has_obj, cell_labels, dropped)
 
 
+def encode_grid_neighbours(
+    fractions: torch.Tensor, labels: torch.Tensor, num_cells: int
+) -> GridEncoding:
+    """One image's (K, 4) fraction boxes and (K,) labels -> grid targets where each object has up
+    to three cells (grid.assign: neighbours, YOLOv5's rule): the cell hosting its centre, the
+    horizontal neighbour on the side its centre is nearer to, and the vertical one likewise (when
+    inside the grid). More positives per object than one cell, so the head sees each object from
+    the cells around it. Boxes keep the cell coding, (cx * S - j, cy * S - i, w, h): a neighbour
+    holds a centre offset in [-0.5, 0] or [1, 1.5], which `decode_grid` inverts as for any cell.
+
+    A cell claimed by two objects goes to the smaller one (FCOS's rule), and a hosting cell beats
+    a neighbour cell; `dropped` counts the objects left with no cell at all.
+    """
+    s = num_cells
+    boxes = torch.zeros(4, s, s, dtype=torch.float32)
+    has_obj = torch.zeros(s, s, dtype=torch.uint8)
+    cell_labels = torch.zeros(s, s, dtype=torch.int64)
+    fractions = fractions.double()
+    i, j = hosting_cells(fractions, s)
+    owner = torch.full((s, s), -1, dtype=torch.int64)
+    # Larger objects first, so that a smaller one overwrites them; neighbours before hosts.
+    order = torch.argsort(fractions[:, 2] * fractions[:, 3], descending=True, stable=True).tolist()
+    near_x = torch.where(fractions[:, 0] * s - j < 0.5, -1, 1)
+    near_y = torch.where(fractions[:, 1] * s - i < 0.5, -1, 1)
+    cells = [[(i[k], j[k] + near_x[k]), (i[k] + near_y[k], j[k])] for k in range(len(i))]
+    for pass_cells in ([cells[k] for k in order], [[(i[k], j[k])] for k in order]):
+        for k, claimed in zip(order, pass_cells, strict=True):
+            for row, col in claimed:
+                row, col = int(row), int(col)
+                if 0 <= row < s and 0 <= col < s:
+                    owner[row, col] = k
+    for row, col in (owner >= 0).nonzero().tolist():
+        k = int(owner[row, col])
+        cx, cy, w, h = fractions[k].tolist()
+        cell = (cx * s - col, cy * s - row, w, h)
+        boxes[:, row, col] = torch.tensor(cell, dtype=torch.float64).float()
+        has_obj[row, col], cell_labels[row, col] = 1, labels[k]
+    dropped = len(fractions) - len(owner[owner >= 0].unique())
+    return GridEncoding(boxes, has_obj, cell_labels, dropped)
+
+
 def decode_grid(cell_boxes: torch.Tensor) -> torch.Tensor:
     """(B, 4, S, S) cell boxes -> (B, S*S, 4) fraction boxes, cells in row-major order.
 
@@ -85,11 +126,17 @@ def decode_grid(cell_boxes: torch.Tensor) -> torch.Tensor:
     """
     if cell_boxes.dim() == 5:
         return decode_grid(cell_boxes.flatten(0, 1)).reshape(len(cell_boxes), -1, 4)
-    b, _, s, _ = cell_boxes.shape
-    i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    cx = (cell_boxes[:, 0] + j) / s
-    cy = (cell_boxes[:, 1] + i) / s
-    return torch.stack([cx, cy, cell_boxes[:, 2], cell_boxes[:, 3]], dim=-1).reshape(b, s * s, 4)
+    return decode_grid_map(cell_boxes).transpose(1, 2)
+
+
+def decode_grid_map(cell_boxes: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) cell boxes of an H x W grid -> (B, 4, H*W) fraction boxes (cx, cy, w, h),
+    cells in row-major order: cx = (x + j) / W, cy = (y + i) / H."""
+    b, _, height, width = cell_boxes.shape
+    i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    cx = (cell_boxes[:, 0] + j) / width
+    cy = (cell_boxes[:, 1] + i) / height
+    return torch.stack([cx, cy, cell_boxes[:, 2], cell_boxes[:, 3]], dim=1).flatten(2)
 
 
 def anchor_sizes(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

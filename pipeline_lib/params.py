@@ -168,6 +168,7 @@ class HeadParams:
     classifier: Literal["flatten", "pooled"]
     classifier_dropout: Probability
     grid_hidden: PositiveInt
+    single_kind: Literal["lab", "spatial"]  # heads.SingleObjectHead / heads.SpatialSingleHead
     grid_kind: Literal["lab", "conv"]  # see heads.MultiObjectHead / heads.ConvGridHead
     conv_width: Annotated[Int, Field(ge=1, le=4096)]
     conv_depth: Annotated[Int, Field(ge=0, le=8)]
@@ -185,7 +186,9 @@ class TrainParams:
     box_weight: Annotated[Float, Field(ge=0.0)]
     class_weight: Annotated[Float, Field(ge=0.0)]
     obj_weight: Annotated[Float, Field(ge=0.0)]
+    box_loss: Literal["smooth_l1", "ciou"]  # see losses.box_loss
     obj_loss: Literal["bce", "focal"]
+    obj_target: Literal["binary", "iou"]
     focal_gamma: Annotated[Float, Field(ge=0.0)]
     focal_alpha: Annotated[Float, Field(ge=0.0, le=1.0)]
     device: Literal["auto", "cpu", "cuda"]
@@ -197,6 +200,7 @@ class GridParams:
     num_cells: Annotated[Int, Field(ge=1, le=64)]
     anchors: Annotated[Int, Field(ge=0, le=16)]
     fine_below: Annotated[Float, Field(gt=0.0, le=1.0)]
+    assign: Literal["centre", "neighbours"]  # see targets.GridLevel
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from pipeline_lib.geometry import ImageSpec, encode_boxes, largest_box, output_size, transform_boxes
-from pipeline_lib.gridcoding import encode_grid
+from pipeline_lib.gridcoding import encode_grid, encode_grid_neighbours
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
 
@@ -100,12 +100,15 @@ class GridTargets:
 
 @dataclass(frozen=True)
 class GridLevel:
-    """One level of the grid head: S x S cells, its (A, 2) anchors (or None), and the object
-    scales sqrt(w * h) (image fractions) in [low, high) it learns (None: every object)."""
+    """One level of the grid head: S x S cells, its (A, 2) anchors (or None), the object
+    scales sqrt(w * h) (image fractions) in [low, high) it learns (None: every object), and
+    which cells learn an object (grid.assign): `centre`, the one hosting its centre, or
+    `neighbours`, that one and its two nearest neighbours (gridcoding.encode_grid_neighbours)."""
 
     num_cells: int
     anchors: torch.Tensor | None = None
     scales: tuple[float, float] | None = None
+    assign: str = "centre"
 
 
 def targets_to_grid_cell_tensor(objects: list[dict], num_cells: int):
@@ -144,21 +147,27 @@ def multi_object_targets(
             scale = (fractions[:, 2] * fractions[:, 3]).sqrt()
             mine = (scale >= scales[0]) & (scale < scales[1])
             fractions, classes = fractions[mine], classes[mine]
-        grid = encode_grid(fractions, classes, s, anchors)
+        if level.assign == "neighbours":
+            grid = encode_grid_neighbours(fractions, classes, s)
+        else:
+            grid = encode_grid(fractions, classes, s, anchors)
         out.boxes[row], out.has_obj[row], out.labels[row] = grid.boxes, grid.has_obj, grid.labels
         out.objects[row], out.dropped[row] = len(fractions), grid.dropped
     return out
 
 
 def grid_levels(
-    num_cells: int, fine_below: float | None = None, anchors: torch.Tensor | None = None
+    num_cells: int,
+    fine_below: float | None = None,
+    anchors: torch.Tensor | None = None,
+    assign: str = "centre",
 ) -> list[GridLevel]:
     """The levels of the grid head: one S x S level learning every object (with `anchors` if
     given), or with `fine_below` (a two-level head, no anchors) the S x S level for objects
     whose sqrt(w * h) is at least `fine_below` of the image and a 2S x 2S level for the smaller
-    ones."""
+    ones. `assign` applies to a one-level head without anchors."""
     if fine_below is None:
-        return [GridLevel(num_cells, anchors)]
+        return [GridLevel(num_cells, anchors, None, assign)]
     return [
         GridLevel(num_cells, None, (fine_below, math.inf)),
         GridLevel(2 * num_cells, None, (0.0, fine_below)),

@@ -83,6 +83,8 @@ def loss_weights(train: TrainParams) -> LossWeights:
         train.obj_loss,
         train.focal_gamma,
         train.focal_alpha,
+        train.box_loss,
+        train.obj_target,
     )
 
 
@@ -113,7 +115,9 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
         "dropout": hp.dropout,
         "classifier": hp.classifier,
         "classifier_dropout": hp.classifier_dropout,
-    }
+    }  # the lab's head
+    if hp.single_kind == "spatial":
+        config = {"kind": "spatial", "width": hp.conv_width, "depth": hp.conv_depth}
     card = _card(inputs, "single", config, data)
     head = _build_head(card)
     loss = partial(single_object_loss, weights=loss_weights(params.train))
@@ -136,9 +140,15 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
             "head.grid_kind: conv with grid.anchors or a second feature level is not supported "
             "yet: set grid.anchors: 0 and backbone.fine_layer: none, or head.grid_kind: lab"
         )
+    if grid.assign == "neighbours" and hp.grid_kind != "conv":
+        raise PipelineError(
+            "grid.assign: neighbours needs head.grid_kind: conv (the lab's head cannot reach a "
+            "centre outside its cell); set grid.assign: centre or head.grid_kind: conv"
+        )
     notes: list[str] = []
     anchors = fit_anchors(grid.anchors, inputs, notes)
-    levels = grid_levels(grid.num_cells, grid.fine_below if fine_channels else None, anchors)
+    fine_below = grid.fine_below if fine_channels else None
+    levels = grid_levels(grid.num_cells, fine_below, anchors, grid.assign)
     data, collisions = grid_data(inputs, levels, notes)
     anchor_list = None if anchors is None else anchors.tolist()
     config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import invoke
+from conftest import invoke, lab_heads
 
 from pipeline_lib.anchors import best_anchor, kmeans_anchors, shape_iou
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
@@ -175,7 +175,7 @@ def test_train_and_evaluate_multi_with_anchors(trained, tmp_path, monkeypatch):
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["grid"]["anchors"] = 2
+    lab_heads(params)["grid"]["anchors"] = 2
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(folder)
     output = invoke(train.app, ["multi", "--no-progress"]).output

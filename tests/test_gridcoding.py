@@ -12,7 +12,9 @@ from pipeline_lib.gridcoding import (
     cell_fractions,
     cell_local,
     decode_grid,
+    decode_grid_map,
     encode_grid,
+    encode_grid_neighbours,
     hosting_cells,
 )
 
@@ -126,3 +128,42 @@ def test_cell_fractions_tile_the_image():
         [0.25, 0.75, 0.5, 0.5],
         [0.75, 0.75, 0.5, 0.5],
     ]
+
+
+def test_neighbour_assignment_by_hand():
+    # S = 4. Object 0: centre (0.30, 0.60) -> host (row 2, col 1), offsets (0.2, 0.4): nearer
+    # the left and the top, so its neighbours are (2, 0) and (1, 1).
+    big = [0.30, 0.60, 0.5, 0.5]
+    grid = encode_grid_neighbours(torch.tensor([big], dtype=torch.float64), torch.tensor([4]), 4)
+    assert grid.has_obj.nonzero().tolist() == [[1, 1], [2, 0], [2, 1]]
+    assert grid.boxes[:, 2, 1].tolist() == pytest.approx([0.2, 0.4, 0.5, 0.5])
+    assert grid.boxes[:, 2, 0].tolist() == pytest.approx([1.2, 0.4, 0.5, 0.5])  # cx * 4 - 0
+    assert grid.boxes[:, 1, 1].tolist() == pytest.approx([0.2, 1.4, 0.5, 0.5])  # cy * 4 - 1
+    assert (grid.labels[grid.has_obj.bool()] == 4).all() and grid.dropped == 0
+    # the decoded boxes of all three cells are the object itself
+    fractions = decode_grid(grid.boxes.unsqueeze(0))[0]
+    for row, col in ((1, 1), (2, 0), (2, 1)):
+        assert fractions[row * 4 + col].tolist() == pytest.approx(big)
+    # a small object hosted in (2, 0), near its right edge: its host beats object 0's neighbour
+    # claim, its neighbour (2, 1) loses to object 0's host; (3, 0) is below it (offset 0.6)
+    small = [0.20, 0.65, 0.1, 0.1]
+    both = torch.tensor([big, small], dtype=torch.float64)
+    grid = encode_grid_neighbours(both, torch.tensor([4, 5]), 4)
+    owners = {tuple(c): int(grid.labels[tuple(c)]) for c in grid.has_obj.nonzero().tolist()}
+    assert owners == {(1, 1): 4, (2, 1): 4, (2, 0): 5, (3, 0): 5}
+    assert grid.dropped == 0
+    # two objects with one centre claim the same three cells: the smaller gets them all
+    same = torch.tensor([[0.2, 0.2, 0.3, 0.3], [0.2, 0.2, 0.05, 0.05]], dtype=torch.float64)
+    grid = encode_grid_neighbours(same, torch.tensor([1, 2]), 4)
+    assert grid.labels[grid.has_obj.bool()].tolist() == [2, 2, 2] and grid.dropped == 1
+    # at the grid's edge the neighbour outside is skipped; an object with no cell is dropped
+    corner = torch.tensor([[0.05, 0.05, 0.3, 0.3], [0.06, 0.06, 0.01, 0.01]], dtype=torch.float64)
+    grid = encode_grid_neighbours(corner, torch.tensor([1, 2]), 1)
+    assert grid.has_obj.tolist() == [[1]] and grid.labels[0, 0] == 2 and grid.dropped == 1
+
+
+def test_decode_grid_map_on_a_wide_grid_by_hand():
+    # H = 2 rows, W = 4 columns: cell (1, 3) holding (0.5, 0.5, w, h) -> centre (3.5/4, 1.5/2)
+    cells = torch.zeros(1, 4, 2, 4)
+    cells[0, :, 1, 3] = torch.tensor([0.5, 0.5, 0.2, 0.4])
+    assert decode_grid_map(cells)[0, :, 7].tolist() == pytest.approx([0.875, 0.75, 0.2, 0.4])

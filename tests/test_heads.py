@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.heads import (
+    ConvGridHead,
+    MultiObjectHead,
+    SingleObjectHead,
+    SpatialSingleHead,
+    TwoLevelHead,
+    cell_boxes,
+)
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -121,9 +128,13 @@ def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():
     assert isinstance(head.pool, torch.nn.AdaptiveAvgPool2d)  # 10 x 10 pooled to 5 x 5
     convs = [m for m in head.trunk if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (16, 8, (3, 3)),
+        (16, 8, (1, 1)),
+        (8, 8, (3, 3)),
         (8, 8, (3, 3)),
     ]
+    # a cell's centre reaches half a cell beyond it (2 sigmoid - 0.5), its size stays in [0, 1]
+    assert boxes[:, :2].min() >= -0.5 and boxes[:, :2].max() <= 1.5
+    assert boxes[:, 2:].min() >= 0 and boxes[:, 2:].max() <= 1
     assert not any(isinstance(m, torch.nn.Dropout) for m in head.modules())
     # objectness bias: log(0.01 / 0.99), so sigmoid = 0.01 before training
     assert torch.sigmoid(head.classification.bias[-1]).item() == pytest.approx(0.01)
@@ -136,3 +147,35 @@ def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():
     assert changed[2, 2] and not changed[3, 3] and not changed[0, 3]
     with pytest.raises(ValueError, match="larger than the"):
         ConvGridHead((16, 4, 4), 3, num_cells=5)
+
+
+def test_cell_boxes_by_hand():
+    # raw 0 -> centre 2 * 0.5 - 0.5 = 0.5 (the cell's middle), size 0.5; raw +-inf -> the bounds
+    raw = torch.tensor([0.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    assert cell_boxes(raw).flatten().tolist() == [0.5, 0.5, 0.5, 0.5]
+    far = torch.tensor([100.0, -100.0, 100.0, -100.0]).view(1, 4, 1, 1)
+    assert cell_boxes(far).flatten().tolist() == [1.5, -0.5, 1.0, 0.0]
+
+
+def test_spatial_single_head_pools_the_cells_by_their_weights():
+    torch.manual_seed(0)
+    head = SpatialSingleHead((16, 4, 6), 3, width=8, depth=1).eval()
+    boxes, logits = head(torch.randn(2, 16, 4, 6))
+    assert boxes.shape == (2, 4) and logits.shape == (2, 3)
+    assert sum(p.numel() for p in head.parameters()) < 1000
+    # one cell dominating the softmax: the image's box and logits are that cell's
+    with torch.no_grad():
+        head.where.weight.zero_()
+        head.where.bias.zero_()
+    x = torch.randn(1, 16, 4, 6)
+    with torch.no_grad():
+        trunk = head.trunk(x)
+        where = torch.full((1, 1, 4, 6), -50.0)
+        where[0, 0, 2, 5] = 50.0  # row 2, column 5
+        head.where.forward = lambda _: where
+        boxes, logits = head(x)
+        raw = head.box(trunk)[0, :, 2, 5]
+        centre = 2 * torch.sigmoid(raw[:2]) - 0.5
+        expected = [(centre[0] + 5) / 6, (centre[1] + 2) / 4, *torch.sigmoid(raw[2:])]
+        assert boxes[0].tolist() == pytest.approx([float(v) for v in expected], abs=1e-6)
+        assert logits[0].tolist() == pytest.approx(head.classification(trunk)[0, :, 2, 5].tolist())

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from pipeline_lib.losses import LossWeights, grid_loss, multi_object_loss, single_object_loss
+from pipeline_lib.losses import (
+    LossWeights,
+    box_loss,
+    grid_loss,
+    multi_object_loss,
+    single_object_loss,
+)
 
 
 @pytest.mark.parametrize("obj_loss", ["bce", "focal"])
@@ -85,3 +91,48 @@ def test_unknown_objectness_loss_is_refused():
     with pytest.raises(ValueError, match="obj_loss must be 'bce' or 'focal', got 'mse'"):
         weights = LossWeights(obj_loss="mse")
         multi_object_loss(pred, torch.zeros(1, 2, 1, 1), pred, has_obj, labels, weights)
+
+
+def test_ciou_box_loss_by_hand():
+    # identical boxes: 0; boxes of the same size shifted by their width along x: IoU 0, the
+    # enclosing box is 2w x h, centre distance^2 / diagonal^2 = w^2 / (4 w^2 + h^2); same aspect
+    # ratio, so 1 - CIoU = 1 + w^2 / (4 w^2 + h^2). With w = 0.2, h = 0.1: 1 + 0.04 / 0.17.
+    a = torch.tensor([[0.3, 0.5, 0.2, 0.1], [0.3, 0.5, 0.2, 0.1]])
+    b = torch.tensor([[0.3, 0.5, 0.2, 0.1], [0.5, 0.5, 0.2, 0.1]])
+    loss = box_loss(a, b, "ciou")
+    assert loss.tolist() == pytest.approx([0.0, 1 + 0.04 / 0.17], abs=1e-5)
+    assert box_loss(a, b, "smooth_l1").tolist() == pytest.approx([0.0, 0.5 * 0.2**2 / 4])
+    with pytest.raises(ValueError, match="box_loss must be"):
+        box_loss(a, b, "l2")
+
+
+def test_iou_objectness_target_and_ciou_on_cell_boxes():
+    # S = 2, one object in cell (0, 0), predicted with half its width: IoU 0.5 with the truth
+    s = 2
+    boxes = torch.zeros(1, 4, s, s)
+    boxes[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.4, 0.4])
+    pred = boxes.clone()
+    pred[0, 2, 0, 0] = 0.2
+    has_obj = torch.zeros(1, s, s, dtype=torch.uint8)
+    has_obj[0, 0, 0] = 1
+    labels = torch.zeros(1, s, s, dtype=torch.int64)
+    logits = torch.zeros(1, 3, s, s)  # objectness logit 0 everywhere: p = 0.5
+    w = LossWeights(box_loss="ciou", obj_target="iou")
+    parts = multi_object_loss(pred, logits, boxes, has_obj, labels, w)
+    # BCE of p = 0.5: -t log 0.5 - (1 - t) log 0.5 = log 2 whatever the target t; so use a logit
+    # of 2 in the object cell, where the target 0.5 gives -0.5 log s(2) - 0.5 log s(-2)
+    logits[0, 2, 0, 0] = 2.0
+    parts = multi_object_loss(pred, logits, boxes, has_obj, labels, w)
+    sig = 1 / (1 + math.exp(-2.0))
+    expected = (-0.5 * math.log(sig) - 0.5 * math.log(1 - sig) + 3 * math.log(2)) / 4
+    assert parts["obj_loss"].item() == pytest.approx(expected, rel=1e-5)
+    binary = multi_object_loss(pred, logits, boxes, has_obj, labels, LossWeights(box_loss="ciou"))
+    assert binary["obj_loss"].item() == pytest.approx((-math.log(sig) + 3 * math.log(2)) / 4)
+    # 1 - CIoU of the cell boxes: IoU 0.5, same centre, aspect ratios 1 (0.4 / 0.4 on the
+    # cell-local frame... widths 0.1 / 0.2 and height 0.2 after cell_local): v term by hand
+    iou = 0.5
+    v = (4 / math.pi**2) * (math.atan(0.2 / 0.2) - math.atan(0.1 / 0.2)) ** 2
+    alpha = v / (1 - iou + v)
+    assert parts["box_loss"].item() == pytest.approx(1 - iou + alpha * v, rel=1e-4)
+    with pytest.raises(ValueError, match="obj_target must be"):
+        multi_object_loss(pred, logits, boxes, has_obj, labels, LossWeights(obj_target="soft"))

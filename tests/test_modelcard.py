@@ -27,22 +27,21 @@ def test_models_of_the_stages_read_and_write_back_byte_for_byte(trained, model):
     text = stored_description(trained / "models" / f"{model}.safetensors")
     card = ModelCard.from_dict(json.loads(text))
     assert json.dumps(card.to_dict()) == text
-    assert card.kind == model and card.image == ImageSpec("shrink", 224)
+    assert card.kind == model and card.image == ImageSpec("shrink", 448)
     assert (card.grid is None) == (model == "single") and card.train["epochs"] == 2
 
 
 @pytest.mark.parametrize("model", ["single", "multi"])
 def test_the_committed_models_read_and_write_back_byte_for_byte(model):
-    """The same for the default chain's models, written before the card existed (where checked
-    out: they are DVC outputs)."""
+    """The same for the default chain's models (where checked out: they are DVC outputs)."""
     path = REPO / "models" / f"{model}.safetensors"
     if not path.is_file():
         pytest.skip(f"{path} is not checked out (dvc pull or dvc repro)")
     text = stored_description(path)
     card = ModelCard.from_dict(json.loads(text))
     assert json.dumps(card.to_dict()) == text
-    assert card.kind == model and card.image == ImageSpec("shrink", 224)
-    assert card.feature_shape == [1280, 7, 7] and card.feature_dtype == "float16"
+    assert card.kind == model and card.image == ImageSpec("shrink", 448)
+    assert card.feature_shape == [1280, 14, 14] and card.feature_dtype == "float16"
 
 
 def grid_card(**changes) -> dict:

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import invoke
+from conftest import invoke, lab_heads
 from typer.testing import CliRunner
 
 from pipeline_lib.backbones import (
@@ -146,7 +146,7 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["backbone"]["fine_layer"] = "blocks.4"
+    lab_heads(params)["backbone"]["fine_layer"] = "blocks.4"
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(folder)
     invoke(extract.app, [])

@@ -51,7 +51,7 @@ def test_unknown_and_missing_keys(raw_params):
     raw_params["head"]["dropuot"] = 0.3
     assert (
         "head.dropuot: unknown key (allowed here: dropout, hidden, classifier, "
-        "classifier_dropout, grid_hidden, grid_kind, conv_width, conv_depth)"
+        "classifier_dropout, grid_hidden, single_kind, grid_kind, conv_width, conv_depth)"
         in error_for(raw_params)
     )
     del raw_params["head"]["dropuot"]
@@ -112,7 +112,7 @@ def test_a_group_of_the_wrong_kind_and_a_mapping_where_a_value_belongs(raw_param
 
 
 def test_field_names_of_a_path():
-    assert _field_names(["grid"]) == ["num_cells", "anchors", "fine_below"]
+    assert _field_names(["grid"]) == ["num_cells", "anchors", "fine_below", "assign"]
     assert _field_names(["data", "synthetic", "classes"]) == []  # a list, not a group
     assert _field_names(["data", "nothing"]) == []
 

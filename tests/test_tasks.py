@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import lab_heads
 
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead
+from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, SpatialSingleHead
 from pipeline_lib.params import parse_params
 from pipeline_lib.tasks import grid_task, read_training_inputs, single_task
 from pipeline_lib.training import TrainConfig, fit
 
 
-def inputs_and_params(trained, **head):
+def inputs_and_params(trained, lab: bool = False, **groups: dict):
+    """The tiny set's inputs and params (with the lab's heads if `lab`), groups updated."""
     raw = yaml.safe_load((trained / "params.yaml").read_text())
-    raw["head"].update(head)
+    if lab:
+        lab_heads(raw)
+    for group, changes in groups.items():
+        raw[group].update(changes)
     inputs = read_training_inputs(trained / "data/prepared", trained / "data/features")
     return inputs, parse_params(raw)
 
 
 def test_single_task_targets_head_and_card(trained):
-    inputs, params = inputs_and_params(trained)
+    inputs, params = inputs_and_params(trained, lab=True)
+    assert isinstance(single_task(inputs, params).head, SingleObjectHead)
+    inputs, params = inputs_and_params(trained, head={"conv_width": 8, "conv_depth": 1})
     task = single_task(inputs, params)
-    assert isinstance(task.head, SingleObjectHead)
+    assert isinstance(task.head, SpatialSingleHead)
+    assert task.card.head == {"kind": "spatial", "width": 8, "depth": 1}
     assert [len(task.data[s]) for s in ("train", "val")] == [12, 5]  # every image has an object
     boxes, labels = task.data["train"].targets
     assert boxes.shape == (12, 4) and ((boxes >= 0) & (boxes <= 1)).all()
@@ -34,24 +42,35 @@ def test_single_task_targets_head_and_card(trained):
 
 
 def test_grid_task_of_each_kind_and_what_it_refuses(trained):
-    inputs, params = inputs_and_params(trained)
+    inputs, params = inputs_and_params(trained, lab=True)
     lab = grid_task(inputs, params)
     assert isinstance(lab.head, MultiObjectHead) and lab.card.head == {"hidden": 16, "dropout": 0.5}
     collisions = lab.summary["grid_collisions"]
     assert collisions["train"]["objects"] >= 12 and len(lab.notes) == 2  # one line per split
-    inputs, params = inputs_and_params(trained, grid_kind="conv", conv_width=8, conv_depth=2)
+    inputs, params = inputs_and_params(
+        trained, lab=True, head={"grid_kind": "conv", "conv_width": 8, "conv_depth": 2}
+    )
     conv = grid_task(inputs, params)
     assert isinstance(conv.head, ConvGridHead)
     assert conv.card.head == {"kind": "conv", "width": 8, "depth": 2}
     # same targets whatever the head
     for mine, theirs in zip(conv.data["train"].targets, lab.data["train"].targets, strict=True):
         assert mine.equal(theirs)
+    # the default, neighbour cells: up to three cells per object, on the 14 x 14 grid
+    inputs, params = inputs_and_params(trained, grid={"num_cells": 7})
+    dense = grid_task(inputs, params)
+    has_obj = dense.data["train"].targets[1]
+    assert has_obj.sum() > lab.data["train"].targets[1].sum()
+    assert has_obj.sum() <= 3 * collisions["train"]["objects"]
+    lab_neighbours = {"grid": {"assign": "neighbours"}}
+    with pytest.raises(PipelineError, match="grid.assign: neighbours needs head.grid_kind: conv"):
+        grid_task(*inputs_and_params(trained, lab=True, **lab_neighbours))
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-3, weight_decay=0.0, monitor="loss")
     result = fit(
         conv.head, conv.data["train"], conv.data["val"], conv.objective, config, progress=False
     )
     assert len(result.history) == 2 and set(result.history[0]["val"]) >= {"obj_loss", "iou"}
     raw = yaml.safe_load((trained / "params.yaml").read_text())
-    raw["head"]["grid_kind"], raw["grid"]["anchors"] = "conv", 2
+    raw["grid"]["anchors"] = 2
     with pytest.raises(PipelineError, match="head.grid_kind: conv with grid.anchors"):
         grid_task(inputs, parse_params(raw))

@@ -91,9 +91,9 @@ def test_repro_runs_everything_then_nothing(project):
 def test_each_param_group_reruns_only_its_stages(project):
     run(project, "dvc", "repro")
     heads = {"train_single", "evaluate_single", "train_multi", "evaluate_multi"} | FINETUNE
-    set_param(project, "head", "dropout", 0.3)  # read by training only: features stay cached
+    set_param(project, "head", "conv_width", 12)  # read by training only: features stay cached
     assert stages_run(run(project, "dvc", "repro")) == heads
-    set_param(project, "head", "classifier", "flatten")  # the single head's only
+    set_param(project, "head", "single_kind", "lab")  # the single head's only
     assert stages_run(run(project, "dvc", "repro")) == {"train_single", "evaluate_single"}
     set_param(project, "grid", "num_cells", 5)
     assert stages_run(run(project, "dvc", "repro")) == {"train_multi", "evaluate_multi"} | FINETUNE
@@ -118,12 +118,13 @@ def test_each_param_group_reruns_only_its_stages(project):
 def test_experiments_metrics_diff_and_plots(project):
     """The review workflow: commit a baseline, run an experiment, diff it, render the plots."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())  # back to the module's tiny set-up
-    set_param(project, "head", "dropout", params["head"]["dropout"])
+    set_param(project, "head", "conv_width", params["head"]["conv_width"])
+    set_param(project, "head", "single_kind", params["head"]["single_kind"])
     run(project, "dvc", "repro")
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "baseline")
 
-    output = run(project, "dvc", "exp", "run", "-S", "head.dropout=0.1", "-n", "dropout01")
+    output = run(project, "dvc", "exp", "run", "-S", "head.conv_width=8", "-n", "width8")
     assert (
         stages_run(output)
         == {
@@ -135,19 +136,19 @@ def test_experiments_metrics_diff_and_plots(project):
         | FINETUNE
     )
     shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
-    assert "dropout01" in shown and "map_11point" in shown
+    assert "width8" in shown and "map_11point" in shown
     diff = run(project, "dvc", "metrics", "diff")  # workspace (the experiment) against HEAD
     for path in ("reports/train_single/metrics.json", "reports/train_multi/metrics.json"):
-        assert path in diff, diff  # dropout changes the training losses of both heads
+        assert path in diff, diff  # the trunk's width changes the training losses of both heads
     assert "best.val_loss" in diff
-    diff = run(project, "dvc", "metrics", "diff", "main", "dropout01")  # by name, from anywhere
+    diff = run(project, "dvc", "metrics", "diff", "main", "width8")  # by name, from anywhere
     assert "reports/train_multi/metrics.json" in diff and "best.val_loss" in diff, diff
 
     # What a pull request shows: each plot with one curve per revision.
-    rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "dropout01", "--json"))
+    rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "width8", "--json"))
     for plot in ("train_single_loss", "evaluate_multi_pr_curves"):
         revisions = {rev for entry in rendered["data"][plot] for rev in entry["revisions"]}
-        assert revisions == {"main", "dropout01"}, (plot, revisions)
+        assert revisions == {"main", "width8"}, (plot, revisions)
 
     rendered = json.loads(run(project, "dvc", "plots", "show", "--json"))
     plots = set(rendered["data"])
@@ -198,11 +199,21 @@ def test_experiments_metrics_diff_and_plots(project):
 
 def test_queued_experiments_run_in_the_background(project):
     """`dvc exp run --queue` twice, then `dvc queue start`: both variants run and are recorded.
-    (Variants of eval.nms_iou: only evaluate_multi runs, which keeps the test short.)"""
+    (Variants of eval.score_threshold: only evaluate_multi runs, which keeps the test short.)"""
     run(project, "git", "reset", "-q", "--hard", "main")  # the committed baseline
     run(project, "dvc", "checkout", "-q", "--force")
-    for name, nms in (("queued_a", "0.2"), ("queued_b", "0.8")):
-        run(project, "dvc", "exp", "run", "--queue", "-S", f"eval.nms_iou={nms}", "-n", name)
+    for name, score in (("queued_a", "0.0"), ("queued_b", "0.9")):
+        run(
+            project,
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"eval.score_threshold={score}",
+            "-n",
+            name,
+        )
     assert run(project, "dvc", "queue", "status").count("Queued") == 2
 
     run(project, "dvc", "queue", "start")  # one background worker; it exits when the queue is empty
@@ -218,8 +229,8 @@ def test_queued_experiments_run_in_the_background(project):
 
     shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
     rows = {line.split(",")[0]: line for line in shown.splitlines()}
-    for name, nms in (("queued_a", "0.2"), ("queued_b", "0.8")):
-        assert name in rows and f",{nms}," in rows[name], shown
+    for name, score in (("queued_a", "0.0"), ("queued_b", "0.9")):
+        assert name in rows and f",{score}," in rows[name], shown
     assert rows["queued_a"] != rows["queued_b"]
     diff = run(project, "dvc", "metrics", "diff", "queued_a", "queued_b")
     assert "reports/evaluate_multi/metrics.json" in diff and "detections_per_image" in diff, diff
