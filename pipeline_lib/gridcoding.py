@@ -7,6 +7,9 @@ Two box codings meet here (see geometry.py for pixels):
   responsible for it and holds (cx * S - j, cy * S - i, w, h): the centre relative to that cell
   (in [0, 1]), the size still a fraction of the image. What the grid head predicts.
 
+With grid.assign: neighbours (`encode_grid_neighbours`) an object is also held by the two
+neighbour cells nearest its centre, whose cell boxes then have a centre offset in [-0.5, 1.5].
+
 With A anchor boxes (grid.anchors, see anchors.py) a cell has A slots; an object goes to the slot
 of its best-IoU anchor, and the head's raw size output t becomes anchor * (2 sigmoid(t))^2.
 

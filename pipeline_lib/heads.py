@@ -5,6 +5,8 @@ SingleObjectHead (the lab's first task): from a (B, C, H, W) feature map, the en
 MultiObjectHead (the second): per cell of an S x S grid, a box (centre relative to the cell,
 size relative to the image), class logits and an objectness logit -- an MLP slid over the feature
 map as 1x1 convolutions. TwoLevelHead: one of those per feature level (multi-scale).
+The default heads (issue 17) share `conv_trunk` (a 1x1 stem, then 3x3 convolutions) and give the
+same outputs: SpatialSingleHead (one box and class by attention over the cells) and ConvGridHead.
 """
 
 from __future__ import annotations
