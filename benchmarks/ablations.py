@@ -28,6 +28,8 @@ from workfolder import REPO, stage, write_params
 
 # The lab's grid head and training, as the default was before issue 17 (224 x 224, 7 x 7 grid).
 LAB = {
+    "backbone.layer": "head",
+    "head.dropout": 0.5,
     "grid.num_cells": 7,
     "grid.assign": "centre",
     "head.grid_kind": "lab",
@@ -37,10 +39,13 @@ LAB = {
     "train.obj_target": "binary",
     "train.epochs": 30,
 }
-CONV = {**LAB, "train.obj_loss": "focal", "head.grid_kind": "conv"}
+# The conv heads read head.dropout since the third step; every conv row before it ran without.
+NO_DROPOUT = {"head.dropout": 0.0}
+CONV = {**LAB, **NO_DROPOUT, "train.obj_loss": "focal", "head.grid_kind": "conv"}
 CONV |= {"head.conv_width": 256, "head.conv_depth": 3}  # measured before the 1x1 stem
 # The conv head on 14 x 14 maps, one lever at a time up to today's default (20 epochs).
 CONV14 = {
+    **NO_DROPOUT,
     "grid.num_cells": 14,
     "head.grid_kind": "conv",
     "grid.assign": "centre",
@@ -65,23 +70,51 @@ ROWS = {  # name -> (feature setting, params)
         "448",
         {**CONV14, "grid.assign": "neighbours", "train.box_loss": "ciou"},
     ),
-    "448: + IoU objectness (the default)": ("448", {}),
+    "448: + IoU objectness (the default)": ("448", NO_DROPOUT),
+    # further levers, each on top of the default
+    "448: 40 epochs": ("448", {**NO_DROPOUT, "train.epochs": 40}),
+    "448: blocks features (320 ch, before conv_head)": ("448 blocks", NO_DROPOUT),
+    "448: weight EMA 0.99": ("448", {**NO_DROPOUT, "train.ema_decay": 0.99}),
+    # third step: on the blocks features, one lever at a time (no dropout unless the row says)
+    "blocks: dropout 0.1 after the trunk": ("448 blocks", {**NO_DROPOUT, "head.dropout": 0.1}),
+    "blocks: dropout 0.3 after the trunk": ("448 blocks", {**NO_DROPOUT, "head.dropout": 0.3}),
+    "blocks: trunk 96 wide": ("448 blocks", {**NO_DROPOUT, "head.conv_width": 96}),
+    "blocks: weight EMA 0.9": ("448 blocks", {**NO_DROPOUT, "train.ema_decay": 0.9}),
+    "blocks: 40 epochs": ("448 blocks", {**NO_DROPOUT, "train.epochs": 40}),
+    "blocks: Lite1 backbone": ("448 blocks lite1", NO_DROPOUT),
     # single-object head (rows named "single ..." train and evaluate the single head)
     "single: the lab's MLP, 224": (
         "default",
         {
             "head.single_kind": "lab",
+            "head.dropout": 0.5,
             "train.lr_schedule": "constant",
             "train.monitor": "box_loss_plus_error",
             "train.box_loss": "smooth_l1",
         },
     ),
-    "single: spatial head (the default), 448": ("448", {}),
+    "single: spatial head (the default), 448": ("448", NO_DROPOUT),
+    "single: blocks features (320 ch)": ("448 blocks", NO_DROPOUT),
+    "single: blocks, dropout 0.1": ("448 blocks", {**NO_DROPOUT, "head.dropout": 0.1}),
+    "single: blocks, dropout 0.3": ("448 blocks", {**NO_DROPOUT, "head.dropout": 0.3}),
+    "single: blocks, trunk 96 wide": ("448 blocks", {**NO_DROPOUT, "head.conv_width": 96}),
+    "single: blocks, Lite1 backbone": ("448 blocks lite1", NO_DROPOUT),
 }
 FEATURES = {
-    "default": {"image.size": 224},
-    "fine": {"image.size": 224, "backbone.fine_layer": "blocks.4", "grid.fine_below": 0.2},
-    "448": {"image.size": 448},
+    "default": {"image.size": 224, "backbone.layer": "head"},
+    "fine": {
+        "image.size": 224,
+        "backbone.layer": "head",
+        "backbone.fine_layer": "blocks.4",
+        "grid.fine_below": 0.2,
+    },
+    "448": {"image.size": 448, "backbone.layer": "head"},
+    "448 blocks": {"image.size": 448, "backbone.layer": "blocks"},
+    "448 blocks lite1": {
+        "image.size": 448,
+        "backbone.layer": "blocks",
+        "backbone.name": "efficientnet_lite1",
+    },
 }
 FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
     "fine-tuning, 5 epochs": {"finetune.enabled": True},

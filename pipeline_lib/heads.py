@@ -140,16 +140,19 @@ class MultiObjectHead(nn.Module):
         return torch.cat([boxes[:, :, :2], sizes], dim=2), logits
 
 
-def conv_trunk(channels: int, width: int, depth: int) -> nn.Sequential:
+def conv_trunk(channels: int, width: int, depth: int, dropout: float = 0.0) -> nn.Sequential:
     """The shared trunk of the conv heads: a 1x1 convolution bringing the backbone's C channels
     to `width` (cheap on a large map: 1280 -> 256 costs a ninth of a 3x3 one), then `depth` 3x3
     convolutions at `width`, so that each cell sees its neighbours; each followed by BatchNorm
-    and SiLU, as in YOLO/FCOS heads. (B, C, H, W) -> (B, width, H, W)."""
+    and SiLU, as in YOLO/FCOS heads; then Dropout(`dropout`) if it is > 0 (no weights: the state
+    dict is the same either way). (B, C, H, W) -> (B, width, H, W)."""
     layers: list[nn.Module] = []
     for k in range(depth + 1):
         inputs, kernel = (channels, 1) if k == 0 else (width, 3)
         layers.append(nn.Conv2d(inputs, width, kernel, padding=kernel // 2, bias=False))
         layers += [nn.BatchNorm2d(width), nn.SiLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -163,7 +166,8 @@ def cell_boxes(raw: torch.Tensor) -> torch.Tensor:
 
 class ConvGridHead(nn.Module):
     """A detection head beyond the lab's (head.grid_kind: conv): `conv_trunk` shared by the box,
-    class and objectness outputs (1x1 convolutions). No dropout on the raw features. Outputs as
+    class and objectness outputs (1x1 convolutions). No dropout on the raw features; `dropout` on
+    the trunk's output (training only: a regulariser, the weights are the same). Outputs as
     `MultiObjectHead` gives them (same targets, losses, decoding), but the centre of a cell's box
     may lie up to half a cell outside it (`cell_boxes`), for grid.assign: neighbours.
 
@@ -178,12 +182,13 @@ class ConvGridHead(nn.Module):
         num_cells: int = 7,
         width: int = 256,
         depth: int = 3,
+        dropout: float = 0.0,
         prior: float = 0.01,
     ):
         super().__init__()
         self.num_cells, self.n_anchors = num_cells, 0
         self.pool = grid_pool(feature_shape, num_cells)
-        self.trunk = conv_trunk(feature_shape[0], width, depth)
+        self.trunk = conv_trunk(feature_shape[0], width, depth, dropout)
         self.box = nn.Conv2d(width, 4, 1)
         self.classification = nn.Conv2d(width, n_classes + 1, 1)
         with torch.no_grad():
@@ -201,14 +206,19 @@ class SpatialSingleHead(nn.Module):
     The image's box and class logits are the cells' averages weighted by the softmax of that
     logit over the H x W cells (attention pooling: a soft choice of the object's cell, trained
     through the same box and class losses as the lab's head). A few 100k weights instead of the
-    lab's 64M-weight MLP on the flattened map.
+    lab's 64M-weight MLP on the flattened map. `dropout`: on the trunk's output, as ConvGridHead.
     """
 
     def __init__(
-        self, feature_shape: tuple[int, int, int], n_classes: int, width: int = 256, depth: int = 3
+        self,
+        feature_shape: tuple[int, int, int],
+        n_classes: int,
+        width: int = 256,
+        depth: int = 3,
+        dropout: float = 0.0,
     ):
         super().__init__()
-        self.trunk = conv_trunk(feature_shape[0], width, depth)
+        self.trunk = conv_trunk(feature_shape[0], width, depth, dropout)
         self.box = nn.Conv2d(width, 4, 1)
         self.classification = nn.Conv2d(width, n_classes, 1)
         self.where = nn.Conv2d(width, 1, 1)

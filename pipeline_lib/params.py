@@ -38,11 +38,17 @@ Name = Annotated[Str, Field(pattern=_NAME)]
 Shape = Literal["circle", "square", "triangle", "star", "hexagon", "cross"]  # see synthetic.py
 
 
-# Backbones and their feature layers (implemented in backbones.py); the first layer is the default,
-# the last feature map before global pooling.
+# Backbones and their feature layers (implemented in backbones.py). The first layer is what
+# `backbone.layer: auto` picks: the backbone's last feature map, as timm's `features_only` models
+# give it (EfficientNet-Lite's 1x1 `head` conv to 1280 channels belongs to the classifier: on
+# VOC2007 and the synthetic set the heads detect better on the 320-channel `blocks` map,
+# docs/ablations.md).
+AUTO_LAYER = "auto"
 _RESNET_LAYERS = ("layer4", "layer3")
 BACKBONE_LAYERS = {
-    "efficientnet_lite0": ("head", "blocks"),  # 1280-channel head conv / 320-channel last block
+    "efficientnet_lite0": ("blocks", "head"),  # 320-channel last block / 1280-channel head conv
+    "efficientnet_lite1": ("blocks", "head"),  # the same, deeper
+    "efficientnet_lite2": ("blocks", "head"),  # 352 / 1280 channels, deeper and wider
     "resnet18": _RESNET_LAYERS,
     "resnet34": _RESNET_LAYERS,
     "resnet50": _RESNET_LAYERS,
@@ -59,7 +65,7 @@ BACKBONE_LAYERS = {
 # A second, finer feature level (stride 16, twice the main map's side) for multi-scale grids:
 # a unit of the backbone (see backbones.backbone_units), with the default `layer` only.
 FINE_LAYERS = {
-    "efficientnet_lite0": "blocks.4",
+    **{f"efficientnet_lite{n}": "blocks.4" for n in (0, 1, 2)},
     **{f"resnet{d}": "layer3" for d in (18, 34, 50, 101, 152)},
 }
 
@@ -142,12 +148,12 @@ class BackboneParams:
         if self.name not in BACKBONE_LAYERS:
             known = ", ".join(BACKBONE_LAYERS)
             raise ValueError(f"name: {self.name!r} is unknown; allowed: {known}")
-        if self.layer not in BACKBONE_LAYERS[self.name]:
-            allowed = ", ".join(BACKBONE_LAYERS[self.name])
+        if self.layer != AUTO_LAYER and self.layer not in BACKBONE_LAYERS[self.name]:
+            allowed = ", ".join((AUTO_LAYER, *BACKBONE_LAYERS[self.name]))
             raise ValueError(f"layer: {self.name} has no layer {self.layer!r}; allowed: {allowed}")
         if self.fine_layer != "none":
             fine = FINE_LAYERS.get(self.name)
-            if fine is None or self.layer != BACKBONE_LAYERS[self.name][0]:
+            if fine is None or self.layer not in (AUTO_LAYER, BACKBONE_LAYERS[self.name][0]):
                 with_fine = ", ".join(f"{n} ({f})" for n, f in FINE_LAYERS.items())
                 raise ValueError(
                     f"fine_layer: a second level is available for {with_fine}, with "
@@ -182,6 +188,7 @@ class TrainParams:
     lr: PositiveFloat
     weight_decay: Annotated[Float, Field(ge=0.0)]
     lr_schedule: Literal["constant", "cosine"]
+    ema_decay: Annotated[Float, Field(ge=0.0, lt=1.0)]  # 0: off; see training.fit
     monitor: Literal["box_loss_plus_error", "loss", "last"]
     box_weight: Annotated[Float, Field(ge=0.0)]
     class_weight: Annotated[Float, Field(ge=0.0)]

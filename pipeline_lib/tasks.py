@@ -118,6 +118,7 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
     }  # the lab's head
     if hp.single_kind == "spatial":
         config = {"kind": "spatial", "width": hp.conv_width, "depth": hp.conv_depth}
+        config["dropout"] = hp.dropout
     card = _card(inputs, "single", config, data)
     head = _build_head(card)
     loss = partial(single_object_loss, weights=loss_weights(params.train))
@@ -154,6 +155,7 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head
     if hp.grid_kind == "conv":
         config = {"kind": "conv", "width": hp.conv_width, "depth": hp.conv_depth}
+        config["dropout"] = hp.dropout
     card = _card(inputs, "multi", config, data)
     card.grid = GridSpec(
         grid.num_cells, anchor_list, fine_channels, grid.fine_below if fine_channels else None

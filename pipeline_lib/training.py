@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from pipeline_lib.errors import PipelineError
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     monitor: str = "box_loss_plus_error"
     device: str = "cpu"
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights
 
 
 @dataclass
@@ -145,10 +147,12 @@ def run_epoch(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
     progress: str | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over `data` in batches of `config.batch_size` on `config.device`: trains
     (shuffled with `generator`) when an optimizer is given, else evaluates. `progress`: the
-    progress bar's label (None: no bar).
+    progress bar's label (None: no bar); `ema`: the weights' moving average, updated after each
+    optimiser step.
 
     Returns the sample-weighted means of the loss parts, and the measures (sum / count).
     """
@@ -172,6 +176,8 @@ def run_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(head)
             parts = {name: (value.item() * len(x), len(x)) for name, value in losses.items()}
             with torch.no_grad():
                 parts |= objective.measure_fn(outputs, targets)
@@ -190,7 +196,8 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train `head` with Adam for `config.epochs`; return the state of the best epoch on val."""
+    """Train `head` with Adam for `config.epochs`; return the state of the best epoch on val
+    (with `config.ema_decay`: of the weights' moving average, which is also what val measures)."""
     _check_fit(head, train, val, config)
     head.to(config.device)
     # fused: one kernel per step instead of many full-size temporaries (2.5x faster on CPU for
@@ -202,12 +209,17 @@ def fit(
     if config.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     generator = torch.Generator().manual_seed(config.seed)
+    ema, kept = None, head
+    if config.ema_decay > 0:  # BatchNorm statistics are averaged with the weights (use_buffers)
+        multi_avg_fn = get_ema_multi_avg_fn(config.ema_decay)
+        ema = AveragedModel(head, multi_avg_fn=multi_avg_fn, use_buffers=True)
+        kept = ema.module
     result = FitResult(best_epoch=0, best_monitor=math.inf, best_state={})
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         label = f"epoch {epoch}/{config.epochs}" if progress else None
-        train_stats = run_epoch(head, train, objective, config, optimizer, generator, label)
-        val_stats = run_epoch(head, val, objective, config)
+        train_stats = run_epoch(head, train, objective, config, optimizer, generator, label, ema)
+        val_stats = run_epoch(kept, val, objective, config)
         stats = {"train": train_stats, "val": val_stats, "lr": optimizer.param_groups[0]["lr"]}
         if scheduler is not None:
             scheduler.step()
@@ -215,7 +227,7 @@ def fit(
         if monitor < result.best_monitor or config.monitor == "last":
             result.best_epoch, result.best_monitor = epoch, monitor
             result.best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()
+                k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()
             }
         result.history.append(stats)
         if on_epoch is not None:

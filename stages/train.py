@@ -86,7 +86,15 @@ def train(task: Task, params: Params, progress: bool) -> None:
     p = params.train
     device = str(pick_device(p.device))
     config = TrainConfig(
-        p.epochs, p.batch_size, p.lr, p.weight_decay, p.lr_schedule, p.seed, p.monitor, device
+        p.epochs,
+        p.batch_size,
+        p.lr,
+        p.weight_decay,
+        p.lr_schedule,
+        p.seed,
+        p.monitor,
+        device,
+        p.ema_decay,
     )
     kind = task.card.kind
     reports = common.REPORTS_DIR / f"train_{kind}"

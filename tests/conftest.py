@@ -136,8 +136,8 @@ def tiny_params(
 
 def lab_heads(params: dict) -> dict:
     """`params` (params.yaml as a dict) set, in place, to the lab's heads and training (what the
-    defaults were before issue 17; the image size stays). Returns it."""
-    params["head"].update(single_kind="lab", grid_kind="lab")
+    defaults were before issue 17; the image size and backbone layer stay). Returns it."""
+    params["head"].update(single_kind="lab", grid_kind="lab", dropout=0.5)
     params["grid"].update(num_cells=7, assign="centre")
     params["train"].update(
         lr_schedule="constant",

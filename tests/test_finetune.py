@@ -82,7 +82,7 @@ def test_augmented_boxes_still_frame_their_pixels(seed):
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_backbone("efficientnet_lite0")
+    return load_backbone("efficientnet_lite0", "head")  # with the classifier's conv: all units
 
 
 def test_lite0_units_and_what_trains(lite0):

@@ -179,3 +179,25 @@ def test_spatial_single_head_pools_the_cells_by_their_weights():
         expected = [(centre[0] + 5) / 6, (centre[1] + 2) / 4, *torch.sigmoid(raw[2:])]
         assert boxes[0].tolist() == pytest.approx([float(v) for v in expected], abs=1e-6)
         assert logits[0].tolist() == pytest.approx(head.classification(trunk)[0, :, 2, 5].tolist())
+
+
+@pytest.mark.parametrize("kind", ["conv", "spatial"])
+def test_dropout_acts_on_the_trunk_output_in_training_only(kind):
+    torch.manual_seed(0)
+
+    def make(dropout):
+        if kind == "conv":
+            return ConvGridHead((16, 5, 5), 3, num_cells=5, width=8, depth=1, dropout=dropout)
+        return SpatialSingleHead((16, 5, 5), 3, width=8, depth=1, dropout=dropout)
+
+    plain, dropped = make(0.0), make(0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # same checkpoints
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 16, 5, 5)
+    for a, b in zip(plain.eval()(x), dropped.eval()(x), strict=True):
+        assert torch.equal(a, b)  # evaluation: no dropout
+    assert isinstance(dropped.trunk[-1], torch.nn.Dropout) and dropped.trunk[-1].p == 0.5
+    dropped.train()
+    trunk_out = dropped.trunk(x)
+    zeros = (trunk_out == 0).float().mean().item()  # SiLU outputs are non-zero, so these are
+    assert 0.35 < zeros < 0.65  # the dropped ones: about half of 4 x 8 x 5 x 5 = 800

@@ -43,7 +43,7 @@ def test_pack_and_unpack_are_exact_inverses():
         pack_levels(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 7, 7))
 
 
-def test_lite0_levels_are_its_block_4_and_its_head():
+def test_lite0_levels_are_its_block_4_and_its_last_block():
     backbone = load_backbone("efficientnet_lite0", fine_layer="blocks.4")
     assert backbone.fine_channels == 112 and backbone.describe()["fine_layer"] == "blocks.4"
     assert "fine_layer" not in load_backbone("efficientnet_lite0").describe()
@@ -54,7 +54,7 @@ def test_lite0_levels_are_its_block_4_and_its_head():
         upto = [m for name, m in units[: [n for n, _ in units].index("blocks.4") + 1]]
         expected_fine = torch.nn.Sequential(*upto)(x)
         expected_coarse = backbone.module(x)
-    assert coarse.shape == (1, 1280, 7, 7) and fine.shape == (1, 112, 14, 14)
+    assert coarse.shape == (1, 320, 7, 7) and fine.shape == (1, 112, 14, 14)
     assert torch.equal(fine, expected_fine) and torch.equal(coarse, expected_coarse)
 
 
@@ -78,7 +78,7 @@ def test_resnet_fine_level_is_the_end_of_layer3():
             "a second level is available for efficientnet_lite0 (blocks.4)",
         ),
         (
-            {"name": "efficientnet_lite0", "layer": "blocks", "fine_layer": "blocks.4"},
+            {"name": "efficientnet_lite0", "layer": "head", "fine_layer": "blocks.4"},
             "with their default layer only",
         ),
     ],

@@ -127,3 +127,13 @@ def test_the_file_read_by_default_and_named_in_errors(tmp_path, monkeypatch, raw
         load_params("other.yaml")
     with pytest.raises(ParamsError, match="expected a mapping of groups, got list"):
         parse_params([1, 2])
+
+
+def test_backbone_layer_auto_fits_every_backbone_and_a_wrong_name_lists_it(raw_params):
+    for name in ("efficientnet_lite0", "resnet50", "convnext_tiny"):  # no second key to change
+        raw_params["backbone"].update(name=name, layer="auto")
+        assert parse_params(raw_params).backbone.layer == "auto"
+    raw_params["backbone"].update(name="resnet50", layer="head")
+    assert "allowed: auto, layer4, layer3" in error_for(raw_params)
+    raw_params["backbone"].update(name="efficientnet_lite0", layer="auto", fine_layer="blocks.4")
+    assert parse_params(raw_params).backbone.fine_layer == "blocks.4"  # auto is the default layer

@@ -28,10 +28,10 @@ def inputs_and_params(trained, lab: bool = False, **groups: dict):
 def test_single_task_targets_head_and_card(trained):
     inputs, params = inputs_and_params(trained, lab=True)
     assert isinstance(single_task(inputs, params).head, SingleObjectHead)
-    inputs, params = inputs_and_params(trained, head={"conv_width": 8, "conv_depth": 1})
-    task = single_task(inputs, params)
-    assert isinstance(task.head, SpatialSingleHead)
-    assert task.card.head == {"kind": "spatial", "width": 8, "depth": 1}
+    head = {"conv_width": 8, "conv_depth": 1, "dropout": 0.2}
+    task = single_task(*inputs_and_params(trained, head=head))
+    assert isinstance(task.head, SpatialSingleHead) and task.head.trunk[-1].p == 0.2
+    assert task.card.head == {"kind": "spatial", "width": 8, "depth": 1, "dropout": 0.2}
     assert [len(task.data[s]) for s in ("train", "val")] == [12, 5]  # every image has an object
     boxes, labels = task.data["train"].targets
     assert boxes.shape == (12, 4) and ((boxes >= 0) & (boxes <= 1)).all()
@@ -52,7 +52,7 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     )
     conv = grid_task(inputs, params)
     assert isinstance(conv.head, ConvGridHead)
-    assert conv.card.head == {"kind": "conv", "width": 8, "depth": 2}
+    assert conv.card.head == {"kind": "conv", "width": 8, "depth": 2, "dropout": 0.5}
     # same targets whatever the head
     for mine, theirs in zip(conv.data["train"].targets, lab.data["train"].targets, strict=True):
         assert mine.equal(theirs)

@@ -180,24 +180,17 @@ def test_experiments_metrics_diff_and_plots(project):
     page = (html / "index.html").read_text()
     assert "evaluate_multi_pr_curves" in page and "nms_before_after.png" in page
 
-    # A new backbone re-runs extract and everything after it, never prepare.
-    output = run(
-        project,
-        "dvc",
-        "exp",
-        "run",
-        "-S",
-        "backbone.name=resnet18",
-        "-S",
-        "backbone.layer=layer4",
-        "-S",
-        "backbone.weights=random",
-    )
+    # A new backbone re-runs extract and everything after it, never prepare; `backbone.layer:
+    # auto` (the default) takes resnet18's last feature map, layer4, with no second key to set.
+    resnet = ["-S", "backbone.name=resnet18", "-S", "backbone.weights=random"]
+    output = run(project, "dvc", "exp", "run", *resnet)
     assert (
         stages_run(output)
         == {"extract", "train_single", "evaluate_single", "train_multi", "evaluate_multi"}
         | FINETUNE
     )
+    described = json.loads((project / "data/features/features.json").read_text())
+    assert (described["name"], described["layer"]) == ("resnet18", "layer4")
 
 
 def test_queued_experiments_run_in_the_background(project):
