@@ -13,6 +13,7 @@ so that a stage fails before it does any work.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,7 +148,8 @@ class BackboneParams:
     def _check(self) -> BackboneParams:
         if self.name not in BACKBONE_LAYERS:
             known = ", ".join(BACKBONE_LAYERS)
-            raise ValueError(f"name: {self.name!r} is unknown; allowed: {known}")
+            close = _did_you_mean(self.name, list(BACKBONE_LAYERS))
+            raise ValueError(f"name: {self.name!r} is unknown{close}; allowed: {known}")
         if self.layer != AUTO_LAYER and self.layer not in BACKBONE_LAYERS[self.name]:
             allowed = ", ".join((AUTO_LAYER, *BACKBONE_LAYERS[self.name]))
             raise ValueError(f"layer: {self.name} has no layer {self.layer!r}; allowed: {allowed}")
@@ -273,6 +275,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """', did you mean 'x'?' for the closest of `choices` to a mistyped `word`, or ''."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
 def _describe(error: dict) -> str:
     """One line per pydantic error: dotted key, what is wrong, what is allowed.
 
@@ -283,8 +291,10 @@ def _describe(error: dict) -> str:
     key = ".".join(loc)
     kind = error["type"]
     if kind == "unexpected_keyword_argument":
-        allowed = ", ".join(_field_names(loc[:-1]))
-        return f"{key}: unknown key (allowed here: {allowed})"
+        names = _field_names(loc[:-1])
+        return (
+            f"{key}: unknown key{_did_you_mean(loc[-1], names)} (allowed here: {', '.join(names)})"
+        )
     if kind == "missing":
         return f"{key}: missing"
     message = error["msg"].removeprefix("Value error, ")

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")  # params.yaml's classes
 LOCAL_PACKAGES = ("stages", "pipeline_lib")
 
 
@@ -76,3 +77,19 @@ def test_the_closure_follows_imports_inside_functions_and_packages():
     assert "pipeline_lib/plots.py" in closure  # `from pipeline_lib import plots`
     assert "pipeline_lib/errors.py" in closure  # imported by stages/common.py only indirectly
     assert "pipeline_lib/synthetic.py" not in closure
+
+
+def test_dvc_exp_run_s_rewrites_only_the_key_it_sets(tmp_path):
+    """`dvc exp run -S` writes params.yaml back through DVC's own YAML round trip
+    (`dvc.utils.hydra.apply_overrides`): our file must come back as it was but for that value,
+    so that an experiment's diff shows its change and nothing else."""
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    copy.write_text(original)
+    apply_overrides(str(copy), ["head.dropout=0.3", "data.synthetic.classes=[circle,star]"])
+    six = "".join(f"    - {name}\n" for name in SHAPES)
+    assert six in original and original.count("  dropout: 0.0 ") == 1
+    expected = original.replace(six, "    - circle\n    - star\n")
+    assert copy.read_text() == expected.replace("  dropout: 0.0 ", "  dropout: 0.3 ")

@@ -50,13 +50,17 @@ def test_bad_values_name_key_and_allowed(raw_params, group, key, value, expected
 def test_unknown_and_missing_keys(raw_params):
     raw_params["head"]["dropuot"] = 0.3
     assert (
-        "head.dropuot: unknown key (allowed here: dropout, hidden, classifier, "
+        "head.dropuot: unknown key, did you mean 'dropout'? (allowed here: dropout, hidden, "
+        "classifier, "
         "classifier_dropout, grid_hidden, single_kind, grid_kind, conv_width, conv_depth)"
         in error_for(raw_params)
     )
     del raw_params["head"]["dropuot"]
     raw_params["extra_group"] = {}
     assert "extra_group: unknown key (allowed here: data, image," in error_for(raw_params)
+    raw_params["trian"] = raw_params.pop("train")  # a mistyped group gets its suggestion too
+    assert "trian: unknown key, did you mean 'train'?" in error_for(raw_params)
+    raw_params["train"] = raw_params.pop("trian")
     del raw_params["extra_group"]
     del raw_params["data"]["synthetic"]["seed"]
     assert "data.synthetic.seed: missing" in error_for(raw_params)
@@ -137,3 +141,5 @@ def test_backbone_layer_auto_fits_every_backbone_and_a_wrong_name_lists_it(raw_p
     assert "allowed: auto, layer4, layer3" in error_for(raw_params)
     raw_params["backbone"].update(name="efficientnet_lite0", layer="auto", fine_layer="blocks.4")
     assert parse_params(raw_params).backbone.fine_layer == "blocks.4"  # auto is the default layer
+    raw_params["backbone"].update(name="resnet5O", fine_layer="none")
+    assert "backbone.name: 'resnet5O' is unknown, did you mean 'resnet50'?" in error_for(raw_params)
