@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/heads.py [--work FOLDER] [--epochs 3] [--exp]
 
 On the synthetic default (800 train / 200 val images) in a working folder: features at 224 (7x7
-maps of Lite0's 1280-channel head conv, the lab's setting) and the default's (448: 14x14 maps of
-its 320-channel last block) are extracted once, then every head
+maps of Lite0's 1280-channel head conv, the lab's setting), the same layer at 448, and the
+default's (448: 14x14 maps of its 320-channel last block) are extracted once, then every head
 kind trains `--epochs` epochs with the real `train` stage and the stage's own s/epoch is printed,
 one line per kind, all in this one run (compare only figures of one run: CPUs differ). With
 `--exp`, also `dvc exp run --temp -S head.dropout=0.3` in this repository (its committed default
@@ -32,11 +32,17 @@ LAB = {
     "grid.assign": "centre",
     "grid.num_cells": 7,
 }
-FEATURES = {"lab": {"image.size": 224, "backbone.layer": "head"}, "default": {}}
+FEATURES = {
+    "lab": {"image.size": 224, "backbone.layer": "head"},
+    "448 head": {"backbone.layer": "head"},  # the default's size, Lite0's 1280-channel layer
+    "default": {},
+}
 KINDS = {  # name -> (features, stage command, params)
     "single, lab MLP (224)": ("lab", "single", {**LAB, "head.single_kind": "lab"}),
+    "single, spatial (448, head layer)": ("448 head", "single", {}),
     "single, spatial (448, default)": ("default", "single", {}),
     "grid, lab 1x1 (224)": ("lab", "multi", {**LAB, "head.grid_kind": "lab"}),
+    "grid, conv (448, head layer)": ("448 head", "multi", {}),
     "grid, conv (448, default)": ("default", "multi", {}),
 }
 

@@ -132,26 +132,47 @@ def cell_rectangles(card: ModelCard, width: int, height: int) -> torch.Tensor:
     return encoded_to_image(fractions, width, height, card.image.mode, card.image.size)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TABLE_COLUMNS = ["image", "class", "score", "xmin", "ymin", "xmax", "ymax"]
 
 
-def collect_images(arguments: list[Path]) -> tuple[list[Path], list[str]]:
-    """Files as given, folders expanded to their image files (sorted); problems as messages."""
-    paths, problems = [], []
+def image_suffixes() -> set[str]:
+    """The file suffixes of every format PIL can open here (.jpg, .png, .webp, .bmp, .tif, ...),
+    lower case."""
+    Image.init()  # registers every plugin PIL has
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+@dataclass
+class Inputs:
+    """What `collect_images` made of the arguments."""
+
+    paths: list[Path]  # files as given, then each folder's image files (sorted)
+    problems: list[str]  # arguments that are neither a file nor a folder of images: errors
+    skipped: list[str]  # files in a folder with no image suffix: notes, with the reason
+
+
+def collect_images(arguments: list[Path]) -> Inputs:
+    """Files as given, folders expanded to their files of a format PIL reads (`image_suffixes`);
+    the folders' other files are skipped and listed, hidden ones (.name) silently."""
+    suffixes = image_suffixes()
+    found = Inputs([], [], [])
     for argument in arguments:
         if argument.is_dir():
-            found = sorted(
-                p for p in argument.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                problems.append(f"{argument}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
-            paths.extend(found)
+            files = sorted(p for p in argument.iterdir() if p.is_file())
+            images = [p for p in files if p.suffix.lower() in suffixes]
+            for other in files:
+                if other not in images and not other.name.startswith("."):
+                    found.skipped.append(
+                        f"{other}: not a format PIL reads ({other.suffix or 'no suffix'})"
+                    )
+            if not images:
+                found.problems.append(f"{argument}: no image files in this folder")
+            found.paths.extend(images)
         elif argument.exists():
-            paths.append(argument)
+            found.paths.append(argument)
         else:
-            problems.append(f"{argument}: no such file or folder")
-    return paths, problems
+            found.problems.append(f"{argument}: no such file or folder")
+    return found
 
 
 def table_rows(path: Path, detections: Detections, classes: list[str]) -> list[dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -41,6 +42,7 @@ from pipeline_lib.inference import (
     table_rows,
     unique_name,
 )
+from stages import common
 from stages.common import MODELS_DIR, clean_errors
 
 DEFAULT_MODEL = MODELS_DIR / "multi.safetensors"
@@ -84,9 +86,12 @@ def main(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Detect objects in IMAGES with a trained model; annotated PNGs and a detections table."""
-    paths, failures = collect_images(images)
+    inputs = collect_images(images)
+    paths, failures = inputs.paths, inputs.problems
     for failure in failures:
         typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
+    for skipped in inputs.skipped:
+        typer.echo(f"skipped {skipped}", err=True)
     if not paths:
         raise typer.Exit(1)
     with clean_errors():
@@ -119,7 +124,12 @@ def predict_all(
             batch = []
             for path in paths[first : first + output.batch_size]:
                 try:
-                    batch.append((path, open_photo(path)))
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")  # e.g. PIL's DecompressionBombWarning
+                        batch.append((path, open_photo(path)))
+                    for warning in caught:  # one line naming the file, not Python's two
+                        with tqdm.external_write_mode(file=sys.stderr):
+                            common.warn(f"{path}: {warning.message}")
                 except ImageError as error:
                     failures.append(str(error))
                     with tqdm.external_write_mode(file=sys.stderr):  # above the progress bar

@@ -190,6 +190,8 @@ def test_folders_any_size_and_colour_mode_with_the_grid(trained, tmp_path):
     Image.new("CMYK", (120, 250), (0, 50, 100, 0)).save(photos / "cmyk.jpg")
     Image.new("RGBA", (64, 64), (10, 200, 30, 100)).save(photos / "alpha.png")
     Image.new("P", (50, 90)).save(photos / "palette.PNG")
+    for suffix in (".webp", ".bmp", ".tif"):  # other formats PIL reads are picked too
+        Image.new("RGB", (80, 60), (200, 30, 30)).save(photos / f"red{suffix}")
     (photos / "notes.txt").write_text("not an image, not picked from a folder")
     out = tmp_path / "out"
     model = trained / "models/multi.safetensors"
@@ -215,7 +217,11 @@ def test_folders_any_size_and_colour_mode_with_the_grid(trained, tmp_path):
         "cmyk.jpg",
         "grey.jpg",
         "palette.PNG",
+        "red.bmp",
+        "red.tif",
+        "red.webp",
     ]
+    assert f"skipped {photos / 'notes.txt'}: not a format PIL reads (.txt)" in result.output
     assert (table.groupby("image").size() == 3).all()  # score 0 keeps cells; max 3 per image
     for name, size in (("grey", (333, 111)), ("cmyk", (120, 250)), ("alpha", (64, 64))):
         with Image.open(out / f"{name}.png") as drawn:
@@ -314,3 +320,17 @@ def test_readme_example_image_is_small():
     example = REPO / "docs" / "predict_example.png"
     assert example.stat().st_size < 300_000
     assert "docs/predict_example.png" in (REPO / "README.md").read_text()
+
+
+def test_a_photo_over_pils_size_warning_gets_one_warning_line(trained, tmp_path, monkeypatch):
+    photo = tmp_path / "large.png"
+    Image.new("RGB", (20, 15), (0, 0, 0)).save(photo)  # 300 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # warns above 200, refuses above 400
+    model = trained / "models/multi.safetensors"
+    out = tmp_path / "out"
+    result = run_predict([photo, "--model", model, "--out", out, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and str(photo) in warned[0] and "300 pixels" in warned[0], warned
+    assert "warnings.warn" not in result.output and "DecompressionBombWarning" not in result.output
+    assert (out / "large.png").is_file()
