@@ -159,9 +159,9 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
     )
     monkeypatch.chdir(folder)
     output = invoke(finetune.app, ["train", "--no-progress"]).output
-    assert "training bn2 and the head" in output
+    assert "training blocks.6 and the head" in output  # the last unit of Lite0's last block
     metrics = json.loads((folder / "reports/finetune/metrics.json").read_text())
-    assert metrics["enabled"] and metrics["trainable_units"] == ["bn2"]
+    assert metrics["enabled"] and metrics["trainable_units"] == ["blocks.6"]
     assert metrics["best"]["epoch"] == 1 and metrics["images"] == {"train": 12, "val": 5}
     assert (folder / "reports/finetune/figures/training_curves.png").stat().st_size > 0
     invoke(finetune.app, ["evaluate"])
@@ -177,7 +177,8 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
     state = tuned.backbone_state
     assert state.keys() == pretrained.keys()
     assert torch.equal(state["conv_stem.weight"], pretrained["conv_stem.weight"])  # frozen
-    assert not torch.equal(state["bn2.weight"], pretrained["bn2.weight"])  # trained
+    last = [k for k in state if k.startswith("blocks.6.") and k.endswith("weight")]
+    assert last and any(not torch.equal(state[k], pretrained[k]) for k in last)  # trained
     before = original.head.state_dict()
     assert any(not torch.equal(t, before[k]) for k, t in tuned.head.state_dict().items())
 
