@@ -24,7 +24,7 @@ from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
 from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.params import Params, TrainParams
+from pipeline_lib.params import HeadParams, Params, TrainParams
 from pipeline_lib.tables import Prepared, read_prepared
 from pipeline_lib.targets import (
     GridLevel,
@@ -117,13 +117,17 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
         "classifier_dropout": hp.classifier_dropout,
     }  # the lab's head
     if hp.single_kind == "spatial":
-        config = {"kind": "spatial", "width": hp.conv_width, "depth": hp.conv_depth}
-        config["dropout"] = hp.dropout
+        config = _conv_config("spatial", hp)
     card = _card(inputs, "single", config, data)
     head = _build_head(card)
     loss = partial(single_object_loss, weights=loss_weights(params.train))
     objective = Objective(lambda o, t: loss(*o, *t), single_object_batch_sums)
     return Task(head, data, objective, SINGLE_CURVES, card, warnings=warnings)
+
+
+def _conv_config(kind: str, hp: HeadParams) -> dict:
+    """The card's description of a conv-trunk head (heads.ConvGridHead / SpatialSingleHead)."""
+    return {"kind": kind, "width": hp.conv_width, "depth": hp.conv_depth, "dropout": hp.dropout}
 
 
 def grid_task(inputs: TrainingInputs, params: Params) -> Task:
@@ -154,8 +158,7 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     anchor_list = None if anchors is None else anchors.tolist()
     config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head
     if hp.grid_kind == "conv":
-        config = {"kind": "conv", "width": hp.conv_width, "depth": hp.conv_depth}
-        config["dropout"] = hp.dropout
+        config = _conv_config("conv", hp)
     card = _card(inputs, "multi", config, data)
     card.grid = GridSpec(
         grid.num_cells, anchor_list, fine_channels, grid.fine_below if fine_channels else None
