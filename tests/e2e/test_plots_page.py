@@ -63,6 +63,9 @@ def test_the_plots_page_draws_every_plot_without_a_network(tmp_path):
         end = dom.index(f'<div id="{following}"') if following else len(dom)
         drawn = dom[start:end]
         assert 'class="marks"' in drawn and 'class="mark-' in drawn, f"{plot} is empty"
+        if plot.startswith("train_"):  # training curves: epochs 1.., legend train / val
+            labels = set(re.findall(r">([^<>]+)</text>", drawn))
+            assert {"epoch", "train", "val", "20"} <= labels, (plot, sorted(labels))
 
 
 def test_the_committed_template_is_dvcs_page_without_cdn_scripts():
