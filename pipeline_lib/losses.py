@@ -93,9 +93,11 @@ def multi_object_loss(
     w = weights
     mask = has_obj.bool()
     n_obj = mask.sum().clamp(min=1)
-    # The object cells' boxes in one frame per cell (IoUs and CIoU need it; SmoothL1 does not).
-    pred = cell_local(pred_boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
-    true = cell_local(boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
+    # The object cells' boxes in one frame per cell: CIoU and the IoU target need them, the lab's
+    # SmoothL1 with binary targets does not (then they are not built).
+    if w.box_loss != "smooth_l1" or w.obj_target == "iou":
+        pred = cell_local(pred_boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
+        true = cell_local(boxes.permute(0, 2, 3, 1)[mask], mask.shape[-1])
     if w.box_loss == "smooth_l1":  # the lab's, kept bit for bit (on the raw cell boxes)
         box = F.smooth_l1_loss(pred_boxes, boxes, reduction="none").mean(dim=1)
         box = (box * mask).sum() / n_obj
