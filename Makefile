@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test lint install clean-venv mutation
+.PHONY: repro test lint install clean-venv mutation report
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ lint: $(STAMP)
 
 test: lint
 	pytest
+
+# The pull-request report: this workspace's params, metrics, plots and figures against BASE's
+# (report/report.md; stages/report.py). The CI workflow .github/workflows/pr-report.yaml posts it.
+BASE ?= main
+report: $(STAMP)
+	python -m stages.report --base $(BASE) --out report
 
 # Mutation testing of the core modules (not part of `make test`: about N minutes on 2 cores).
 # Config in pyproject.toml [tool.mutmut]; figures and equivalent survivors in docs/mutation.md.

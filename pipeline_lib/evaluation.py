@@ -31,6 +31,7 @@ from pipeline_lib.metrics import (
     coco_map,
     confusion_matrix,
     mean_ap,
+    precision_envelope,
     single_object_metrics,
     voc_average_precision,
 )
@@ -126,7 +127,7 @@ class Report:
 
     metrics: dict
     tables: dict[str, list[dict]]
-    figures: dict[str, tuple[Figure, int]]  # file name -> (figure, dpi)
+    figures: dict[str, Figure]  # file name -> figure
     summary: str  # one line for the user
 
 
@@ -142,6 +143,10 @@ def single_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     boxes, labels = targets.boxes[keep], targets.labels[keep]
     metrics = single_object_metrics(pred_boxes, logits, boxes, labels, classes, ev.iou_threshold)
     metrics["images_without_object"] = int((~keep).sum())
+    per_class = metrics.pop("per_class_accuracy")  # a plot, not a dozen DVC metrics
+    accuracy_rows = [
+        {"class": name, "accuracy": v} for name, v in per_class.items() if v is not None
+    ]
     predicted = logits.argmax(dim=1)
     pairs = zip(labels.tolist(), predicted.tolist(), strict=True)
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in pairs]
@@ -160,15 +165,16 @@ def single_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
         image = _open(prepared, row.path)
         items.append(Comparison(image, truth, [classes[labels[r]]], found, [text], row.image_id))
     figures = {
-        "confusion.png": (confusion_figure(matrix, classes, title), 80),
-        "predictions.png": (comparison_grid(items, title=title), 64),
+        "confusion.png": confusion_figure(matrix, classes, title),
+        "predictions.png": comparison_grid(items, title=title),
     }
     m = metrics
     summary = (
         f"val: {m['images']} images, accuracy {m['accuracy']:.3f}, mean IoU {m['mean_iou']:.3f}, "
         f"hit rate {m['hit_rate']:.3f}, box loss {m['box_loss']:.4f}"
     )
-    return Report(metrics, {"confusion.json": confusion}, figures, summary)
+    tables = {"confusion.json": confusion, "per_class_accuracy.json": accuracy_rows}
+    return Report(metrics, tables, figures, summary)
 
 
 def _open(prepared: Prepared, path: str) -> Image.Image:
@@ -217,22 +223,14 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     metrics |= {
         "recall_upper_bound": round(recall_upper_bound(inputs, n_objects), 4),
         "detections_per_image": round(sum(len(d) for d in found) / len(truth), 3),
-        "per_class_ap": voc.per_class_ap(),
-        "per_class_ap_11point": voc.per_class_ap(eleven_point=True),
         "seconds": round(time.perf_counter() - start, 2),
     }
     tables = {"pr_curves.json": pr_rows(voc), "per_class_ap.json": ap_rows(voc)}
-    curves = {n: (c.recall, c.precision, c.ap) for n, c in zip(classes, voc.per_class, strict=True)}
+    curves = {n: (*pr_steps(c), c.ap) for n, c in zip(classes, voc.per_class, strict=True)}
     figures = {
-        "pr_curves.png": (pr_curves(curves), 80),
-        "per_class_ap.png": (
-            ap_chart(metrics["per_class_ap"], f"AP@{ev.iou_threshold} per class (val)"),
-            80,
-        ),
-        "nms_before_after.png": (
-            nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev, sizes)),
-            56,
-        ),
+        "pr_curves.png": pr_curves(curves),
+        "per_class_ap.png": ap_chart(voc.per_class_ap(), f"AP@{ev.iou_threshold} per class (val)"),
+        "nms_before_after.png": nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev, sizes)),
     }
     m = metrics
     summary = (
@@ -243,19 +241,37 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     return Report(metrics, tables, figures, summary)
 
 
+def pr_steps(c: ClassAP) -> tuple[list[float], list[float]]:
+    """The precision-recall curve that AP measures, as (recall, precision) corners of a step
+    line drawn "step-before" (vertical first): precision is the envelope (the best at that recall
+    or beyond), a point per change of it, starting at recall 0. Its area is the all-point AP; no
+    spike at recall 0 from a first false positive."""
+    if not c.precision:
+        return [], []
+    envelope = precision_envelope(torch.tensor(c.precision, dtype=torch.float64)).tolist()
+    last = [
+        i for i in range(len(envelope)) if i + 1 == len(envelope) or envelope[i + 1] != envelope[i]
+    ]
+    return [0.0] + [c.recall[i] for i in last], [envelope[0]] + [envelope[i] for i in last]
+
+
 def pr_rows(voc: VocSummary) -> list[dict]:
-    """DVC plot rows: one (class, recall, precision) per ranked detection of each class."""
+    """DVC plot rows: (class, recall, precision) at the corners of each class's `pr_steps`."""
     return [
         {"class": name, "recall": round(r, 5), "precision": round(p, 5)}
         for name, c in zip(voc.classes, voc.per_class, strict=True)
-        for r, p in zip(c.recall, c.precision, strict=True)
+        for r, p in zip(*pr_steps(c), strict=True)
     ]
 
 
 def ap_rows(voc: VocSummary) -> list[dict]:
-    """DVC plot rows: one (class, ap) per class that has objects."""
+    """DVC plot rows: one (class, ap, ap_11point) per class that has objects."""
     pairs = zip(voc.classes, voc.per_class, strict=True)
-    return [{"class": name, "ap": c.ap} for name, c in pairs if c.ap is not None]
+    return [
+        {"class": name, "ap": round(c.ap, 4), "ap_11point": round(c.ap11, 4)}
+        for name, c in pairs
+        if c.ap is not None
+    ]
 
 
 def nms_pairs(

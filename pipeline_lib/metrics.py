@@ -115,12 +115,18 @@ class ClassAP:
     detections: int
 
 
+def precision_envelope(precision: torch.Tensor) -> torch.Tensor:
+    """(K,) precision of a ranked list -> (K,): at each rank the best precision at that rank or
+    any later one (non-increasing), the interpolated precision that VOC AP integrates."""
+    return torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
+
+
 def all_point_ap(recall: torch.Tensor, precision: torch.Tensor) -> float:
     """VOC2010+ AP (the devkit's `VOCap.m`) of a ranked list's (K,) recall and precision: the
     area under the precision envelope, precision made non-increasing from the right."""
     mrec = torch.cat([torch.tensor([0.0]), recall.double(), torch.tensor([1.0])])
     mpre = torch.cat([torch.tensor([0.0]), precision.double(), torch.tensor([0.0])])
-    mpre = torch.flip(torch.cummax(torch.flip(mpre, [0]), 0).values, [0])
+    mpre = precision_envelope(mpre)
     changed = torch.nonzero(mrec[1:] != mrec[:-1]).flatten()
     return float(((mrec[changed + 1] - mrec[changed]) * mpre[changed + 1]).sum())
 

@@ -33,11 +33,12 @@ from pipeline_lib.targets import (
     single_object_targets,
     training_shapes,
 )
-from pipeline_lib.training import Dataset, FitResult, Objective, TrainConfig, best_epoch_stats
+from pipeline_lib.training import Dataset, FitResult, Objective, TrainConfig
 
 SPLITS = ("train", "val")
 SINGLE_CURVES = ("loss", "box_loss", "class_loss", "accuracy", "iou")
 GRID_CURVES = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
+HEADLINE_MEASURES = ("loss", "accuracy", "iou", "obj_accuracy")  # of the curves, in metrics.json
 
 
 @dataclass
@@ -165,7 +166,8 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     )
     card.collisions = collisions
     head = _build_head(card)
-    summary: dict = {"grid_collisions": collisions}
+    # objects per split that lost their cell (the model card keeps the totals too)
+    summary: dict = {"grid_collisions": {split: c["dropped"] for split, c in collisions.items()}}
     if anchor_list is not None:
         summary["anchors"] = [[round(v, 4) for v in a] for a in anchor_list]
     loss = partial(grid_loss, weights=loss_weights(params.train))
@@ -217,18 +219,21 @@ def fit_anchors(k: int, inputs: TrainingInputs, notes: list[str]) -> torch.Tenso
     return anchors.float()
 
 
-def training_summary(task: Task, result: FitResult, config: TrainConfig) -> dict:
-    """The training metrics beyond the curves: best epoch (with its val measures), seconds per
-    epoch, images per split, the CPU kernels that ran (train.cpu_kernels), the task's extras."""
-    best = {"epoch": result.best_epoch, "monitor": round(result.best_monitor, 6)}
-    summary = {
-        "best": best | best_epoch_stats(result),
+def training_metrics(task: Task, result: FitResult, config: TrainConfig) -> dict:
+    """The headline figures of a training run (its DVC metrics file): the best epoch with its val
+    loss, accuracy, IoU (and objectness accuracy) and train loss, seconds per epoch, the CPU
+    kernels that ran (train.cpu_kernels) and the task's extras (grid collisions). Every measure
+    of every epoch is in the curves (dvclive's plots/); image counts in prepare's metrics."""
+    best = result.history[result.best_epoch - 1]
+    metrics = {
+        "best_epoch": result.best_epoch,
+        "val": {k: round(v, 6) for k, v in best["val"].items() if k in HEADLINE_MEASURES},
+        "train_loss": round(best["train"]["loss"], 6),
         "seconds_per_epoch": round(result.seconds / config.epochs, 2),
-        "images": {split: len(task.data[split]) for split in SPLITS},
     }
     if config.device == "cpu":
-        summary["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
-    return summary | task.summary
+        metrics["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
+    return metrics | task.summary
 
 
 def finish_card(task: Task, result: FitResult, train: TrainParams) -> ModelCard:

@@ -6,19 +6,21 @@
 evaluate_multi writes reports/evaluate_multi/
 - metrics.json (DVC metrics): PASCAL VOC mAP at eval.iou_threshold (all-point, "map", and 11-point,
   "map_11point"; difficult objects ignored; box overlap as the devkit measures it on VOC's
-  inclusive pixels, or continuous for COCO-format data: "overlap"), per-class AP (both), COCO
-  mAP@[.5:.95] from torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper
-  bound left by grid collisions (and by crop), detections per image, evaluation seconds,
-- pr_curves.json (DVC plot, x = recall, y = precision, one curve per class) and per_class_ap.json
-  (DVC plot: a bar per class),
+  inclusive pixels, or continuous for COCO-format data: "overlap"), COCO mAP@[.5:.95] from
+  torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
+  collisions (and by crop), detections per image, evaluation seconds,
+- pr_curves.json (DVC plot, x = recall, y = precision, one curve per class: the interpolated
+  precision that AP integrates) and per_class_ap.json (DVC plot: a bar per class; both APs),
 - figures/pr_curves.png, figures/per_class_ap.png, figures/nms_before_after.png (eval.samples val
   images, detections scoring eval.draw_score or more before and after NMS, the truth dashed).
 Detections are compared with every object of the original images (in their pixels).
 
 evaluate_single writes reports/evaluate_single/
 - metrics.json (DVC metrics): box_loss (the lab's SmoothL1), accuracy, mean_iou, hit_rate (IoU >=
-  eval.iou_threshold and the right class), per_class_accuracy, and the image count,
-- confusion.json: one {actual, predicted} row per image (DVC's confusion template),
+  eval.iou_threshold and the right class), and the image count,
+- confusion.json: one {actual, predicted} row per image (DVC plot, counts written in the cells),
+- per_class_accuracy.json: accuracy over the images whose largest object is of each class (DVC
+  plot: a bar per class),
 - figures/confusion.png and figures/predictions.png (eval.samples validation images, the true box
   green and the predicted one red with its score, in the original image's pixels).
 """
@@ -70,8 +72,8 @@ def evaluate(
         write_json(out / "metrics.json", report.metrics)
         for name, rows in report.tables.items():
             write_json(out / name, rows)
-        for name, (figure, dpi) in report.figures.items():
-            save_figure(figure, out / "figures" / name, dpi=dpi)
+        for name, figure in report.figures.items():
+            save_figure(figure, out / "figures" / name)
         typer.echo(f"{report.summary} -> {out / 'metrics.json'}")
 
 

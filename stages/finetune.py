@@ -12,8 +12,8 @@ models/multi.safetensors, then both models measured on the val images.
   measures, seconds per epoch, the units and parameters trained,
 - reports/finetune/figures/training_curves.png.
 `evaluate` writes reports/evaluate_finetune/metrics.json (DVC metrics): PASCAL VOC mAP on val of
-the frozen-feature model (run here on the same images) and of the fine-tuned one, the gain, and
-both per-class APs; and reports/evaluate_finetune/figures/per_class_ap.png (both, side by side).
+the frozen-feature model (run here on the same images) and of the fine-tuned one, and the gain;
+and reports/evaluate_finetune/figures/per_class_ap_{frozen,finetuned}.png (AP per class of each).
 With finetune.enabled: false both only write notes saying so and metrics {"enabled": false}, in a
 second: torch is not even imported.
 """
@@ -138,9 +138,8 @@ def compare(params: Params) -> None:
     with atomic_dir(EVAL_DIR / "figures") as tmp:
         for name in results:
             title = f"AP@{ev.iou_threshold} per class, {name} (val)"
-            save_figure(
-                ap_chart(metrics[f"per_class_ap_{name}"], title), tmp / f"per_class_ap_{name}.png"
-            )
+            chart = ap_chart(results[name].per_class_ap(), title)
+            save_figure(chart, tmp / f"per_class_ap_{name}.png")
     write_json(EVAL_DIR / "metrics.json", metrics)
     typer.echo(
         f"val mAP@{ev.iou_threshold}: {metrics['map_frozen']:.4f} frozen features, "

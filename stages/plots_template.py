@@ -18,9 +18,9 @@ from typing import Annotated
 import typer
 
 from pipeline_lib.files import atomic_file
+from pipeline_lib.review import VEGA_LITE
 
 TEMPLATE_PATH = Path(".dvc/plots_template.html")
-VEGA_LITE = "v5.21"  # DVC's plot templates declare the Vega-Lite v5 schema
 
 PAGE = """<!DOCTYPE html>
 <html>

@@ -6,8 +6,9 @@ Reads the synthetic dataset (data.source: synthetic), a VOCdevkit folder (data.s
 optionally downloading VOC2012 first) or a COCO-format folder (data.source: coco, see
 pipeline_lib/coco.py), then writes
 - data/prepared/{images,objects}.parquet and dataset.json (see pipeline_lib/tables.py),
-- reports/prepare/metrics.json: counts per split (images, objects, difficult, truncated, skipped,
-  objects per class),
+- reports/prepare/metrics.json: counts per split (images, objects, difficult, truncated, skipped),
+- reports/prepare/objects_per_class.json: one {split, class, objects} row per split and class
+  (drawn in figures/class_counts.png),
 - reports/prepare/skipped.json: the images dropped under data.on_error: skip, and why,
 - reports/prepare/figures/*.png: size histograms, class counts, samples, image modes.
 """
@@ -33,7 +34,6 @@ from stages.common import (
 )
 
 app = typer.Typer(add_completion=False)
-GRID_DPI = 60  # image grids: keeps the PNGs of noisy photos well under 1 MB
 
 
 @app.command()
@@ -76,7 +76,17 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     summary = split_summary(prepared.images, prepared.objects, classes, list(splits))
     for role, stats in summary.items():
         stats["skipped"] = sum(skip["split"] == role for skip in rows.skipped)
-    write_json(PREPARE_REPORTS / "metrics.json", summary)
+    per_class = [
+        {"split": role, "class": name, "objects": count}
+        for role, stats in summary.items()
+        for name, count in stats["objects_per_class"].items()
+    ]
+    metrics = {
+        role: {k: v for k, v in stats.items() if k != "objects_per_class"}
+        for role, stats in summary.items()
+    }
+    write_json(PREPARE_REPORTS / "metrics.json", metrics)
+    write_json(PREPARE_REPORTS / "objects_per_class.json", per_class)
     write_json(PREPARE_REPORTS / "skipped.json", rows.skipped)
     write_figures(prepared, dataset_dir, summary, params)
     for role, stats in summary.items():
@@ -100,12 +110,12 @@ def write_figures(prepared: Prepared, dataset_dir: Path, summary: dict, params: 
                 cols = 4
                 grid = [samples[i : i + cols] for i in range(0, len(samples), cols)]
                 figure = plots.image_grid(grid, classes, f"{split}: samples")
-                plots.save_figure(figure, out / f"samples_{split}.png", dpi=GRID_DPI)
+                plots.save_figure(figure, out / f"samples_{split}.png")
             shown = panels[: params.report.mode_samples]
             if shown:
                 rows = plots.mode_rows(shown, params.image.size)
                 figure = plots.image_grid(rows, classes, f"{split}: image modes")
-                plots.save_figure(figure, out / f"modes_{split}.png", dpi=GRID_DPI)
+                plots.save_figure(figure, out / f"modes_{split}.png")
 
 
 if __name__ == "__main__":

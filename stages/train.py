@@ -7,8 +7,10 @@ Writes, for KIND = single | multi,
 - models/KIND.safetensors: the head of the best epoch (train.monitor on val) with everything
   needed to use it: backbone, layer, normalisation, image mode and size, classes, head params
   (see pipeline_lib/heads.py),
-- reports/train_KIND/: dvclive's logs -- metrics.json (last epoch, plus the best epoch under
-  "best") and plots/metrics/{train,val}/*.tsv (one row per epoch) -- and training_curves.png.
+- reports/train_KIND/metrics.json: the headline figures (DVC metrics; tasks.training_metrics):
+  best epoch, its val loss / accuracy / IoU (and objectness accuracy), train loss, s/epoch, ...,
+- reports/train_KIND/plots/metrics/{train,val}/*.tsv: dvclive's curves, every measure, one row
+  per epoch (DVC plots), and training_curves.png.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from scmrepo.exceptions import SCMError
 from pipeline_lib.checkpoints import save_checkpoint
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import pick_device
+from pipeline_lib.files import write_json
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.plots import save_figure, training_curves
 from pipeline_lib.tasks import (
@@ -33,7 +36,7 @@ from pipeline_lib.tasks import (
     grid_task,
     read_training_inputs,
     single_task,
-    training_summary,
+    training_metrics,
 )
 from pipeline_lib.training import (
     TrainConfig,
@@ -117,7 +120,8 @@ def train(task: Task, params: Params, progress: bool) -> None:
             on_epoch,
             progress,
         )
-        live.summary.update(training_summary(task, result, config))
+    # dvclive's own summary repeats every curve's last value (dozens of figures): ours instead
+    write_json(reports / "metrics.json", training_metrics(task, result, config))
     task.head.load_state_dict(result.best_state)
     path = common.MODELS_DIR / f"{kind}.safetensors"
     save_checkpoint(path, task.head, finish_card(task, result, p))

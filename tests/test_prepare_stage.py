@@ -46,11 +46,14 @@ def test_synthetic_default_chain(workdir):
     dataset = folder / "data/synthetic/VOCdevkit/VOCshapes"
     lists = {s: (dataset / f"ImageSets/Main/{s}.txt").read_text().split() for s in ("train", "val")}
     metrics = json.loads((folder / "reports/prepare/metrics.json").read_text())
+    per_class = json.loads((folder / "reports/prepare/objects_per_class.json").read_text())
     for split, ids in lists.items():
         assert metrics[split]["images"] == len(ids)
         assert metrics[split]["objects"] == object_counts(dataset / "Annotations", ids)
         assert metrics[split]["skipped"] == 0
-        assert set(metrics[split]["objects_per_class"]) == set(raw["data"]["synthetic"]["classes"])
+        mine = [r for r in per_class if r["split"] == split]
+        assert {r["class"] for r in mine} == set(raw["data"]["synthetic"]["classes"])
+        assert sum(r["objects"] for r in mine) == object_counts(dataset / "Annotations", ids)
     info = json.loads((folder / "data/prepared/dataset.json").read_text())
     assert info["classes"] == raw["data"]["synthetic"]["classes"]
     figures = sorted(p.name for p in (folder / "reports/prepare/figures").iterdir())
@@ -89,7 +92,9 @@ def test_voc_skip_counts_and_lists_bad_images(workdir):
     assert result.exit_code == 0, result.output
     metrics = json.loads((folder / "reports/prepare/metrics.json").read_text())
     assert (metrics["train"]["images"], metrics["train"]["skipped"]) == (2, 1)
-    assert metrics["train"]["objects_per_class"]["dog"] == 2
+    rows = json.loads((folder / "reports/prepare/objects_per_class.json").read_text())
+    assert {"split": "train", "class": "dog", "objects": 2} in rows
+    assert "objects_per_class" not in metrics["train"]  # a table, not DVC metrics
     assert metrics["val"]["images"] == 1
     [skipped] = json.loads((folder / "reports/prepare/skipped.json").read_text())
     assert skipped["image_id"] == "bad"

@@ -45,8 +45,9 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     inputs, params = inputs_and_params(trained, lab=True)
     lab = grid_task(inputs, params)
     assert isinstance(lab.head, MultiObjectHead) and lab.card.head == {"hidden": 16, "dropout": 0.5}
-    collisions = lab.summary["grid_collisions"]
-    assert collisions["train"]["objects"] >= 12 and len(lab.notes) == 2  # one line per split
+    assert lab.card.collisions["train"]["objects"] >= 12 and len(lab.notes) == 2  # one per split
+    dropped = {split: c["dropped"] for split, c in lab.card.collisions.items()}
+    assert lab.summary["grid_collisions"] == dropped
     inputs, params = inputs_and_params(
         trained, lab=True, head={"grid_kind": "conv", "conv_width": 8, "conv_depth": 2}
     )
@@ -61,7 +62,7 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     dense = grid_task(inputs, params)
     has_obj = dense.data["train"].targets[1]
     assert has_obj.sum() > lab.data["train"].targets[1].sum()
-    assert has_obj.sum() <= 3 * collisions["train"]["objects"]
+    assert has_obj.sum() <= 3 * lab.card.collisions["train"]["objects"]
     lab_neighbours = {"grid": {"assign": "neighbours"}}
     with pytest.raises(PipelineError, match="grid.assign: neighbours needs head.grid_kind: conv"):
         grid_task(*inputs_and_params(trained, lab=True, **lab_neighbours))

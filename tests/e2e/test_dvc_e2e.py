@@ -75,11 +75,11 @@ def test_repro_runs_everything_then_nothing(project):
         "mean_iou",
         "hit_rate",
         "box_loss",
-        "best.epoch",
+        "best_epoch",
         "map_11point",
         "coco_map",
         "recall_upper_bound",
-        "grid_collisions.val.dropped",
+        "grid_collisions.val",
     ):
         assert key in metrics
 
@@ -145,9 +145,9 @@ def test_experiments_metrics_diff_and_plots(project):
     diff = run(project, "dvc", "metrics", "diff")  # workspace (the experiment) against HEAD
     for path in ("reports/train_single/metrics.json", "reports/train_multi/metrics.json"):
         assert path in diff, diff  # the trunk's width changes the training losses of both heads
-    assert "best.val_loss" in diff
+    assert "val.loss" in diff
     diff = run(project, "dvc", "metrics", "diff", "main", "width8")  # by name, from anywhere
-    assert "reports/train_multi/metrics.json" in diff and "best.val_loss" in diff, diff
+    assert "reports/train_multi/metrics.json" in diff and "val.loss" in diff, diff
 
     # What a pull request shows: each plot with one curve per revision.
     rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "width8", "--json"))

@@ -1,0 +1,45 @@
+"""Plot tables of the evaluation reports: the precision-recall steps and the per-class rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline_lib.evaluation import VocSummary, ap_rows, pr_rows, pr_steps
+from pipeline_lib.metrics import ClassAP
+
+
+def step_area(recall: list[float], precision: list[float]) -> float:
+    """Area under a step-before line through the points (each span takes its right point)."""
+    spans = zip(recall[:-1], recall[1:], precision[1:], strict=True)
+    return sum((r1 - r0) * p1 for r0, r1, p1 in spans)
+
+
+def test_pr_steps_by_hand_first_detection_false():
+    # ranked: FP, TP, TP, FP against 4 objects -> precision 0, 1/2, 2/3, 2/4; recall 0, .25, .5, .5
+    c = ClassAP(1 / 3, 0.0, [0.0, 0.5, 2 / 3, 0.5], [0.0, 0.25, 0.5, 0.5], 4, 4)
+    recall, precision = pr_steps(c)
+    # envelope 2/3, 2/3, 2/3, 1/2: from recall 0 at 2/3 (no drop to 0 there), a corner at 0.5
+    assert recall == [0.0, 0.5, 0.5]
+    assert precision == pytest.approx([2 / 3, 2 / 3, 0.5])
+    # its area is the devkit's all-point AP: 0.5 * 2/3 (recall beyond 0.5 never reached)
+    assert step_area(recall, precision) == pytest.approx(1 / 3)
+
+
+def test_pr_steps_of_a_class_without_detections_is_empty():
+    assert pr_steps(ClassAP(0.0, 0.0, [], [], 3, 0)) == ([], [])
+
+
+def test_tables_round_and_leave_out_classes_without_objects():
+    per_class = [
+        ClassAP(1.0, 1.0, [1.0], [1.0], 1, 1),
+        ClassAP(None, None, [0.0], [0.0], 0, 1),
+        ClassAP(0.123456, 0.1, [1.0, 0.5], [0.5, 0.5], 2, 2),
+    ]
+    voc = VocSummary(["cat", "dog", "cow"], per_class)
+    assert ap_rows(voc) == [
+        {"class": "cat", "ap": 1.0, "ap_11point": 1.0},
+        {"class": "cow", "ap": 0.1235, "ap_11point": 0.1},
+    ]
+    rows = pr_rows(voc)
+    assert {"class": "cow", "recall": 0.0, "precision": 1.0} in rows
+    assert [r["class"] for r in rows].count("cat") == 2  # the start at recall 0 and one corner
