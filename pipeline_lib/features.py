@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline_lib.backbones import Backbone, pack_levels, run_levels
+from pipeline_lib.distributed import ONE_PROCESS, Ranks, all_gather, batch_share, gather_bytes
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.geometry import ImageSpec, transform_image
 from pipeline_lib.params import ParamsError
@@ -148,8 +149,12 @@ def prepare_model(
     fine level, both levels packed by `backbones.pack_levels`).
 
     Moves `backbone.module` to `device` (and to channels_last on CPU) in place. With `compile`,
-    the model goes through torch.compile (inductor, frozen weights, static shapes); batches smaller
-    than `batch_size` are padded to it so that the last batch does not trigger a second compile.
+    the model goes through torch.compile (inductor, frozen weights, static shapes). Batches smaller
+    than `batch_size` are padded to it (with zeros, cut off again): compiled, the last batch does
+    not trigger a second compile; eager, every batch runs the same kernels. oneDNN splits a small
+    batch's sums across threads (measured: Lite0 at 448, batch 2: other last bits with 1 thread
+    than with 2; batch 16: the same), so an unpadded last batch would differ between a
+    one-process run and the ranks of a torchrun one, which have fewer threads each.
     """
     model = backbone.module.to(device).eval()
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
@@ -164,11 +169,11 @@ def prepare_model(
     run = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        if not compile:
-            return run(x)
         rows = x.shape[0]
         if batch_size and rows < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - rows, *x.shape[1:]))])
+        if not compile:
+            return run(x)[:rows]
         try:
             return run(x)[:rows]
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -208,6 +213,7 @@ def extract_features(
     spec: ImageSpec,
     settings: ExtractSettings = ExtractSettings(),
     progress: str | None = "extract",
+    ranks: Ranks = ONE_PROCESS,
 ) -> ExtractResult:
     """Run `backbone` over `images` (image id -> file, in row order) brought to `spec`, and stream
     the features to `out_path` (safetensors); `progress` labels the progress bar (None: none).
@@ -215,13 +221,24 @@ def extract_features(
     With `on_error="raise"` the first undecodable image raises `ImageError`; with "skip" it is left
     out of the file (ids stay aligned with rows) and listed in the result. `out_path` appears only
     once complete.
+
+    Under torchrun (`ranks` of a world > 1) every rank calls this with the same arguments and runs
+    its `batch_share` of the images (on GPU: its own, cuda:LOCAL_RANK); the rows come back to rank
+    0, which alone writes `out_path`: the same file as one process writes. Every rank returns the
+    whole job's result.
     """
     device = pick_device(settings.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(ranks.threads())
     workers = pick_workers(settings.workers, device)
+    share = batch_share(len(images), settings.batch_size, ranks)
+    ids = list(images)[share.start : share.stop]
+    if not ranks.main:
+        progress = None  # one progress bar: rank 0's
     loader = DataLoader(
-        ImageFolder(list(images.values()), spec.mode, spec.size),
+        ImageFolder([images[i] for i in ids], spec.mode, spec.size),
         batch_size=settings.batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -235,15 +252,17 @@ def extract_features(
         return forward(batch.to(device, non_blocking=True)).to(dtype).cpu()
 
     start = time.perf_counter()
-    raw = out_path.with_name(f".{out_path.name}.rows.tmp")
+    raw = out_path.with_name(f".{out_path.name}.rank{ranks.rank}.rows.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with tqdm(total=len(images), desc=progress, unit="image", disable=progress is None) as bar:
-            rows = _write_rows(raw, loader, embed, list(images), settings.on_error, bar)
+        with tqdm(total=len(ids), desc=progress, unit="image", disable=progress is None) as bar:
+            rows = _write_rows(raw, loader, embed, ids, settings.on_error, bar)
+        rows = _merge_ranks(raw, rows, ranks)
         if rows.shape is None:
             raise ImageError(f"no image of {len(images)} could be decoded ({progress})")
-        metadata = {"image_ids": json.dumps(rows.kept), **_describe(backbone, spec)}
-        _write_safetensors(out_path, raw, (len(rows.kept), *rows.shape), dtype, metadata)
+        if ranks.main:
+            metadata = {"image_ids": json.dumps(rows.kept), **_describe(backbone, spec)}
+            _write_safetensors(out_path, raw, (len(rows.kept), *rows.shape), dtype, metadata)
     except OSError as error:  # disk full, quota, permissions: say where, keep nothing
         raise PipelineError(
             f"{out_path}: cannot write features ({error.strerror or error}); nothing was kept"
@@ -278,6 +297,21 @@ def _write_rows(raw: Path, loader, embed, image_ids, on_error: str, bar) -> _Row
                 rows.kept.extend(image_ids[i] for i in indices)
             bar.update(len(indices) + len(bad))
     return rows
+
+
+def _merge_ranks(raw: Path, rows: _Rows, ranks: Ranks) -> _Rows:
+    """Every rank's rows in rank order: ids and skips for all, the bytes appended to rank 0's
+    `raw` (see distributed.gather_bytes)."""
+    if ranks.world == 1:
+        return rows
+    parts = all_gather((rows.kept, rows.skipped, rows.shape, raw.stat().st_size), ranks)
+    gather_bytes(raw, [size for *_, size in parts], ranks)
+    merged = _Rows()
+    for kept, skipped, shape, _ in parts:
+        merged.kept += kept
+        merged.skipped += skipped
+        merged.shape = merged.shape or shape
+    return merged
 
 
 def _describe(backbone: Backbone, spec: ImageSpec) -> dict[str, str]:
@@ -322,15 +356,58 @@ def _write_safetensors(
         tmp.unlink(missing_ok=True)
 
 
+class FeatureRows:
+    """The rows of a feature file, read from disk when asked for: `rows[index]` (an int, a slice
+    or a 1-D tensor of row numbers) is a (n, C, H, W) tensor in the store dtype; nothing else is
+    held in memory. `select(mask_or_rows)` is a view on some rows (still on disk).
+
+    Reads are `os.pread`s at the rows' byte offsets (safetensors data is row-major after its
+    header): memory stays at one batch however large the file. (Not `mmap`: pages a map has
+    touched count in the process's resident memory until the kernel evicts them; the page cache
+    that serves these reads is the kernel's, given back under pressure.)
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype, offset: int):
+        self.path, self.shape, self.dtype, self.offset = path, torch.Size(shape), dtype, offset
+        self.row_bytes = int(np.prod(shape[1:])) * torch.tensor([], dtype=dtype).element_size()
+        self.rows: torch.Tensor | None = None  # the file rows of this view (None: all, in order)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def select(self, which: torch.Tensor) -> FeatureRows:
+        """The rows where the bool mask `which` is true, or the rows numbered in `which`."""
+        numbers = torch.nonzero(which).flatten() if which.dtype == torch.bool else which.long()
+        view = FeatureRows(self.path, (len(numbers), *self.shape[1:]), self.dtype, self.offset)
+        view.rows = numbers if self.rows is None else self.rows[numbers]
+        return view
+
+    def __getitem__(self, index) -> torch.Tensor:
+        numbers = torch.arange(len(self))[index] if not torch.is_tensor(index) else index
+        numbers = numbers.reshape(-1).long()
+        if self.rows is not None:
+            numbers = self.rows[numbers]
+        out = np.empty((len(numbers), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb") as handle:
+            fd = handle.fileno()
+            for i, row in enumerate(numbers.tolist()):
+                start = self.offset + row * self.row_bytes
+                if os.preadv(fd, [memoryview(out[i])], start) != self.row_bytes:
+                    raise PipelineError(f"{self.path}: row {row} is cut short (file truncated?)")
+        tensor = torch.from_numpy(out).view(self.dtype).reshape(len(numbers), *self.shape[1:])
+        return tensor[0] if isinstance(index, int) else tensor
+
+
 @dataclass
 class Features:
-    features: torch.Tensor  # (N, C, H, W) in the store dtype
+    features: torch.Tensor | FeatureRows  # (N, C, H, W) in the store dtype
     image_ids: list[str]
     metadata: dict
 
 
-def read_features(path: str | Path) -> Features:
-    """Load a feature file written by `extract_features`."""
+def read_features(path: str | Path, lazy: bool = False) -> Features:
+    """Load a feature file written by `extract_features`; with `lazy`, its rows stay on disk
+    and are read batch by batch (`FeatureRows`)."""
     if not Path(path).is_file():
         raise PipelineError(
             f"{path}: no feature file; run the extract stage first (dvc repro extract)"
@@ -338,7 +415,10 @@ def read_features(path: str | Path) -> Features:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensor = handle.get_tensor("features")
+            if lazy:
+                tensor = _lazy_rows(Path(path), handle.get_slice("features"))
+            else:
+                tensor = handle.get_tensor("features")
     except (SafetensorError, OSError, ValueError) as error:  # truncated, a pickle, another format
         raise PipelineError(
             f"{path}: not a readable feature file ({error}); run dvc repro extract"
@@ -353,3 +433,19 @@ def read_features(path: str | Path) -> Features:
     if len(image_ids) != tensor.shape[0]:
         raise PipelineError(f"{path}: {tensor.shape[0]} rows but {len(image_ids)} image ids")
     return Features(tensor, image_ids, metadata)
+
+
+def _lazy_rows(path: Path, view) -> FeatureRows:
+    """`FeatureRows` of the file's `features` tensor (`view`: safetensors' slice of it), its data
+    offset read from the header (8-byte little-endian length, JSON, then the data)."""
+    dtype = {"F16": torch.float16, "F32": torch.float32}.get(view.get_dtype())
+    if dtype is None:
+        raise ValueError(f"features in {view.get_dtype()}, not float16 / float32")
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    start, end = header["features"]["data_offsets"]
+    rows = FeatureRows(path, tuple(view.get_shape()), dtype, 8 + length + start)
+    if end - start != len(rows) * rows.row_bytes or path.stat().st_size < 8 + length + end:
+        raise ValueError("the file is shorter than its header says (truncated)")
+    return rows

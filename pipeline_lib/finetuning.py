@@ -24,16 +24,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline_lib.backbones import Backbone, backbone_units, load_backbone
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections
+from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
-from pipeline_lib.features import check_stackable, load_image_tensor, pick_workers
+from pipeline_lib.features import check_stackable, load_image_tensor, pick_device, pick_workers
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
 from pipeline_lib.gridcoding import encode_grid
 from pipeline_lib.losses import grid_loss
@@ -135,14 +137,24 @@ def image_objects(
 @dataclass
 class ImageBatches:
     """`training.Dataset`'s interface over a DataLoader of GridImages, so that `training.fit`
-    runs the fine-tuning too. The loader shuffles (or not) by itself: `order` is ignored."""
+    runs the fine-tuning too. The loader shuffles (or not) by itself: `order` is ignored; a
+    DistributedSampler is told each new epoch. Its length: the images this process sees."""
 
     loader: DataLoader
+    epoch: int = 0
 
     def __len__(self) -> int:
+        return len(self.loader.sampler)
+
+    @property
+    def images(self) -> int:
+        """The split's images (over all processes)."""
         return len(self.loader.dataset)
 
     def batches(self, batch_size: int, order=None, device=None) -> Iterator:
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(self.epoch)
+        self.epoch += 1
         for images, *targets in self.loader:
             yield images.to(device), tuple(t.to(device) for t in targets)
 
@@ -182,6 +194,18 @@ class FineTuner(nn.Module):
         return self.head(self.trainable(x))
 
 
+def training_device(device: str, ranks: Ranks = ONE_PROCESS) -> torch.device:
+    """finetune.device resolved (`features.pick_device`); under torchrun, this process's own GPU
+    (cuda:LOCAL_RANK), or on CPU the cores shared by the machine's processes."""
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and ranks.world > 1:
+        chosen = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(chosen)
+    elif chosen.type == "cpu" and ranks.world > 1:
+        torch.set_num_threads(ranks.threads())
+    return chosen
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -219,10 +243,16 @@ def read_frozen(model: Path, prepared_dir: Path) -> tuple[Checkpoint, Prepared]:
 
 
 def image_loader(
-    ft: FinetuneParams, checkpoint: Checkpoint, prepared: Prepared, split: str, device
+    ft: FinetuneParams,
+    checkpoint: Checkpoint,
+    prepared: Prepared,
+    split: str,
+    device,
+    ranks: Ranks = ONE_PROCESS,
 ) -> DataLoader:
     """A DataLoader of GridImages for `split` (augmented for train, shuffled with ft.seed), with
-    the image spec, grid and anchors of `checkpoint`."""
+    the image spec, grid and anchors of `checkpoint`. Under torchrun each rank loads its part
+    (DistributedSampler: reshuffled each epoch from ft.seed, padded to equal parts)."""
     card, head = checkpoint.card, checkpoint.head
     rows = prepared.images[prepared.images["split"] == split]
     transform = None
@@ -233,10 +263,15 @@ def image_loader(
     dataset_dir = Path(prepared.info["dataset_dir"])
     objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
     data = GridImages([dataset_dir / p for p in rows["path"]], objects, layout, transform)
+    sampler = None
+    if ranks.world > 1:
+        shuffle = split == "train"
+        sampler = DistributedSampler(data, ranks.world, ranks.rank, shuffle=shuffle, seed=ft.seed)
     return DataLoader(
         data,
         batch_size=ft.batch_size,
-        shuffle=split == "train",
+        shuffle=split == "train" and sampler is None,
+        sampler=sampler,
         num_workers=pick_workers(ft.workers, device),
         generator=torch.Generator().manual_seed(ft.seed),
         pin_memory=device.type == "cuda",
@@ -280,12 +315,21 @@ class FinetuneJob:
     val: ImageBatches
     objective: Objective
     config: TrainConfig
+    parallel: nn.Module | None = None  # under torchrun: `model` in DistributedDataParallel
+
+    @property
+    def trained(self) -> nn.Module:
+        """What `training.fit` trains: the DDP wrapper under torchrun, else the model."""
+        return self.model if self.parallel is None else self.parallel
 
     def describe(self) -> str:
         units = ", ".join(self.model.trainable_units) or "no backbone unit"
+        processes = ""
+        if self.parallel is not None:
+            processes = f" in {torch.distributed.get_world_size()} processes"
         return (
             f"training {units} and the head ({trainable_parameters(self.model):,} parameters) "
-            f"on {len(self.train)} images, {self.config.device}"
+            f"on {self.train.images} images, {self.config.device}{processes}"
         )
 
     def metrics(self, result: FitResult) -> dict:
@@ -293,7 +337,7 @@ class FinetuneJob:
         epochs = self.config.epochs
         return {
             "enabled": True,
-            "images": {"train": len(self.train), "val": len(self.val)},
+            "images": {"train": self.train.images, "val": self.val.images},
             "best": {"epoch": result.best_epoch, **best_epoch_stats(result)},
             "epochs": epochs,
             "seconds_per_epoch": round(result.seconds / epochs, 1),
@@ -313,21 +357,33 @@ class FinetuneJob:
 
 
 def finetune_job(
-    checkpoint: Checkpoint, prepared: Prepared, params: Params, device: torch.device
+    checkpoint: Checkpoint,
+    prepared: Prepared,
+    params: Params,
+    device: torch.device,
+    ranks: Ranks = ONE_PROCESS,
 ) -> FinetuneJob:
     """The backbone's last finetune.unfreeze units and the head of `checkpoint`, with loaders of
-    the train and val images; the loss weights of params train.*."""
+    the train and val images; the loss weights of params train.*. Under torchrun (`ranks` of a
+    world > 1) the model trains in DistributedDataParallel: gradients averaged over the ranks,
+    each rank on its part of the images."""
     ft = params.finetune
-    loaders = {split: image_loader(ft, checkpoint, prepared, split, device) for split in SPLITS}
+    loaders = {
+        split: image_loader(ft, checkpoint, prepared, split, device, ranks) for split in SPLITS
+    }
     backbone, model = rebuild(checkpoint, ft.unfreeze)
     model.to(device)
+    parallel = None
+    if ranks.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        parallel = DistributedDataParallel(model, device_ids=ids)
     loss = partial(grid_loss, weights=loss_weights(params.train))
     objective = Objective(loss, multi_object_batch_sums)
     config = TrainConfig(
         ft.epochs, ft.batch_size, ft.lr, ft.weight_decay, "constant", ft.seed, "loss", str(device)
     )
     train, val = (ImageBatches(loaders[split]) for split in SPLITS)
-    return FinetuneJob(backbone, model, train, val, objective, config)
+    return FinetuneJob(backbone, model, train, val, objective, config, parallel)
 
 
 def comparison_metrics(results: dict[str, VocSummary], images: int, ev: EvalParams, overlap: str):

@@ -143,6 +143,7 @@ class BackboneParams:
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
     compile: Bool
     fine_layer: Str
+    processes: Annotated[Int, Field(ge=1, le=1024)]  # > 1: extract runs under torchrun
 
     @model_validator(mode="after")
     def _check(self) -> BackboneParams:
@@ -202,6 +203,7 @@ class TrainParams:
     focal_alpha: Annotated[Float, Field(ge=0.0, le=1.0)]
     device: Literal["auto", "cpu", "cuda"]
     cpu_kernels: Literal["avx2", "native"]  # see training.CPU_KERNELS
+    features: Literal["memory", "disk"]  # see features.FeatureRows
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -237,6 +239,7 @@ class FinetuneParams:
     color_jitter: Annotated[Float, Field(ge=0.0, le=1.0)]
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
     device: Literal["auto", "cpu", "cuda"]
+    processes: Annotated[Int, Field(ge=1, le=1024)]  # > 1: finetune runs under torchrun (DDP)
 
 
 @dataclass(frozen=True, config=_STRICT)

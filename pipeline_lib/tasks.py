@@ -19,7 +19,7 @@ from torch import nn
 from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.checkpoints import build_head
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import Features, read_features
+from pipeline_lib.features import FeatureRows, Features, read_features
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
@@ -57,10 +57,14 @@ class TrainingInputs:
         return self.features[split].image_ids
 
 
-def read_training_inputs(prepared_dir: Path, features_dir: Path) -> TrainingInputs:
-    """data/prepared and data/features/{train,val}.safetensors."""
+def read_training_inputs(
+    prepared_dir: Path, features_dir: Path, lazy: bool = False
+) -> TrainingInputs:
+    """data/prepared and data/features/{train,val}.safetensors (with `lazy`, the features stay
+    on disk and are read batch by batch: `features.FeatureRows`)."""
     prepared = read_prepared(prepared_dir)
-    features = {split: read_features(features_dir / f"{split}.safetensors") for split in SPLITS}
+    paths = {split: features_dir / f"{split}.safetensors" for split in SPLITS}
+    features = {split: read_features(path, lazy) for split, path in paths.items()}
     return TrainingInputs(prepared, features)
 
 
@@ -107,9 +111,9 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
                 f"{split}: {left_out} images have no object after image.mode {spec.mode}; left out"
             )
         keep = t.present
-        data[split] = Dataset(
-            inputs.features[split].features[keep], (t.boxes[keep], t.labels[keep])
-        )
+        rows = inputs.features[split].features
+        rows = rows.select(keep) if isinstance(rows, FeatureRows) else rows[keep]
+        data[split] = Dataset(rows, (t.boxes[keep], t.labels[keep]))
     hp = params.head
     config = {
         "hidden": hp.hidden,

@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from pipeline_lib.distributed import sum_over_ranks, unwrap
 from pipeline_lib.errors import PipelineError
 
 Outputs = tuple[torch.Tensor, ...]
@@ -184,6 +185,7 @@ def run_epoch(
             for name, (value, count) in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
                 counts[name] = counts.get(name, 0.0) + float(count)
+    sums, counts = sum_over_ranks(sums), sum_over_ranks(counts)  # under torchrun: the job's
     return {name: sums[name] / counts[name] if counts[name] else 0.0 for name in sums}
 
 
@@ -227,7 +229,7 @@ def fit(
         if monitor < result.best_monitor or config.monitor == "last":
             result.best_epoch, result.best_monitor = epoch, monitor
             result.best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()
+                k: v.detach().to("cpu", copy=True) for k, v in unwrap(kept).state_dict().items()
             }
         result.history.append(stats)
         if on_epoch is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,3 +47,16 @@ def clean_errors() -> Iterator[None]:
 def warn(message: str) -> None:
     """A yellow 'warning: ...' line on stderr."""
     typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
+def restart_under_torchrun(processes: int, module: str, *args: str) -> None:
+    """Replace this process by `torchrun --standalone --nproc-per-node PROCESSES -m MODULE ARGS`
+    (params backbone.processes / finetune.processes > 1), unless it already runs under torchrun
+    (its LOCAL_RANK is set). Same process id, so DVC and Ctrl-C see one command."""
+    if processes <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={processes}", "-m", module, *args]
+    typer.echo(f"{processes} processes: {' '.join(command[1:])}")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)

@@ -1,27 +1,36 @@
 """Stage `extract`: backbone features for every prepared image, cached in data/features.
 
     python -m stages.extract [--params params.yaml]
+    torchrun --nproc-per-node N -m stages.extract      # N processes (GPUs), or --nnodes machines
 
 Writes
 - data/features/<split>.safetensors: `features` (N, C, H, W) in backbone.store_dtype, with the image
   ids in row order and the backbone description in the metadata (see pipeline_lib/features.py),
 - data/features/features.json: backbone, layer, weights, normalisation, image mode and size, dtype,
   and per split the shape and file,
-- reports/extract/report.json: device, wall time and images/s per split, skipped images and why.
+- reports/extract/report.json: device, processes, wall time and images/s per split, skipped images.
+
+With backbone.processes > 1 the stage starts itself again under torchrun (one machine, that many
+processes), so `dvc repro` needs nothing else; under torchrun each process extracts its share of
+the images and rank 0 writes the same files one process writes (pipeline_lib/distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import typer
 
+from pipeline_lib import distributed
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.features import ExtractSettings, check_stackable, extract_features, pick_device
 from pipeline_lib.files import atomic_dir, write_json
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.params import ParamsError, load_params
+from pipeline_lib.params import Params, ParamsError, load_params
 from pipeline_lib.tables import read_prepared
 from stages.common import (
     EXTRACT_REPORTS,
@@ -29,6 +38,7 @@ from stages.common import (
     PARAMS_OPTION,
     PREPARED_DIR,
     clean_errors,
+    restart_under_torchrun,
     warn,
 )
 
@@ -47,32 +57,56 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 f"backbone.fine_layer: {bb.fine_layer} needs image.size to be a multiple of 32 "
                 f"(got {spec.size})"
             )
-        settings = ExtractSettings(
-            bb.store_dtype, bb.batch_size, bb.device, bb.compile, bb.workers, params.data.on_error
-        )
-        device = pick_device(bb.device)
-        prepared = read_prepared(PREPARED_DIR)
-        backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)
-        description = {**backbone.describe(), "image_mode": spec.mode, "image_size": spec.size}
-        description |= {"store_dtype": bb.store_dtype, "splits": {}}
-        report = {"device": str(device), "torch": torch.__version__, "splits": {}}
-        with atomic_dir(FEATURES_DIR) as out:
-            for split, images in prepared.split_files():
-                file = f"{split}.safetensors"
-                result = extract_features(
-                    backbone, images, out / file, spec, settings, f"extract {split}"
-                )
+        restart_under_torchrun(bb.processes, "stages.extract", "--params", str(params_file))
+        ranks = distributed.start()
+        try:
+            extract(params, spec, ranks)
+        finally:
+            distributed.stop()
+
+
+def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
+    """Every split's features into data/features (rank 0 writes; other ranks send their rows)."""
+    bb = params.backbone
+    settings = ExtractSettings(
+        bb.store_dtype, bb.batch_size, bb.device, bb.compile, bb.workers, params.data.on_error
+    )
+    device = pick_device(bb.device)
+    prepared = read_prepared(PREPARED_DIR)
+    backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)
+    description = {**backbone.describe(), "image_mode": spec.mode, "image_size": spec.size}
+    description |= {"store_dtype": bb.store_dtype, "splits": {}}
+    report = {"device": str(device), "processes": ranks.world, "torch": torch.__version__}
+    report["splits"] = {}
+    with output_folder(ranks) as out:
+        for split, images in prepared.split_files():
+            file = f"{split}.safetensors"
+            label = f"extract {split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
+            result = extract_features(backbone, images, out / file, spec, settings, label, ranks)
+            description["splits"][split] = {"file": file, "shape": list(result.shape)}
+            report["splits"][split] = result.report()
+            if ranks.main:
                 for skip in result.skipped:
                     warn(f"skipped {skip['reason']}")
-                description["splits"][split] = {"file": file, "shape": list(result.shape)}
-                report["splits"][split] = result.report()
                 typer.echo(
                     f"{split}: {len(result.image_ids)} images -> {tuple(result.shape)} "
                     f"{bb.store_dtype} in {result.seconds:.1f} s ({result.images_per_second:.1f} "
-                    f"images/s on {device}), {len(result.skipped)} skipped"
+                    f"images/s on {device} x {ranks.world}), {len(result.skipped)} skipped"
                 )
-            write_json(out / "features.json", description)
+        write_json(out / "features.json", description)
+    if ranks.main:
         write_json(EXTRACT_REPORTS / "report.json", report)
+
+
+@contextlib.contextmanager
+def output_folder(ranks: distributed.Ranks) -> Iterator[Path]:
+    """Rank 0: data/features, replaced once complete; other ranks: a scratch folder."""
+    if ranks.main:
+        with atomic_dir(FEATURES_DIR) as out:
+            yield out
+    else:
+        with tempfile.TemporaryDirectory(prefix="extract_rank") as scratch:
+            yield Path(scratch)
 
 
 if __name__ == "__main__":

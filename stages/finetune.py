@@ -34,6 +34,7 @@ from stages.common import (
     REPORTS_DIR,
     clean_errors,
     command_group,
+    restart_under_torchrun,
 )
 
 FROZEN_MODEL = MODELS_DIR / "multi.safetensors"
@@ -52,6 +53,8 @@ def train(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
         if not params.finetune.enabled:
             write_disabled([MODEL_DIR, TRAIN_DIR / "figures"], TRAIN_DIR / "metrics.json")
             return
+        args = ["train", "--params", str(params_file)] + ([] if progress else ["--no-progress"])
+        restart_under_torchrun(params.finetune.processes, "stages.finetune", *args)
         finetune(params, progress)
 
 
@@ -79,21 +82,40 @@ def write_disabled(folders: list[Path], metrics: Path) -> None:
 
 
 def finetune(params: Params, progress: bool) -> None:
-    """Train, keep the best epoch (lowest val loss), save model, metrics and curves."""
+    """Train, keep the best epoch (lowest val loss), save model, metrics and curves. Under
+    torchrun every process trains its share (DDP) and rank 0 alone writes and prints."""
     # Imported here so that the disabled stages, which every `dvc repro` runs, take a second.
-    from pipeline_lib.checkpoints import save_checkpoint
-    from pipeline_lib.features import pick_device
-    from pipeline_lib.finetuning import finetune_job, read_frozen
-    from pipeline_lib.plots import save_figure, training_curves
+    from pipeline_lib import distributed
+    from pipeline_lib.finetuning import finetune_job, read_frozen, training_device
     from pipeline_lib.training import epoch_line, fit, seed_everything
 
     ft = params.finetune
-    seed_everything(ft.seed)
-    frozen, prepared = read_frozen(FROZEN_MODEL, PREPARED_DIR)
-    job = finetune_job(frozen, prepared, params, pick_device(ft.device))
-    typer.echo(job.describe())
-    on_epoch = lambda epoch, stats: typer.echo(epoch_line(epoch, ft.epochs, stats))  # noqa: E731
-    result = fit(job.model, job.train, job.val, job.objective, job.config, on_epoch, progress)
+    ranks = distributed.start("nccl" if training_device(ft.device).type == "cuda" else "gloo")
+    try:
+        device = training_device(ft.device, ranks)
+        seed_everything(ft.seed + ranks.rank)  # each rank its own augmentation draws
+        frozen, prepared = read_frozen(FROZEN_MODEL, PREPARED_DIR)
+        job = finetune_job(frozen, prepared, params, device, ranks)
+        if ranks.main:
+            typer.echo(job.describe())
+
+        def on_epoch(epoch: int, stats: dict) -> None:
+            if ranks.main:
+                typer.echo(epoch_line(epoch, ft.epochs, stats))
+
+        show = progress and ranks.main
+        result = fit(job.trained, job.train, job.val, job.objective, job.config, on_epoch, show)
+        if ranks.main:
+            save_finetuned(job, frozen, result)
+    finally:
+        distributed.stop()
+
+
+def save_finetuned(job, frozen, result) -> None:
+    """models/finetuned/, reports/finetune/: the best epoch's model, curves and metrics."""
+    from pipeline_lib.checkpoints import save_checkpoint
+    from pipeline_lib.plots import save_figure, training_curves
+
     job.model.load_state_dict(result.best_state)
     with atomic_dir(MODEL_DIR) as tmp:
         card = job.card(frozen.card, result)

@@ -66,7 +66,8 @@ def run(make_task: Callable[[TrainingInputs, Params], Task], params_file: Path, 
     """Read the params and inputs, build the task, train it."""
     with common.clean_errors():
         params = begin(params_file)
-        inputs = read_training_inputs(common.PREPARED_DIR, common.FEATURES_DIR)
+        lazy = params.train.features == "disk"
+        inputs = read_training_inputs(common.PREPARED_DIR, common.FEATURES_DIR, lazy)
         train(make_task(inputs, params), params, progress)
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.backbones import load_backbone
+from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import ExtractSettings, ImageError, extract_features, read_features
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.params import ParamsError
@@ -221,3 +222,61 @@ def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch)
         )
     assert calls["n"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in images)
+
+
+def write_feature_file(path: Path, features: torch.Tensor) -> None:
+    """A feature file as extract writes it (safetensors' own writer, the pipeline's metadata)."""
+    from safetensors.torch import save_file
+
+    ids = [f"img{i}" for i in range(len(features))]
+    metadata = {"image_ids": json.dumps(ids), "backbone": json.dumps({"name": "x"})}
+    save_file({"features": features}, str(path), metadata | {"image_mode": "shrink"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rows_read_from_disk_equal_the_loaded_tensor(tmp_path, dtype):
+    features = torch.randn(11, 3, 4, 5).to(dtype)
+    write_feature_file(tmp_path / "f.safetensors", features)
+    lazy = read_features(tmp_path / "f.safetensors", lazy=True)
+    assert lazy.image_ids == read_features(tmp_path / "f.safetensors").image_ids
+    rows = lazy.features
+    assert len(rows) == 11 and rows.shape == features.shape and rows.dtype == dtype
+    assert torch.equal(rows[2:7], features[2:7]) and torch.equal(rows[4], features[4])
+    order = torch.tensor([10, 0, 3, 3])
+    assert torch.equal(rows[order], features[order])
+    mask = torch.tensor([i % 3 == 0 for i in range(11)])  # rows 0, 3, 6, 9
+    view = rows.select(mask)
+    assert len(view) == 4 and torch.equal(view[torch.tensor([3, 1])], features[[9, 3]])
+    assert torch.equal(view[0:4], features[mask])
+
+
+def test_a_truncated_file_is_refused_when_read_lazily(tmp_path):
+    path = tmp_path / "f.safetensors"
+    write_feature_file(path, torch.zeros(6, 2, 2, 2, dtype=torch.float16))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(PipelineError, match=re.escape(str(path))):
+        read_features(path, lazy=True)
+
+
+def test_training_from_disk_gives_the_model_training_in_memory_gives(tmp_path):
+    from torch import nn
+
+    from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
+
+    features = torch.randn(37, 4, 3, 3).half()  # 37: the last batch is short
+    write_feature_file(tmp_path / "f.safetensors", features)
+    targets = (torch.randn(37, 2),)
+    objective = Objective(
+        lambda out, t: {"loss": nn.functional.mse_loss(out, t[0])}, lambda out, t: {}
+    )
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.01, weight_decay=0.0, seed=1, monitor="loss")
+    states = []
+    for lazy in (False, True):
+        rows = read_features(tmp_path / "f.safetensors", lazy=lazy).features
+        torch.manual_seed(0)
+        head = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        data = Dataset(rows, targets)
+        result = fit(head, data, data, objective, config, progress=False)
+        states.append(result.best_state)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
