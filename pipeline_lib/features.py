@@ -152,9 +152,10 @@ def prepare_model(
     the model goes through torch.compile (inductor, frozen weights, static shapes). Batches smaller
     than `batch_size` are padded to it (with zeros, cut off again): compiled, the last batch does
     not trigger a second compile; eager, every batch runs the same kernels. oneDNN splits a small
-    batch's sums across threads (measured: Lite0 at 448, batch 2: other last bits with 1 thread
-    than with 2; batch 16: the same), so an unpadded last batch would differ between a
-    one-process run and the ranks of a torchrun one, which have fewer threads each.
+    batch's sums across threads (measured on 2 cores, Lite0 at 224 and 448: batches of 2 and 8
+    end in other last bits with 1 thread than with 2, batches of 16 do not), so an unpadded last
+    batch would differ between a one-process run and the ranks of a torchrun one, which have
+    fewer threads each; on more cores a batch needs to be larger for the same guarantee.
     """
     model = backbone.module.to(device).eval()
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
