@@ -101,6 +101,18 @@ def figure_table(changes: Sequence[ImageChange], revs: tuple[str, str], link) ->
     return "\n".join(lines)
 
 
+def image_rows(images: Sequence[tuple[str, str]], columns: int = 2) -> str:
+    """Markdown table of (caption, link) images, `columns` to a row (a PR column shows two plots
+    side by side at half size rather than one under the other at full size)."""
+    rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+    lines = ["|" + " |" * columns, "|" + "---|" * columns]
+    for row in rows:
+        cells = [f"![{caption}]({link})" for caption, link in row]  # the plot has its title
+        cells += [""] * (columns - len(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def same_bytes(a: Path | None, b: Path | None) -> bool:
     """Whether two files (None: absent) hold the same bytes."""
     if a is None or b is None:

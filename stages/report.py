@@ -32,6 +32,7 @@ from pipeline_lib.review import (
     MetricChange,
     changed_revisions,
     figure_table,
+    image_rows,
     metrics_table,
     render_vega_lite,
     report_page,
@@ -98,7 +99,7 @@ def metrics_section(diff: dict, revs: tuple[str, str]) -> str:
 
 def plots_section(plots: dict, folder: Path) -> str:
     """Render each Vega plot whose data changed into folder/plots/."""
-    lines = []
+    images = []
     for name, entries in plots.items():
         for entry in entries:
             if entry["type"] != "vega" or not changed_revisions(entry["content"]["data"]["values"]):
@@ -106,8 +107,8 @@ def plots_section(plots: dict, folder: Path) -> str:
             path = folder / "plots" / f"{name}.png"
             path.parent.mkdir(exist_ok=True)
             render_vega_lite(entry["content"], path)
-            lines.append(f"![{name}](plots/{path.name})")
-    return "## Plots\n\n" + ("\n\n".join(lines) if lines else "No plot data changed.")
+            images.append((name, f"plots/{path.name}"))
+    return "## Plots\n\n" + (image_rows(images) if images else "No plot data changed.")
 
 
 def figures_section(plots: dict, revs: tuple[str, str], folder: Path) -> str:
