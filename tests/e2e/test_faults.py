@@ -108,7 +108,7 @@ def rows(path: Path) -> int:
 def test_a_stage_killed_mid_run_is_redone_and_gives_the_same_results(project, stage, sig):
     root, baseline = project
     if stage == "extract":  # features being streamed, in the folder that replaces data/features
-        ready = lambda: any(root.glob("data/.features*/.train.safetensors.rows.tmp"))  # noqa: E731
+        ready = lambda: any(root.glob("data/.features*/.train.safetensors.rank0.rows.tmp"))  # noqa: E731
     else:  # at least two epochs logged by dvclive
         marker = root / f"reports/{stage}/plots/metrics/train/loss.tsv"
         marker.unlink()
