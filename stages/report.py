@@ -17,6 +17,7 @@ posts report.md as a pull-request comment with CML.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -123,7 +124,7 @@ def figures_section(plots: dict, revs: tuple[str, str], folder: Path) -> str:
         for rev, source in zip(revs, (old, new), strict=True):
             copy = None
             if source is not None:
-                copy = folder / "figures" / f"{rev}_{name.replace('/', '_')}"
+                copy = folder / "figures" / re.sub(r"[^\w.-]", "_", f"{rev}_{name}")
                 copy.parent.mkdir(exist_ok=True)
                 shutil.copyfile(source, copy)
             copies.append(copy)

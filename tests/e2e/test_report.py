@@ -67,15 +67,17 @@ def tiny_repo(tmp_path) -> Path:
     write_revision(root, 0.1, base, [1.0, 0.8, 0.7], "red")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "baseline")
+    sh(root, "git", "branch", "team/base")  # a base with a slash, as origin/main in CI
     change = {"detections_per_image": 7.5, "map": 0.5, "images": 10, "overlap": "voc"}
     write_revision(root, 0.2, change, [1.0, 0.6, 0.4], "blue")
     return root
 
 
 def test_report_shows_what_changed_and_only_that(tiny_repo):
-    sh(tiny_repo, sys.executable, "-m", "stages.report", "--base", "main", "--out", "review")
+    sh(tiny_repo, sys.executable, "-m", "stages.report", "--base", "team/base", "--out", "review")
     out = tiny_repo / "review"
     text = (out / "report.md").read_text()
+    assert "| file | param | team/base | workspace |" in text
     assert "| params.yaml | train.lr | 0.1 | 0.2 |" in text
     assert "train.epochs" not in text  # unchanged param
     assert "| **map** | 0.25 | 0.5 | +0.25 |" in text
@@ -87,12 +89,12 @@ def test_report_shows_what_changed_and_only_that(tiny_repo):
         assert png.width > 400 and png.getextrema() != ((0, 0),) * len(png.getbands())
     assert "![loss](plots/loss.png)" in text
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["main_figures_changing.png", "workspace_figures_changing.png"]
-    with Image.open(out / "figures/main_figures_changing.png") as old:
+    assert figures == ["team_base_figures_changing.png", "workspace_figures_changing.png"]
+    with Image.open(out / "figures/team_base_figures_changing.png") as old:
         assert old.getpixel((0, 0)) == (255, 0, 0)
     with Image.open(out / "figures/workspace_figures_changing.png") as new:
         assert new.getpixel((0, 0)) == (0, 0, 255)
-    assert "(figures/main_figures_changing.png)" in text and "same.png" not in text
+    assert "(figures/team_base_figures_changing.png)" in text and "same.png" not in text
     page = (out / "report.html").read_text()
     assert "<table>" in page and '<img src="plots/loss.png"' in page and "<td>0.2</td>" in page
 
