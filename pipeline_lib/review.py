@@ -6,7 +6,8 @@ and hands them here in plain structures; this module knows nothing of DVC.
 - `MetricChange` / `metrics_table`: one row per changed figure, the headline figures first.
 - `changed_revisions`: whether a Vega-Lite plot's data differ between revisions.
 - `render_vega_lite`: a Vega-Lite spec with its data inline -> PNG, without a browser (vl-convert).
-- `ImageChange` / `figure_table`: PNG figures that differ, the two revisions side by side.
+- `ImageChange` / `figure_table`: PNG figures that differ, the two revisions side by side;
+  `image_rows`: images two to a row.
 - `report_page`: the Markdown report as a standalone HTML page (for CI artifacts and browsers).
 """
 
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# A PR column is about 880 CSS pixels wide on GitHub; a plot rendered at this width (times the
-# scale below for sharp text on high-density screens) is shown at full size there.
+# A PR column is about 880 CSS pixels wide on GitHub, two plots to a row: a plot whose template
+# leaves its width to the page ("container") gets this size; every plot is rendered at twice its
+# CSS size for sharp text on high-density screens.
 PLOT_WIDTH = 420
 PLOT_HEIGHT = 280
 PLOT_SCALE = 2
