@@ -132,3 +132,24 @@ def split_summary(
             "objects_per_class": {name: int(per_class.get(name, 0)) for name in classes},
         }
     return summary
+
+
+def split_report(
+    prepared: Prepared, splits: list[str], skipped: list[dict]
+) -> tuple[dict, dict, list[dict]]:
+    """prepare's report of the tables: (`split_summary` with each split's skipped images counted,
+    the DVC metrics: that summary without the per-class counts, one {split, class, objects} row
+    per split and class)."""
+    summary = split_summary(prepared.images, prepared.objects, prepared.classes, splits)
+    for role, stats in summary.items():
+        stats["skipped"] = sum(skip["split"] == role for skip in skipped)
+    per_class = [
+        {"split": role, "class": name, "objects": count}
+        for role, stats in summary.items()
+        for name, count in stats["objects_per_class"].items()
+    ]
+    metrics = {
+        role: {k: v for k, v in stats.items() if k != "objects_per_class"}
+        for role, stats in summary.items()
+    }
+    return summary, metrics, per_class

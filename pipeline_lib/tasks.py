@@ -223,6 +223,21 @@ def fit_anchors(k: int, inputs: TrainingInputs, notes: list[str]) -> torch.Tenso
     return anchors.float()
 
 
+def train_config(train: TrainParams, device: str) -> TrainConfig:
+    """The training loop's settings from params train.* (on `device`, already resolved)."""
+    return TrainConfig(
+        train.epochs,
+        train.batch_size,
+        train.lr,
+        train.weight_decay,
+        train.lr_schedule,
+        train.seed,
+        train.monitor,
+        device,
+        train.ema_decay,
+    )
+
+
 def training_metrics(task: Task, result: FitResult, config: TrainConfig) -> dict:
     """The headline figures of a training run (its DVC metrics file): the best epoch with its val
     loss, accuracy, IoU (and objectness accuracy) and train loss, seconds per epoch, the CPU

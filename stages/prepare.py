@@ -20,11 +20,11 @@ from pathlib import Path
 import typer
 
 from pipeline_lib import plots
-from pipeline_lib.coco import read_coco
 from pipeline_lib.files import atomic_dir, write_json
 from pipeline_lib.params import Params, load_params
-from pipeline_lib.tables import Prepared, read_prepared, split_summary, write_prepared
-from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
+from pipeline_lib.sources import read_source
+from pipeline_lib.tables import Prepared, read_prepared, split_report, write_prepared
+from pipeline_lib.voc import DatasetError
 from stages.common import (
     PARAMS_OPTION,
     PREPARE_REPORTS,
@@ -41,54 +41,23 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """Parse the annotations of data.train_split and data.val_split into tables and a report."""
     with clean_errors():
         params = load_params(params_file)
-        data = params.data
-        splits = {"train": data.train_split, "val": data.val_split}
-        extra = {}
-        if data.source == "coco":
-            dataset_dir = Path(data.root)
-            rows, classes, category_ids = read_coco(dataset_dir, splits, data.on_error)
-            extra["coco_category_ids"] = category_ids
-        else:
-            if data.source == "synthetic":
-                dataset_dir, classes = SYNTHETIC_DATASET, list(data.synthetic.classes)
-            else:
-                if data.download:
-                    download_voc2012(Path(data.root).parent)
-                dataset_dir, classes = Path(data.root) / f"VOC{data.year}", list(VOC_CLASSES)
-            rows = read_voc(dataset_dir, splits, classes, on_error=data.on_error)
+        source = read_source(params.data, SYNTHETIC_DATASET)
+        rows = source.rows
         for skip in rows.skipped:
             typer.secho(f"warning: skipped {skip['reason']}", err=True, fg=typer.colors.YELLOW)
         if rows.skipped:
             typer.secho(f"warning: skipped {len(rows.skipped)} images", err=True, bold=True)
         if not rows.images:
-            raise DatasetError(f"{dataset_dir}: no valid image in the splits {splits}")
-
-        info = {
-            "source": data.source,
-            "dataset_dir": dataset_dir.as_posix(),
-            "classes": classes,
-            "splits": splits,
-            **extra,
-        }
-        write_prepared(PREPARED_DIR, rows.images, rows.objects, info)
+            splits = source.info["splits"]
+            raise DatasetError(f"{source.dataset_dir}: no valid image in the splits {splits}")
+        write_prepared(PREPARED_DIR, rows.images, rows.objects, source.info)
 
     prepared = read_prepared(PREPARED_DIR)
-    summary = split_summary(prepared.images, prepared.objects, classes, list(splits))
-    for role, stats in summary.items():
-        stats["skipped"] = sum(skip["split"] == role for skip in rows.skipped)
-    per_class = [
-        {"split": role, "class": name, "objects": count}
-        for role, stats in summary.items()
-        for name, count in stats["objects_per_class"].items()
-    ]
-    metrics = {
-        role: {k: v for k, v in stats.items() if k != "objects_per_class"}
-        for role, stats in summary.items()
-    }
+    summary, metrics, per_class = split_report(prepared, list(source.info["splits"]), rows.skipped)
     write_json(PREPARE_REPORTS / "metrics.json", metrics)
     write_json(PREPARE_REPORTS / "objects_per_class.json", per_class)
     write_json(PREPARE_REPORTS / "skipped.json", rows.skipped)
-    write_figures(prepared, dataset_dir, summary, params)
+    write_figures(prepared, source.dataset_dir, summary, params)
     for role, stats in summary.items():
         typer.echo(f"{role}: {stats['images']} images, {stats['objects']} objects")
 

@@ -36,10 +36,10 @@ from pipeline_lib.tasks import (
     grid_task,
     read_training_inputs,
     single_task,
+    train_config,
     training_metrics,
 )
 from pipeline_lib.training import (
-    TrainConfig,
     epoch_line,
     fit,
     pin_cpu_kernels,
@@ -88,18 +88,7 @@ def train(task: Task, params: Params, progress: bool) -> None:
     for line in task.notes:
         typer.echo(line)
     p = params.train
-    device = str(pick_device(p.device))
-    config = TrainConfig(
-        p.epochs,
-        p.batch_size,
-        p.lr,
-        p.weight_decay,
-        p.lr_schedule,
-        p.seed,
-        p.monitor,
-        device,
-        p.ema_decay,
-    )
+    config = train_config(p, str(pick_device(p.device)))
     kind = task.card.kind
     reports = common.REPORTS_DIR / f"train_{kind}"
     with open_live(reports) as live:
