@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import typer
-from workfolder import REPO, stage, write_params
+from workfolder import REPO, cpu_flags, stage, write_params
 
 LAB = {
     "head.dropout": 0.5,
@@ -45,16 +45,6 @@ KINDS = {  # name -> (features, stage command, params)
     "grid, conv (448, head layer)": ("448 head", "multi", {}),
     "grid, conv (448, default)": ("default", "multi", {}),
 }
-
-
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(flag for flag in wanted if flag in flags) or "unknown"
 
 
 def main(work: Path = Path("/tmp/bench_heads"), epochs: int = 3, exp: bool = False) -> None:

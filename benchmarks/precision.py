@@ -28,18 +28,13 @@ from typing import Annotated
 
 import torch
 import typer
+from workfolder import cpu_flags, stage, write_params
 
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.features import load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"resnet18": ("layer4", 224), "efficientnet_lite0": ("blocks", 448)}
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/bf16/amx"
 
 
 def forward(model, mean, std, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -81,9 +76,6 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
     import shutil
     import subprocess
     import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from workfolder import stage, write_params
 
     voc_keys = {"data.source": "voc", "data.root": str(voc.parent), "data.year": 2007}
     voc_keys |= {"data.train_split": "train", "data.val_split": "val"}

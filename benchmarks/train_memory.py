@@ -25,6 +25,7 @@ from typing import Annotated
 import numpy as np
 import torch
 import typer
+from workfolder import cpu_flags
 
 SHAPE = (320, 14, 14)  # the default features: Lite0 `blocks` at image.size 448
 CLASSES = 20
@@ -74,12 +75,6 @@ def child(path: Path, mode: str) -> None:
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rss_mib": round(rss), "seconds": round(seconds, 1)}))
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags)
 
 
 def main(

@@ -2,7 +2,8 @@
 
 The stages read `params.yaml` and write `data/`, `models/` and `reports/` relative to the folder
 they run in; `write_params` copies the repository's params with some keys changed, `stage` runs
-`python -m stages.<name> ...` there and returns its output.
+`python -m stages.<name> ...` there and returns its output. `cpu_flags` names the instruction
+sets that every speed figure depends on (printed first by each benchmark).
 """
 
 from __future__ import annotations
@@ -38,3 +39,13 @@ def stage(folder: Path, *args: str, env: dict | None = None) -> str:
     if done.returncode:
         raise SystemExit(f"{' '.join(args)} failed in {folder}:\n{done.stdout}{done.stderr}")
     return done.stdout
+
+
+def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> str:
+    """The `wanted` flags this CPU has (from /proc/cpuinfo), space-separated."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return " ".join(flag for flag in wanted if flag in flags) or "unknown"
