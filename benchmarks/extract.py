@@ -1,19 +1,24 @@
 """Benchmark feature extraction, side by side in one run, on the genuine VOC2007 subset.
 
     .venv/bin/python benchmarks/extract.py [--voc PATH/TO/VOC2007] [--backbones resnet18,...]
+                                           [--limit 765] [--compile]
 
-For each backbone it prints
-  (a) end-to-end images/s of the stage's path (decode -> features streamed to a file),
-  (b) model-only images/s on random tensors of the same shape,
-  (c) a naive baseline built like the original lab: a Dataset with PIL and
-      transforms.Resize/ToTensor/Normalize, DataLoader(batch_size=128, num_workers=2), NCHW float32
-      eager model,
-  (d) FLOPs per image and model throughput as a fraction of this machine's float32 matmul GFLOP/s,
-and the ratios the goals are about: (a)/(c) >= 1.8 and (a)/(b) >= 0.9 (resnet18, 2 CPU cores).
-(a) and (b) are measured for the default eager path and for `backbone.compile: true`
-(torch.compile; its one-off compile time is printed apart, then timed with a warm cache).
-Then peak RSS of the extraction path (via /usr/bin/time -v) at two dataset sizes: it must not grow
-with the number of images. Random weights are used for torchvision models (timing only).
+It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `auto` picks here:
+  decode + resize per image, one core, on the VOC photos and on phone-size ones (the VOC photos
+      upscaled 4x): PIL resize (the stage before issue 20), torchvision's uint8 resize after PIL's
+      decode (the stage now), torchvision's decode_jpeg, and PIL's JPEG `draft` (DCT downscaling);
+  per backbone (resnet18 at 224, EfficientNet-Lite0 at 448, the default):
+  (c) the naive lab-style path: a Dataset with PIL and transforms.Resize/ToTensor/Normalize,
+      DataLoader(batch_size=128, num_workers=2), NCHW float32 eager model;
+  and for each precision (float32, bfloat16):
+  (b) model-only images/s on uint8 batches of the same shape (the stage's model function),
+  (a) end-to-end images/s of the stage's path (extract_features: decode -> features in a file),
+      with the ratios the goals are about: (a)/(c) >= 1.8 and (a)/(b) >= 0.9;
+  for resnet18, how to split the 2 cores: decoding processes (workers) x model threads;
+  the whole `extract` stage (`python -m stages.extract`, start-up included) per precision, on all
+      the photos with resnet18; peak RSS of the extraction at two dataset sizes (must not grow).
+Interleaved rounds, best of each: the machines are shared and noisy. torchvision backbones run
+with random weights (no download here: timing is the same).
 """
 
 from __future__ import annotations
@@ -26,19 +31,31 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
+from torchvision.transforms.v2 import functional as F
+from workfolder import cpu_flags, stage, write_params
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, extract_features, pick_device, prepare_model
+from pipeline_lib.distributed import ONE_PROCESS, Ranks
+from pipeline_lib.features import (
+    ExtractSettings,
+    extract_features,
+    load_image_tensor,
+    pick_device,
+    pick_precision,
+    prepare_model,
+)
 from pipeline_lib.geometry import ImageSpec
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 224
+SIZES = {"resnet18": 224, "resnet50": 224, "efficientnet_lite0": 448}
+PRECISIONS = ("float32", "bfloat16")
 
 
 def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
@@ -46,52 +63,122 @@ def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
     return [voc / "JPEGImages" / f"{i}.jpg" for i in ids], ids
 
 
-def end_to_end(backbone, paths, ids, batch_size: int, compile: bool = False) -> float:
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def pil_resize(path: Path, size: int) -> torch.Tensor:
+    """The stage before issue 20: PIL decodes and resizes."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def stage_decode(path: Path, size: int) -> torch.Tensor:
+    return load_image_tensor(path, "shrink", size)
+
+
+def torchvision_decode(path: Path, size: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    pixels = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    return F.resize(pixels, [size, size], antialias=True).contiguous()
+
+
+def pil_draft(path: Path, size: int) -> torch.Tensor:
+    """JPEG DCT downscaling (by 1/2, 1/4, 1/8 while the photo stays >= size), then the resize."""
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        pixels = F.pil_to_tensor(image.convert("RGB"))
+    return F.resize(pixels, [size, size], antialias=True).contiguous()
+
+
+DECODERS = {
+    "PIL decode + PIL resize (before)": pil_resize,
+    "PIL decode + torchvision resize (stage)": stage_decode,
+    "torchvision decode_jpeg + resize": torchvision_decode,
+    "PIL draft + torchvision resize": pil_draft,
+}
+
+
+def phone_size_photos(paths: list[Path], folder: Path) -> list[Path]:
+    """The photos upscaled 4x (~2000 x 1500), saved as JPEG quality 90."""
+    out = []
+    for path in paths:
+        target = folder / path.name
+        with Image.open(path) as image:
+            big = image.convert("RGB").resize((image.width * 4, image.height * 4))
+        big.save(target, quality=90)
+        out.append(target)
+    return out
+
+
+def decode_ms(decoder, paths: list[Path], size: int, rounds: int = 2) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for path in paths:
+            decoder(path, size)
+        best = min(best, (time.perf_counter() - start) / len(paths))
+    return best * 1e3
+
+
+def decoding(paths: list[Path], sizes: list[int]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
-        result = extract_features(
-            backbone,
-            dict(zip(ids, paths, strict=True)),
-            Path(tmp) / "f.safetensors",
-            ImageSpec("shrink", SIZE),
-            ExtractSettings(batch_size=batch_size, device="cpu", compile=compile),
-            progress=None,
-        )
+        sets = {
+            "VOC photos": paths[:150],
+            "phone-size (VOC x4)": phone_size_photos(paths[:30], Path(tmp)),
+        }
+        print("\ndecode + resize per image, one core (ms):")
+        print("| photos | size | " + " | ".join(DECODERS) + " |")
+        print("|---|---|" + "---|" * len(DECODERS))
+        for name, files in sets.items():
+            for size in sizes:
+                cells = [f"{decode_ms(d, files, size):.2f}" for d in DECODERS.values()]
+                print(f"| {name} | {size} | " + " | ".join(cells) + " |", flush=True)
+        first = sets["phone-size (VOC x4)"][0]
+        gap = (pil_draft(first, 224).float() - stage_decode(first, 224).float()).abs().mean()
+        print(f"draft vs full decode, a phone-size photo at 224: mean difference {gap:.2f} levels")
+    torch.set_num_threads(threads)
+
+
+# --- the model, the stage, the lab ------------------------------------------------------------
+
+
+def end_to_end(
+    backbone, paths, ids, size: int, settings: ExtractSettings, ranks=ONE_PROCESS
+) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = ImageSpec("shrink", size)
+        images = dict(zip(ids, paths, strict=True))
+        out = Path(tmp) / "f.safetensors"
+        result = extract_features(backbone, images, out, spec, settings, None, ranks)
+    torch.set_num_threads(os.cpu_count() or 1)
     return result.images_per_second
 
 
-def compile_seconds(backbone, batch_size: int) -> float:
-    """Time to the first compiled batch (cold: a fresh inductor cache directory)."""
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        forward = prepare_model(backbone, torch.device("cpu"), True, batch_size)
-        start = time.perf_counter()
-        forward(torch.zeros((batch_size, 3, SIZE, SIZE), dtype=torch.uint8))
-        seconds = time.perf_counter() - start
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    torch._dynamo.reset()
-    return seconds
-
-
-def model_only(backbone, n: int, batch_size: int, compile: bool = False) -> float:
-    forward = prepare_model(backbone, torch.device("cpu"), compile, batch_size)
-    batch = torch.randint(0, 256, (batch_size, 3, SIZE, SIZE), dtype=torch.uint8)
+def model_only(backbone, size: int, settings: ExtractSettings, seconds: float = 8.0) -> float:
+    forward = prepare_model(
+        backbone, torch.device("cpu"), settings.compile, settings.batch_size, settings.precision
+    )
+    batch = torch.randint(0, 256, (settings.batch_size, 3, size, size), dtype=torch.uint8)
     forward(batch)  # warm-up (oneDNN primitive creation, compilation)
-    start = time.perf_counter()
-    done = 0
-    while done < n:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         forward(batch)
-        done += batch_size
+        done += len(batch)
     return done / (time.perf_counter() - start)
 
 
 class NaiveDataset(Dataset):
     """How the original lab loads images: PIL + torchvision transforms, float32 per image."""
 
-    def __init__(self, paths, mean, std):
+    def __init__(self, paths, mean, std, size: int):
         self.paths = paths
         self.transform = transforms.Compose(
             [
-                transforms.Resize((SIZE, SIZE)),
+                transforms.Resize((size, size)),
                 transforms.ToTensor(),
                 transforms.Normalize(mean, std),
             ]
@@ -104,11 +191,10 @@ class NaiveDataset(Dataset):
         return self.transform(Image.open(self.paths[index]).convert("RGB"))
 
 
-def naive(backbone, paths) -> float:
+def naive(backbone, paths, size: int) -> float:
     model = backbone.module.eval()
-    loader = DataLoader(
-        NaiveDataset(paths, backbone.mean, backbone.std), batch_size=128, num_workers=2
-    )
+    dataset = NaiveDataset(paths, backbone.mean, backbone.std, size)
+    loader = DataLoader(dataset, batch_size=128, num_workers=2)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in loader:
@@ -116,10 +202,10 @@ def naive(backbone, paths) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def flops_per_image(backbone) -> float:
+def flops_per_image(backbone, size: int) -> float:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        backbone.module.eval()(torch.zeros(1, 3, SIZE, SIZE))
+        backbone.module.eval()(torch.zeros(1, 3, size, size))
     return counter.get_total_flops()
 
 
@@ -136,22 +222,91 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
     return best
 
 
+def backbone_rows(name: str, paths, ids, batch_size: int, rounds: int, compile: bool) -> None:
+    size = SIZES.get(name, 224)
+    weights = "imagenet" if name.startswith("efficientnet") else "random"
+    backbone = load_backbone(name, None, weights)
+    plain = load_backbone(name, None, weights)  # stays NCHW: prepare_model converts its module
+    flops = flops_per_image(plain, size)
+    variants = {
+        p: ExtractSettings(batch_size=batch_size, device="cpu", precision=p) for p in PRECISIONS
+    }
+    if compile:
+        variants |= {
+            f"{p} compiled": ExtractSettings(
+                batch_size=batch_size, device="cpu", precision=p, compile=True
+            )
+            for p in PRECISIONS
+        }
+    fast = dict.fromkeys(variants, 0.0)
+    model = dict.fromkeys(variants, 0.0)
+    slow = 0.0
+    for _ in range(rounds):
+        for label, settings in variants.items():
+            fast[label] = max(fast[label], end_to_end(backbone, paths, ids, size, settings))
+            model[label] = max(model[label], model_only(backbone, size, settings))
+        slow = max(slow, naive(plain, paths, size))
+    print(f"\n{name} at {size} ({weights} weights): {flops / 1e9:.2f} GFLOP/image")
+    print(f"  (c) naive lab-style path: {slow:.1f} images/s")
+    for label in variants:
+        a, b = fast[label], model[label]
+        print(
+            f"  {label}: (b) model only {b:.1f} images/s, (a) end-to-end {a:.1f} images/s: "
+            f"(a)/(c) = {a / slow:.2f}x (goal >= 1.8x), (a)/(b) = {a / b:.0%} (goal >= 90%)",
+            flush=True,
+        )
+
+
+def core_split(paths, ids, precision: str, batch_size: int) -> None:
+    """End-to-end resnet18 at 224 with 0, 1, 2 decoding processes and 2 or 1 model threads."""
+    backbone = load_backbone("resnet18", None, "random")
+    print(f"\nsplitting the cores (resnet18 at 224, {precision}, end-to-end images/s):")
+    print("| decoding processes | model threads 2 | model threads 1 |")
+    print("|---|---|---|")
+    for workers in (0, 1, 2):
+        settings = ExtractSettings(
+            batch_size=batch_size, device="cpu", precision=precision, workers=workers
+        )
+        cells = []
+        for ranks in (
+            ONE_PROCESS,
+            Ranks(local_world=2),
+        ):  # local_world 2: this process gets 1 thread
+            cells.append(f"{end_to_end(backbone, paths, ids, 224, settings, ranks):.1f}")
+        print(f"| {workers} | " + " | ".join(cells) + " |", flush=True)
+
+
+def whole_stage(voc: Path, folder: Path) -> None:
+    """`python -m stages.extract` on the VOC subset (train + val), resnet18 at 224, each
+    precision."""
+    keys = {"data.source": "voc", "data.root": str(voc.parent), "data.year": 2007}
+    keys |= {"data.train_split": "train", "data.val_split": "val", "image.size": 224}
+    keys |= {"backbone.name": "resnet18", "backbone.weights": "random"}
+    write_params(folder, keys)
+    stage(folder, "prepare")
+    print(
+        "\nthe whole extract stage (python -m stages.extract, start-up included), resnet18 at 224:"
+    )
+    for precision in PRECISIONS:
+        write_params(folder, keys | {"backbone.precision": precision})
+        start = time.perf_counter()
+        output = stage(folder, "extract")
+        seconds = time.perf_counter() - start
+        images = sum(int(n) for n in re.findall(r"(\d+) images ->", output))
+        inside = ", ".join(re.findall(r"\(([\d.]+ images/s)", output))
+        print(
+            f"  {precision}: {images} images in {seconds:.1f} s = {images / seconds:.1f} images/s "
+            f"(inside the stage, per split: {inside})",
+            flush=True,
+        )
+
+
 def peak_rss_mib(voc: Path, limit: int) -> float | None:
     """Peak RSS (MiB) of a child process that extracts `limit` images (resnet18)."""
     if not Path("/usr/bin/time").exists():
         return None
-    command = [
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        __file__,
-        "--voc",
-        str(voc),
-        "--limit",
-        str(limit),
-        "--rss-probe",
-        str(limit),
-    ]
+    command = ["/usr/bin/time", "-v", sys.executable, __file__, "--voc", str(voc)]
+    command += ["--limit", str(limit), "--rss-probe", str(limit)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
     kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     return int(kib.group(1)) / 1024 if kib else None
@@ -160,9 +315,10 @@ def peak_rss_mib(voc: Path, limit: int) -> float | None:
 def main(
     voc: Path = REPO.parent / "shared/voc/VOCdevkit/VOC2007",
     backbones: str = "resnet18,efficientnet_lite0",
-    limit: int = 384,
+    limit: int = 765,
     batch_size: int = 16,
     rounds: int = 2,
+    compile: bool = False,
     rss_probe: int = 0,
 ) -> None:
     if not (voc / "JPEGImages").is_dir():
@@ -170,48 +326,29 @@ def main(
     paths, ids = voc_images(voc, limit)
     if rss_probe:  # child process of peak_rss_mib
         backbone = load_backbone("resnet18", None, "random")
-        end_to_end(backbone, paths[:rss_probe], ids[:rss_probe], batch_size)
+        end_to_end(
+            backbone,
+            paths[:rss_probe],
+            ids[:rss_probe],
+            224,
+            ExtractSettings(batch_size=batch_size),
+        )
         return
 
     torch.set_num_threads(os.cpu_count() or 1)
-    roofline = matmul_gflops()
+    device = pick_device("auto")
+    auto = pick_precision("auto", device)
     print(
-        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"float32 matmul {roofline:.0f} GFLOP/s; device for the stage: {pick_device('auto')}; "
-        f"{len(paths)} VOC images"
+        f"machine: {os.cpu_count()} CPU cores, flags {cpu_flags()}, torch {torch.__version__}, "
+        f"float32 matmul {matmul_gflops():.0f} GFLOP/s; the stage's device {device}, "
+        f"backbone.precision auto -> {auto}; {len(paths)} VOC photos"
     )
+    decoding(paths, sorted({SIZES.get(name, 224) for name in backbones.split(",")}))
     for name in backbones.split(","):
-        weights = "imagenet" if name == "efficientnet_lite0" else "random"
-        backbone = load_backbone(name, None, weights)
-        plain = load_backbone(name, None, weights)  # stays NCHW: prepare_model converts its module
-        flops = flops_per_image(backbone)
-        # Interleaved rounds, best of each: the machines are shared and noisy.
-        cold = compile_seconds(backbone, batch_size)
-        fast, model = {False: 0.0, True: 0.0}, {False: 0.0, True: 0.0}
-        slow = 0.0
-        for _ in range(rounds):
-            for compiled in (False, True):
-                a = end_to_end(backbone, paths, ids, batch_size, compiled)
-                b = model_only(backbone, len(paths), batch_size, compiled)
-                fast[compiled], model[compiled] = max(fast[compiled], a), max(model[compiled], b)
-            slow = max(slow, naive(plain, paths))
-        print(
-            f"{name}: {flops / 1e9:.2f} GFLOP/image; naive lab-style baseline (c) "
-            f"{slow:.1f} images/s"
-        )
-        for compiled, label in (
-            (False, "eager (default)"),
-            (True, f"compiled (cold compile {cold:.0f} s)"),
-        ):
-            a, b = fast[compiled], model[compiled]
-            print(
-                f"  {label}: (a) end-to-end {a:.1f} images/s, (b) model only {b:.1f} images/s "
-                f"= {b * flops / 1e9 / roofline:.0%} of the matmul roofline"
-            )
-            print(
-                f"    end-to-end / naive = {a / slow:.2f}x (goal >= 1.8x); "
-                f"end-to-end / model-only = {a / b:.0%} (goal >= 90%)"
-            )
+        backbone_rows(name, paths, ids, batch_size, rounds, compile)
+    core_split(paths, ids, auto, batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole_stage(voc, Path(tmp))
 
     small, large = 96, len(voc_images(voc, 10**6)[0])
     rss = [peak_rss_mib(voc, n) for n in (small, large)]
@@ -219,7 +356,7 @@ def main(
         print("peak RSS: /usr/bin/time not available")
     else:
         print(
-            f"peak RSS (resnet18 extraction, /usr/bin/time -v): {small} images {rss[0]:.0f} MiB, "
+            f"\npeak RSS (resnet18 extraction, /usr/bin/time -v): {small} images {rss[0]:.0f} MiB, "
             f"{large} images {rss[1]:.0f} MiB"
         )
 

@@ -1,10 +1,10 @@
-"""Backbone speed and feature error in bfloat16 against float32, side by side in one run (issue 20's
-groundwork: the pipeline itself still extracts in float32).
+"""Backbone speed and feature error in bfloat16 against float32 (`backbone.precision`), side by side
+in one run.
 
     .venv/bin/python benchmarks/precision.py [--voc PATH/TO/VOC2007] [--images 64]
 
 For resnet18 at 224 and EfficientNet-Lite0 (last block) at 448, on this CPU: model-only images/s
-on batches of 16 (channels_last, inference mode) in float32 and under bfloat16 autocast, and the
+on batches of 16 (the stage's model function, features.prepare_model) in each precision, and the
 bfloat16 features' error against float32 ones on the first `--images` shared VOC photos:
 relative error of the whole tensor (||bf16 - f32|| / ||f32||), mean absolute error over the mean
 absolute value, and the largest absolute difference over the largest absolute value. The CPU's
@@ -15,9 +15,9 @@ then describe random features).
     .venv/bin/python benchmarks/precision.py --downstream /tmp/precision [--seeds 0,1]
 
 instead measures what bfloat16 features do to the default heads: in a working folder on the
-shared VOC subset (579 train / 186 val), the extract stage once as it is (float32) and once with
-the backbone under bfloat16 autocast (the stage's own code, its model call wrapped), then for
-each seed the real train and evaluate stages of both heads; printed per seed and as means.
+shared VOC subset (579 train / 186 val), the extract stage once with backbone.precision float32
+and once with bfloat16, then for each seed the real train and evaluate stages of both heads;
+printed per seed and as mean and spread (sample standard deviation) over the seeds.
 """
 
 from __future__ import annotations
@@ -31,42 +31,21 @@ import typer
 from workfolder import cpu_flags, stage, write_params
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import load_image_tensor
+from pipeline_lib.features import PRECISIONS, load_image_tensor, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"resnet18": ("layer4", 224), "efficientnet_lite0": ("blocks", 448)}
+CPU = torch.device("cpu")
 
 
-def forward(model, mean, std, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
-    x = ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return model(x).float()
-
-
-def images_per_second(model, mean, std, size: int, bf16: bool, seconds: float = 8.0) -> float:
+def images_per_second(forward, size: int, seconds: float = 8.0) -> float:
     batch = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
-    forward(model, mean, std, batch, bf16)  # warm-up (oneDNN primitives)
+    forward(batch)  # warm-up (oneDNN primitives)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        forward(model, mean, std, batch, bf16)
+        forward(batch)
         done += len(batch)
     return done / (time.perf_counter() - start)
-
-
-BF16_EXTRACT = """
-import torch
-import pipeline_lib.features as features
-plain = features.prepare_model
-def prepare_model(*args, **kwargs):
-    forward = plain(*args, **kwargs)
-    def bf16(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return forward(batch)
-    return bf16
-features.prepare_model = prepare_model
-from stages import extract
-extract.app(["--params", "params.yaml"])
-"""
 
 
 def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
@@ -75,7 +54,6 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
     import json
     import shutil
     import subprocess
-    import sys
 
     voc_keys = {"data.source": "voc", "data.root": str(voc.parent), "data.year": 2007}
     voc_keys |= {"data.train_split": "train", "data.val_split": "val"}
@@ -93,16 +71,12 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
             check=True,
         )
         stage(work, "prepare")
-        if precision == "float32":
-            stage(work, "extract")
-        else:
-            env = {"PYTHONPATH": str(REPO)}
-            command = [sys.executable, "-c", BF16_EXTRACT]
-            subprocess.run(command, cwd=work, check=True, capture_output=True, env=env)
+        write_params(work, voc_keys | {"backbone.precision": precision})
+        stage(work, "extract")
         digest = hashlib.md5((work / "data/features/train.safetensors").read_bytes()).hexdigest()
         print(f"{precision} features: train.safetensors md5 {digest[:8]}", flush=True)
         for seed in seeds:
-            write_params(work, voc_keys | {"train.seed": seed})
+            write_params(work, voc_keys | {"backbone.precision": precision, "train.seed": seed})
             row = {}
             for kind in ("single", "multi"):
                 stage(work, "train", kind, "--no-progress")
@@ -117,10 +91,12 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
                 flush=True,
             )
     for precision, rows in results.items():
-        means = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
+        columns = torch.tensor(rows).T  # mAP, accuracy, IoU x seeds
+        mean, spread = columns.mean(1).tolist(), columns.std(1).tolist()
         print(
-            f"{precision} mean of {len(rows)}: mAP {means[0]:.4f}, accuracy {means[1]:.4f}, "
-            f"mean IoU {means[2]:.4f}"
+            f"{precision} over {len(rows)} seeds (mean +- std): mAP {mean[0]:.4f} +- "
+            f"{spread[0]:.4f}, accuracy {mean[1]:.4f} +- {spread[1]:.4f}, "
+            f"mean IoU {mean[2]:.4f} +- {spread[2]:.4f}"
         )
 
 
@@ -143,13 +119,10 @@ def main(
         # torchvision's weights need a download (not possible offline): random ones for resnet18
         weights = "imagenet" if name.startswith("efficientnet") else "random"
         backbone = load_backbone(name, layer, weights)
-        model = backbone.module.eval().to(memory_format=torch.channels_last)
-        mean = torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(backbone.std).view(1, 3, 1, 1) * 255
-        speeds = [images_per_second(model, mean, std, size, bf16) for bf16 in (False, True)]
+        forwards = [prepare_model(backbone, CPU, batch_size=16, precision=p) for p in PRECISIONS]
+        speeds = [images_per_second(forward, size) for forward in forwards]
         batch = torch.stack([load_image_tensor(p, "shrink", size) for p in paths])
-        exact = torch.cat([forward(model, mean, std, b, False) for b in batch.split(16)])
-        approx = torch.cat([forward(model, mean, std, b, True) for b in batch.split(16)])
+        exact, approx = (torch.cat([f(b) for b in batch.split(16)]) for f in forwards)
         diff = (approx - exact).abs()
         relative = float((approx - exact).norm() / exact.norm())
         ratio = speeds[1] / speeds[0]

@@ -287,10 +287,18 @@ def rebuild(checkpoint: Checkpoint, unfreeze: int | str = 0) -> tuple[Backbone, 
     return backbone, FineTuner(backbone, checkpoint.head, unfreeze)
 
 
+def finetuned_from(tuned: Checkpoint, frozen: Checkpoint) -> bool:
+    """Whether `tuned` is a fine-tuned model of `frozen`: it holds backbone weights, and the same
+    backbone (its precision aside: fine-tuning runs float32 whatever extract ran)."""
+    same = [{k: v for k, v in c.card.backbone.items() if k != "precision"} for c in (tuned, frozen)]
+    return tuned.backbone_state is not None and same[0] == same[1]
+
+
 def compare_models(
     models: dict[str, Checkpoint], prepared: Prepared, loader: DataLoader, ev: EvalParams, device
 ) -> dict[str, VocSummary]:
-    """VOC AP on the images of `loader` (the val split, in table order) of each model."""
+    """VOC AP on the images of `loader` (the val split, in table order) of each model, the
+    backbone run in float32 for all (the frozen model's own features may be bfloat16 ones)."""
     val = prepared.images[prepared.images["split"] == "val"]
     sizes = [(int(w), int(h)) for w, h in zip(val["width"], val["height"], strict=True)]
     truth = ground_truth(prepared.objects, val["image_id"].tolist())
@@ -347,13 +355,15 @@ class FinetuneJob:
         }
 
     def card(self, frozen: ModelCard, result: FitResult) -> ModelCard:
-        """The fine-tuned model's card: the frozen model's, fed float32 features."""
+        """The fine-tuned model's card: the frozen model's, fed float32 features of a float32
+        backbone (fine-tuning trains and evaluates it in float32)."""
         summary = {
             "best_epoch": result.best_epoch,
             "epochs": self.config.epochs,
             "trainable_units": self.model.trainable_units,
         }
-        return replace(frozen, feature_dtype="float32", finetuned=summary)
+        backbone = frozen.backbone | {"precision": "float32"}
+        return replace(frozen, feature_dtype="float32", backbone=backbone, finetuned=summary)
 
 
 def finetune_job(

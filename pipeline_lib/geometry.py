@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.transforms.v2 import functional as F
 
 IMAGE_MODES = ("none", "shrink", "crop")
 
@@ -47,15 +48,27 @@ def output_size(width: int, height: int, mode: str, size: int) -> tuple[int, int
     return (width, height) if mode == "none" else (size, size)
 
 
-def transform_image(image: Image.Image, mode: str, size: int) -> Image.Image:
-    """Apply the image mode to a PIL image."""
+def transform_pixels(pixels: torch.Tensor, mode: str, size: int) -> torch.Tensor:
+    """Apply the image mode to a uint8 (3, H, W) image tensor: (3, S, S) (`none`: unchanged).
+
+    `shrink` is bilinear with antialiasing, torchvision's uint8 kernel (PIL's BILINEAR filter to
+    within one level on under 1 % of the pixels, and 5x faster than this machine's PIL); `crop`
+    pads with black outside the image.
+    """
     _check_mode(mode)
     if mode == "none":
-        return image
+        return pixels
     if mode == "shrink":
-        return image.resize((size, size), Image.Resampling.BILINEAR)
-    left, top = crop_window(image.width, image.height, size)
-    return image.crop((left, top, left + size, top + size))  # PIL pads outside with black
+        return F.resize(pixels, [size, size], antialias=True)
+    left, top = crop_window(pixels.shape[-1], pixels.shape[-2], size)
+    return F.crop(pixels, top, left, size, size)  # pads with zeros where the window is outside
+
+
+def transform_image(image: Image.Image, mode: str, size: int) -> Image.Image:
+    """Apply the image mode to an RGB PIL image (for figures): `transform_pixels`'s pixels."""
+    if mode == "none":
+        return image
+    return F.to_pil_image(transform_pixels(F.pil_to_tensor(image), mode, size))
 
 
 def transform_boxes(

@@ -5,10 +5,10 @@ weights, normalisation), the image mode and size, the dtype the cached training 
 stored in and the classes; a fine-tuned model (`stages/finetune.py`) also holds the backbone's
 weights. So a model file alone is enough, without params.yaml or the dataset.
 
-Images go through exactly what `extract` + `evaluate` do: image mode, backbone, features rounded to
-the stored dtype, head, decoding to the original pixels. Only the decoding of files differs:
-`open_photo` applies the EXIF orientation (a phone photo is shown as it was taken), which VOC's
-training images never carry.
+Images go through exactly what `extract` + `evaluate` do: image mode, backbone (in the precision
+the features were computed in), features rounded to the stored dtype, head, decoding to the
+original pixels. Only the decoding of files differs: `open_photo` applies the EXIF orientation (a
+phone photo is shown as it was taken), which VOC's training images never carry.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import Checkpoint, CheckpointError, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering, grid_detections, single_detections
 from pipeline_lib.features import STORE_DTYPES, ImageError, pick_device, prepare_model
-from pipeline_lib.geometry import encoded_to_image, transform_image
+from pipeline_lib.geometry import encoded_to_image, transform_pixels
 from pipeline_lib.gridcoding import cell_fractions
 from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.plots import annotate
@@ -83,7 +83,10 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
         )
     torch_device = pick_device(device)
     checkpoint.head.to(torch_device)
-    return Detector(checkpoint, prepare_model(backbone, torch_device), torch_device, dtype)
+    # As extract ran it (models from before backbone.precision existed were made in float32).
+    precision = spec.get("precision", "float32")
+    forward = prepare_model(backbone, torch_device, precision=precision)
+    return Detector(checkpoint, forward, torch_device, dtype)
 
 
 def open_photo(path: Path) -> Image.Image:
@@ -111,10 +114,8 @@ def detect(detector: Detector, images: list[Image.Image], keep: Filtering) -> li
     """
     card = detector.card
     spec = card.image
-    arrays = [
-        np.array(transform_image(image, spec.mode, spec.size), dtype=np.uint8) for image in images
-    ]
-    batch = torch.stack([torch.from_numpy(a) for a in arrays]).permute(0, 3, 1, 2)
+    pixels = [F.pil_to_tensor(image) for image in images]  # as features.decode_rgb gives
+    batch = torch.stack([transform_pixels(p, spec.mode, spec.size) for p in pixels])
     # Rounded to the stored dtype: the head was trained on (and evaluate reads) those values.
     features = detector.forward(batch.to(detector.device)).to(detector.feature_dtype)
     with torch.inference_mode():

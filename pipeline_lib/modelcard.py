@@ -3,7 +3,8 @@
 A card is written into every model file (checkpoints.py) and is enough to rebuild the head and to
 run it on new images: the head's kind and keyword arguments, the grid, the classes, the feature
 shape and the dtype the training features were stored in, the backbone (name, layer, weights,
-normalisation), the image mode and size, and summaries of training (and of fine-tuning).
+normalisation, the precision it ran in: absent in models older than backbone.precision, which ran
+in float32), the image mode and size, and summaries of training (and of fine-tuning).
 
 On disk the card is a JSON object (`to_dict`). Format 1 is the layout every model file has had
 since anchors and two-level heads came in; it carries no version key, so models written before the
@@ -46,7 +47,7 @@ class ModelCard:
     classes: list[str]
     feature_shape: list[int]  # (C, H, W) of one image's features
     feature_dtype: str  # the training features' store dtype: inputs are rounded to it
-    backbone: dict[str, Any]  # backbones.Backbone.describe(): name, layer, weights, mean, std
+    backbone: dict[str, Any]  # Backbone.describe() (name, layer, weights, mean, std) + precision
     image: ImageSpec
     train: dict[str, Any] = field(default_factory=dict)  # best epoch, monitor, epochs
     grid: GridSpec | None = None  # kind "multi" only

@@ -139,6 +139,7 @@ class BackboneParams:
     weights: Literal["imagenet", "random"]
     device: Literal["auto", "cpu", "cuda"]
     store_dtype: Literal["float16", "float32"]
+    precision: Literal["auto", "float32", "bfloat16"]  # the backbone's compute precision
     batch_size: Annotated[Int, Field(ge=1, le=4096)]
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
     compile: Bool

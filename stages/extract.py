@@ -6,9 +6,10 @@
 Writes
 - data/features/<split>.safetensors: `features` (N, C, H, W) in backbone.store_dtype, with the image
   ids in row order and the backbone description in the metadata (see pipeline_lib/features.py),
-- data/features/features.json: backbone, layer, weights, normalisation, image mode and size, dtype,
-  and per split the shape and file,
-- reports/extract/report.json: device, processes, wall time and images/s per split, skipped images.
+- data/features/features.json: backbone, layer, weights, normalisation, compute precision (the
+  resolved backbone.precision), image mode and size, store dtype, and per split the shape and file,
+- reports/extract/report.json: device, precision, processes, wall time and images/s per split,
+  skipped images.
 
 With backbone.processes > 1 the stage starts itself again under torchrun (one machine, that many
 processes), so `dvc repro` needs nothing else; under torchrun each process extracts its share of
@@ -68,16 +69,15 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
 def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
     """Every split's features into data/features (rank 0 writes; other ranks send their rows)."""
     bb = params.backbone
-    settings = ExtractSettings(
-        bb.store_dtype, bb.batch_size, bb.device, bb.compile, bb.workers, params.data.on_error
-    )
     device = pick_device(bb.device)
+    settings = ExtractSettings.from_params(bb, params.data.on_error)
+    precision = settings.precision  # resolved: float32 | bfloat16
     prepared = read_prepared(PREPARED_DIR)
     backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)
-    description = {**backbone.describe(), "image_mode": spec.mode, "image_size": spec.size}
-    description |= {"store_dtype": bb.store_dtype, "splits": {}}
-    report = {"device": str(device), "processes": ranks.world, "torch": torch.__version__}
-    report["splits"] = {}
+    description = {**backbone.describe(), "precision": precision, "image_mode": spec.mode}
+    description |= {"image_size": spec.size, "store_dtype": bb.store_dtype, "splits": {}}
+    report = {"device": str(device), "precision": precision, "processes": ranks.world}
+    report |= {"torch": torch.__version__, "splits": {}}
     with output_folder(ranks) as out:
         for split, images in prepared.split_files():
             file = f"{split}.safetensors"
@@ -91,7 +91,8 @@ def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
                 typer.echo(
                     f"{split}: {len(result.image_ids)} images -> {tuple(result.shape)} "
                     f"{bb.store_dtype} in {result.seconds:.1f} s ({result.images_per_second:.1f} "
-                    f"images/s on {device} x {ranks.world}), {len(result.skipped)} skipped"
+                    f"images/s on {device} x {ranks.world} in {precision}), "
+                    f"{len(result.skipped)} skipped"
                 )
         write_json(out / "features.json", description)
     if ranks.main:

@@ -138,6 +138,7 @@ def compare(params: Params) -> None:
     from pipeline_lib.finetuning import (
         compare_models,
         comparison_metrics,
+        finetuned_from,
         image_loader,
         read_frozen,
     )
@@ -147,7 +148,7 @@ def compare(params: Params) -> None:
     ev = params.eval
     frozen, prepared = read_frozen(FROZEN_MODEL, PREPARED_DIR)
     tuned = load_checkpoint(MODEL_DIR / "model.safetensors")
-    if tuned.backbone_state is None or tuned.card.backbone != frozen.card.backbone:
+    if not finetuned_from(tuned, frozen):
         raise PipelineError(
             f"{MODEL_DIR / 'model.safetensors'} is not a fine-tuned {FROZEN_MODEL}: "
             "run dvc repro finetune"

@@ -14,7 +14,15 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import ExtractSettings, ImageError, extract_features, read_features
+from pipeline_lib.features import (
+    ExtractSettings,
+    ImageError,
+    extract_features,
+    load_image_tensor,
+    pick_precision,
+    prepare_model,
+    read_features,
+)
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.params import ParamsError
 
@@ -42,14 +50,15 @@ def images(tmp_path) -> list[Path]:
 
 
 def direct_forward(backbone, path: Path, mode: str, size: int) -> torch.Tensor:
-    """The textbook path: PIL resize / centre crop, to float, normalise, NCHW float32 forward."""
-    image = Image.open(path).convert("RGB")
+    """The textbook torchvision path: decode, antialiased bilinear resize / centre crop of the
+    uint8 tensor, to float, normalise, NCHW float32 forward."""
+    image = F.pil_to_tensor(Image.open(path).convert("RGB"))
     if mode == "shrink":
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+        image = F.resize(image, [size, size], antialias=True)
     else:
         image = F.center_crop(image, [size, size])
     x = F.normalize(
-        F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True),
+        F.to_dtype(image, torch.float32, scale=True),
         list(backbone.mean),
         list(backbone.std),
     )
@@ -77,6 +86,63 @@ def test_features_equal_a_direct_forward_pass(resnet18, images, tmp_path, mode):
         assert torch.allclose(features.features[row].float(), expected, rtol=1e-2, atol=2e-2)
     assert features.metadata["backbone"]["name"] == "resnet18"
     assert features.metadata["image_mode"] == mode
+
+
+@pytest.mark.parametrize(
+    ("device", "avx512_bf16", "amx", "gpu_bf16", "expected"),
+    [
+        ("cpu", True, False, False, "bfloat16"),  # AVX-512 BF16
+        ("cpu", False, True, False, "bfloat16"),  # AMX tiles
+        ("cpu", False, False, True, "float32"),  # AVX2 only (a GPU elsewhere does not count)
+        ("cuda", False, False, True, "bfloat16"),  # Ampere on
+        ("cuda", True, True, False, "float32"),  # an older GPU (bfloat16 only emulated)
+    ],
+)
+def test_auto_precision_follows_the_hardware(
+    monkeypatch, device, avx512_bf16, amx, gpu_bf16, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    asked = []
+
+    def gpu(including_emulation=True):
+        asked.append(including_emulation)
+        return gpu_bf16 or including_emulation  # torch's default counts emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", gpu)
+    assert pick_precision("auto", torch.device(device)) == expected
+    assert asked == ([False] if device == "cuda" else [])
+    for chosen in ("float32", "bfloat16"):  # asked for by name: kept on any hardware
+        assert pick_precision(chosen, torch.device(device)) == chosen
+    with pytest.raises(ParamsError, match="backbone.precision: 'float16'"):
+        pick_precision("float16", torch.device(device))
+
+
+def test_bfloat16_features_are_recorded_and_close_to_float32(resnet18, images, tmp_path):
+    """Extraction in bfloat16 (emulated on CPUs without it): the file says so, its rows differ
+    from float32 by bfloat16's rounding (8 significant bits: ~0.4 % per value, accumulated over
+    the layers), and the model function predict uses gives the same numbers in each precision."""
+    ids = [f"id{i}" for i in range(len(images))]
+    files = {}
+    for precision in ("float32", "bfloat16"):
+        files[precision] = tmp_path / f"{precision}.safetensors"
+        extract_features(
+            resnet18,
+            dict(zip(ids, images, strict=True)),
+            files[precision],
+            ImageSpec("shrink", 64),
+            ExtractSettings(store_dtype="float32", batch_size=8, workers=0, precision=precision),
+            progress=None,
+        )
+    exact, approx = (read_features(files[p]) for p in ("float32", "bfloat16"))
+    assert exact.metadata["backbone"]["precision"] == "float32"
+    assert approx.metadata["backbone"]["precision"] == "bfloat16"
+    batch = torch.stack([load_image_tensor(p, "shrink", 64) for p in images])
+    relative = (approx.features - exact.features).norm() / exact.features.norm()
+    assert 1e-4 < relative < 0.05  # rounded, not another computation
+    for precision, stored in (("float32", exact), ("bfloat16", approx)):
+        forward = prepare_model(resnet18, torch.device("cpu"), batch_size=8, precision=precision)
+        assert torch.equal(forward(batch), stored.features)  # what predict runs
 
 
 def test_compiled_path_equals_eager_with_a_padded_last_batch(images, tmp_path):

@@ -71,6 +71,9 @@ def test_grid_predictions_equal_the_evaluate_stage(trained, tmp_path):
     assert any(w != h for w, h in image_sizes)  # non-square photos among them
     pred_boxes, logits = run_head(checkpoint.head, features.features)
     assert checkpoint.card.image == ImageSpec("shrink", 448)
+    # The fixture extracts in bfloat16 (conftest): predict must run the backbone so too.
+    assert features.metadata["backbone"]["precision"] == "bfloat16"
+    assert checkpoint.card.backbone == features.metadata["backbone"]
     expected = grid_detections(
         pred_boxes, logits, image_sizes, checkpoint.card.image, Filtering(0.001, 0.5, 100)
     )
