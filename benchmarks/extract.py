@@ -6,10 +6,12 @@
 It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `auto` picks here:
   decode + resize per image, one core, on the VOC photos and on phone-size ones (the VOC photos
       upscaled 4x): PIL resize (the stage before issue 20), torchvision's uint8 resize after PIL's
-      decode (the stage now), torchvision's decode_jpeg, and PIL's JPEG `draft` (DCT downscaling);
+      full decode, torchvision's decode_jpeg, and the stage now: PIL's JPEG `draft` (DCT
+      downscaling, where the photo is at least twice the size) and torchvision's resize;
   per backbone (resnet18 at 224, EfficientNet-Lite0 at 448, the default):
   (c) the naive lab-style path: a Dataset with PIL and transforms.Resize/ToTensor/Normalize,
-      DataLoader(batch_size=128, num_workers=2), NCHW float32 eager model;
+      DataLoader(batch_size=128, num_workers=2), NCHW float32 eager model, and the stage as it
+      was before issue 20 (float32, PIL's resize) end to end;
   and for each precision (float32, bfloat16):
   (b) model-only images/s on uint8 batches of the same shape (the stage's model function),
   (a) end-to-end images/s of the stage's path (extract_features: decode -> features in a file),
@@ -18,11 +20,14 @@ It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `a
   the whole `extract` stage (`python -m stages.extract`, start-up included) per precision, on all
       the photos with resnet18; peak RSS of the extraction at two dataset sizes (must not grow).
 Interleaved rounds, best of each: the machines are shared and noisy. torchvision backbones run
-with random weights (no download here: timing is the same).
+with random weights (no download here: timing is the same). To see what an AVX2-only CPU would
+do, cap the kernels: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ... --backbones resnet18`
+(`auto` still reads the CPU's flags: compare the float32 rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -41,6 +46,7 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as F
 from workfolder import cpu_flags, stage, write_params
 
+from pipeline_lib import features
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.features import (
@@ -73,8 +79,11 @@ def pil_resize(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
-def stage_decode(path: Path, size: int) -> torch.Tensor:
-    return load_image_tensor(path, "shrink", size)
+def full_decode(path: Path, size: int) -> torch.Tensor:
+    """PIL decodes the whole photo, torchvision resizes."""
+    with Image.open(path) as image:
+        pixels = F.pil_to_tensor(image.convert("RGB"))
+    return F.resize(pixels, [size, size], antialias=True).contiguous()
 
 
 def torchvision_decode(path: Path, size: int) -> torch.Tensor:
@@ -84,20 +93,30 @@ def torchvision_decode(path: Path, size: int) -> torch.Tensor:
     return F.resize(pixels, [size, size], antialias=True).contiguous()
 
 
-def pil_draft(path: Path, size: int) -> torch.Tensor:
-    """JPEG DCT downscaling (by 1/2, 1/4, 1/8 while the photo stays >= size), then the resize."""
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))
-        pixels = F.pil_to_tensor(image.convert("RGB"))
-    return F.resize(pixels, [size, size], antialias=True).contiguous()
+def stage_decode(path: Path, size: int) -> torch.Tensor:
+    """The stage: PIL decodes (a JPEG >= 2x the size each way by DCT scaling), torchvision
+    resizes."""
+    return load_image_tensor(path, "shrink", size)
 
 
 DECODERS = {
     "PIL decode + PIL resize (before)": pil_resize,
-    "PIL decode + torchvision resize (stage)": stage_decode,
+    "PIL decode + torchvision resize": full_decode,
     "torchvision decode_jpeg + resize": torchvision_decode,
-    "PIL draft + torchvision resize": pil_draft,
+    "the stage: PIL with draft + torchvision resize": stage_decode,
 }
+
+
+@contextlib.contextmanager
+def decoding_as_before():
+    """The stage's decoding as it was before issue 20 (PIL's resize), in its worker processes
+    too (they fork with the module as patched)."""
+    stage_loader = features.load_image_tensor
+    features.load_image_tensor = lambda path, mode, size: pil_resize(path, size)
+    try:
+        yield
+    finally:
+        features.load_image_tensor = stage_loader
 
 
 def phone_size_photos(paths: list[Path], folder: Path) -> list[Path]:
@@ -138,7 +157,7 @@ def decoding(paths: list[Path], sizes: list[int]) -> None:
                 cells = [f"{decode_ms(d, files, size):.2f}" for d in DECODERS.values()]
                 print(f"| {name} | {size} | " + " | ".join(cells) + " |", flush=True)
         first = sets["phone-size (VOC x4)"][0]
-        gap = (pil_draft(first, 224).float() - stage_decode(first, 224).float()).abs().mean()
+        gap = (stage_decode(first, 224).float() - full_decode(first, 224).float()).abs().mean()
         print(f"draft vs full decode, a phone-size photo at 224: mean difference {gap:.2f} levels")
     torch.set_num_threads(threads)
 
@@ -240,14 +259,17 @@ def backbone_rows(name: str, paths, ids, batch_size: int, rounds: int, compile: 
         }
     fast = dict.fromkeys(variants, 0.0)
     model = dict.fromkeys(variants, 0.0)
-    slow = 0.0
+    slow = before = 0.0
     for _ in range(rounds):
         for label, settings in variants.items():
             fast[label] = max(fast[label], end_to_end(backbone, paths, ids, size, settings))
             model[label] = max(model[label], model_only(backbone, size, settings))
         slow = max(slow, naive(plain, paths, size))
+        with decoding_as_before():
+            before = max(before, end_to_end(backbone, paths, ids, size, variants["float32"]))
     print(f"\n{name} at {size} ({weights} weights): {flops / 1e9:.2f} GFLOP/image")
     print(f"  (c) naive lab-style path: {slow:.1f} images/s")
+    print(f"  the stage before issue 20 (float32, PIL's resize): {before:.1f} images/s end-to-end")
     for label in variants:
         a, b = fast[label], model[label]
         print(

@@ -49,11 +49,15 @@ class ImageError(PipelineError, ValueError):
     """An image cannot be decoded (the message names the file)."""
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path, at_least: int | None = None) -> Image.Image:
     """Decode an image fully as RGB, or raise `ImageError` naming the file.
 
     Greyscale, palette, CMYK and alpha images are converted to RGB. A file whose content does not
-    match its extension (a PNG named .jpg) and PIL's decompression-bomb guard are refused.
+    match its extension (a PNG named .jpg) and PIL's decompression-bomb guard are refused. With
+    `at_least`, a JPEG at least twice that size each way is decoded at 1/2, 1/4 or 1/8 of its
+    size, never below `at_least` pixels each way (DCT scaling, PIL's `draft`): a 2000 x 1500
+    photo for 224 x 224 in 5 ms instead of 13 (benchmarks/extract.py); smaller images and other
+    formats are decoded as they are.
     """
     try:
         with Image.open(path) as image:
@@ -61,6 +65,8 @@ def load_rgb(path: Path) -> Image.Image:
             found = "JPEG" if image.format == "MPO" else image.format  # multi-picture JPEG
             if expected and found != expected:
                 raise ImageError(f"{path}: image: a {image.format} file named {path.suffix}")
+            if at_least:
+                image.draft(None, (at_least, at_least))  # no-op unless a JPEG >= 2x each way
             return image.convert("RGB")  # convert() decodes everything: truncation shows here
     except FileNotFoundError:
         raise ImageError(f"{path}: image: missing (was it deleted since prepare ran?)") from None
@@ -71,12 +77,14 @@ def load_rgb(path: Path) -> Image.Image:
 def load_image_tensor(path: Path, mode: str, size: int) -> torch.Tensor:
     """An image file after the image mode as a uint8 (3, S, S) tensor (`load_rgb`'s errors).
 
-    PIL decodes, torchvision's uint8 kernel resizes (`geometry.transform_pixels`): on VOC photos
-    at 224 that is ~1.7 ms an image where PIL's own resize made it ~3 ms (benchmarks/extract.py).
+    PIL decodes (under `shrink`, large JPEGs at a lower scale: `load_rgb`'s `at_least`),
+    torchvision's uint8 kernel resizes (`geometry.transform_pixels`): on VOC photos at 224 that
+    is ~1.7 ms an image where PIL's own resize made it ~2.4 ms (benchmarks/extract.py).
     torchvision's `decode_jpeg` gives the same pixels as PIL (all 765 VOC photos compared) about
     0.3 ms sooner, but is deprecated since torchvision 0.29, and skips PIL's checks.
     """
-    return transform_pixels(F.pil_to_tensor(load_rgb(path)), mode, size).contiguous()
+    image = load_rgb(path, at_least=size if mode == "shrink" else None)
+    return transform_pixels(F.pil_to_tensor(image), mode, size).contiguous()
 
 
 def check_stackable(mode: str) -> None:

@@ -25,7 +25,7 @@ from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import Checkpoint, CheckpointError, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering, grid_detections, single_detections
 from pipeline_lib.features import STORE_DTYPES, ImageError, pick_device, prepare_model
-from pipeline_lib.geometry import encoded_to_image, transform_pixels
+from pipeline_lib.geometry import ImageSpec, encoded_to_image, transform_pixels
 from pipeline_lib.gridcoding import cell_fractions
 from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.plots import annotate
@@ -89,11 +89,14 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
     return Detector(checkpoint, forward, torch_device, dtype)
 
 
-def open_photo(path: Path) -> Image.Image:
+def open_photo(path: Path, at_least: int | None = None) -> Image.Image:
     """Decode an image file of any format PIL reads as RGB, upright by its EXIF orientation
-    (multi-frame files: the first frame), or raise `ImageError` naming the file."""
+    (multi-frame files: the first frame), or raise `ImageError` naming the file. `at_least`: a
+    JPEG may be decoded at a lower scale, as `features.load_rgb` does."""
     try:
         with Image.open(path) as image:
+            if at_least:
+                image.draft(None, (at_least, at_least))
             return ImageOps.exif_transpose(image).convert("RGB")  # convert() decodes it all
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
@@ -106,24 +109,40 @@ def open_photo(path: Path) -> Image.Image:
         raise ImageError(f"{path}: cannot decode ({error})") from None
 
 
-def detect(detector: Detector, images: list[Image.Image], keep: Filtering) -> list[Detections]:
-    """RGB images of any sizes (one batch) -> their detections, boxes in each image's pixels.
+@dataclass
+class Photo:
+    """A photo to detect in: `image` (upright RGB, full size) is drawn, `pixels` (uint8 (3, S, S))
+    go to the backbone, decoded as `extract` decodes."""
+
+    path: Path
+    image: Image.Image
+    pixels: torch.Tensor
+
+
+def read_photo(path: Path, spec: ImageSpec) -> Photo:
+    """Open a photo (`open_photo`'s errors) and make its backbone input under `spec`."""
+    image = source = open_photo(path)
+    if spec.mode == "shrink" and min(image.size) >= 2 * spec.size:
+        source = open_photo(path, at_least=spec.size)  # as features.load_image_tensor decodes
+    return Photo(path, image, transform_pixels(F.pil_to_tensor(source), spec.mode, spec.size))
+
+
+def detect(detector: Detector, photos: list[Photo], keep: Filtering) -> list[Detections]:
+    """Photos of any sizes (one batch) -> their detections, boxes in each image's pixels.
 
     The grid head keeps the cells `keep` lets through; the single-object head gives one box per
     image whatever its score.
     """
     card = detector.card
-    spec = card.image
-    pixels = [F.pil_to_tensor(image) for image in images]  # as features.decode_rgb gives
-    batch = torch.stack([transform_pixels(p, spec.mode, spec.size) for p in pixels])
+    batch = torch.stack([photo.pixels for photo in photos])
     # Rounded to the stored dtype: the head was trained on (and evaluate reads) those values.
     features = detector.forward(batch.to(detector.device)).to(detector.feature_dtype)
     with torch.inference_mode():
         outputs = [t.cpu() for t in predict(detector.checkpoint.head, features)]
-    sizes = [image.size for image in images]
+    sizes = [photo.image.size for photo in photos]
     if card.kind == "single":
-        return single_detections(*outputs, sizes, spec)
-    return grid_detections(outputs[0::2], outputs[1::2], sizes, spec, keep)
+        return single_detections(*outputs, sizes, card.image)
+    return grid_detections(outputs[0::2], outputs[1::2], sizes, card.image, keep)
 
 
 def cell_rectangles(card: ModelCard, width: int, height: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from pipeline_lib.inference import (
     detect,
     draw,
     load_detector,
-    open_photo,
+    read_photo,
     table_rows,
     unique_name,
 )
@@ -126,19 +126,20 @@ def predict_all(
                 try:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")  # e.g. PIL's DecompressionBombWarning
-                        batch.append((path, open_photo(path)))
-                    for warning in caught:  # one line naming the file, not Python's two
-                        with tqdm.external_write_mode(file=sys.stderr):
-                            common.warn(f"{path}: {warning.message}")
+                        batch.append(read_photo(path, detector.card.image))
+                    for message in dict.fromkeys(str(w.message) for w in caught):  # once each
+                        with tqdm.external_write_mode(file=sys.stderr):  # one line, not two
+                            common.warn(f"{path}: {message}")
                 except ImageError as error:
                     failures.append(str(error))
                     with tqdm.external_write_mode(file=sys.stderr):  # above the progress bar
                         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-            found = detect(detector, [image for _, image in batch], keep) if batch else []
-            for (path, image), detections in zip(batch, found, strict=True):
-                rows.extend(table_rows(path, detections, detector.classes))
-                with atomic_file(output.folder / unique_name(path, names)) as tmp:
-                    draw(detector, image, detections, output.show_grid).save(tmp, format="PNG")
+            found = detect(detector, batch, keep) if batch else []
+            for photo, detections in zip(batch, found, strict=True):
+                rows.extend(table_rows(photo.path, detections, detector.classes))
+                with atomic_file(output.folder / unique_name(photo.path, names)) as tmp:
+                    drawn = draw(detector, photo.image, detections, output.show_grid)
+                    drawn.save(tmp, format="PNG")
             done += len(batch)
             bar.update(len(paths[first : first + output.batch_size]))
     return rows, done

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision.transforms.v2 import functional as F
 from typer.testing import CliRunner
 
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.features import read_features
+from pipeline_lib.features import load_image_tensor, read_features
 from pipeline_lib.geometry import ImageSpec, encoded_to_image
-from pipeline_lib.inference import cell_rectangles
+from pipeline_lib.inference import cell_rectangles, read_photo
 from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.tables import read_prepared
 from pipeline_lib.training import predict as run_head
@@ -175,6 +176,20 @@ def card(mode: str) -> ModelCard:
     return ModelCard(
         "multi", {}, ["a"], [8, 7, 7], "float16", {}, ImageSpec(mode, 224), grid=GridSpec(2)
     )
+
+
+def test_predict_feeds_the_backbone_what_extract_feeds_it(tmp_path):
+    """A large photo (decoded at a lower scale by extract under shrink) and a small one: predict's
+    backbone input is extract's, bit for bit, while it draws on the photo at full size."""
+    torch.manual_seed(3)
+    for name, size in (("large.jpg", (900, 700)), ("small.jpg", (300, 200))):
+        path = tmp_path / name
+        pixels = (torch.rand(3, size[1] // 10, size[0] // 10) * 255).to(torch.uint8)
+        F.to_pil_image(F.resize(pixels, [size[1], size[0]])).save(path, quality=85)
+        for spec in (ImageSpec("shrink", 224), ImageSpec("crop", 224)):
+            photo = read_photo(path, spec)
+            assert photo.image.size == size
+            assert torch.equal(photo.pixels, load_image_tensor(path, spec.mode, spec.size))
 
 
 def test_cell_rectangles_by_hand():
