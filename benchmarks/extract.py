@@ -22,7 +22,7 @@ It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `a
 Interleaved rounds, best of each: the machines are shared and noisy. torchvision backbones run
 with random weights (no download here: timing is the same). To see what an AVX2-only CPU would
 do, cap the kernels: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ... --backbones resnet18`
-(`auto` still reads the CPU's flags: compare the float32 rows).
+and `--precisions float32` (`auto` still reads the CPU's flags, and bfloat16 is emulated there).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from pipeline_lib.geometry import ImageSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"resnet18": 224, "resnet50": 224, "efficientnet_lite0": 448}
-PRECISIONS = ("float32", "bfloat16")
 
 
 def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
@@ -241,22 +240,25 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
     return best
 
 
-def backbone_rows(name: str, paths, ids, batch_size: int, rounds: int, compile: bool) -> None:
+def backbone_rows(
+    name: str, paths, ids, precisions: list[str], batch_size: int, rounds: int, compile: bool
+) -> None:
     size = SIZES.get(name, 224)
     weights = "imagenet" if name.startswith("efficientnet") else "random"
     backbone = load_backbone(name, None, weights)
     plain = load_backbone(name, None, weights)  # stays NCHW: prepare_model converts its module
     flops = flops_per_image(plain, size)
     variants = {
-        p: ExtractSettings(batch_size=batch_size, device="cpu", precision=p) for p in PRECISIONS
+        p: ExtractSettings(batch_size=batch_size, device="cpu", precision=p) for p in precisions
     }
     if compile:
         variants |= {
             f"{p} compiled": ExtractSettings(
                 batch_size=batch_size, device="cpu", precision=p, compile=True
             )
-            for p in PRECISIONS
+            for p in precisions
         }
+    as_before = ExtractSettings(batch_size=batch_size, device="cpu", precision="float32")
     fast = dict.fromkeys(variants, 0.0)
     model = dict.fromkeys(variants, 0.0)
     slow = before = 0.0
@@ -266,7 +268,7 @@ def backbone_rows(name: str, paths, ids, batch_size: int, rounds: int, compile: 
             model[label] = max(model[label], model_only(backbone, size, settings))
         slow = max(slow, naive(plain, paths, size))
         with decoding_as_before():
-            before = max(before, end_to_end(backbone, paths, ids, size, variants["float32"]))
+            before = max(before, end_to_end(backbone, paths, ids, size, as_before))
     print(f"\n{name} at {size} ({weights} weights): {flops / 1e9:.2f} GFLOP/image")
     print(f"  (c) naive lab-style path: {slow:.1f} images/s")
     print(f"  the stage before issue 20 (float32, PIL's resize): {before:.1f} images/s end-to-end")
@@ -298,7 +300,7 @@ def core_split(paths, ids, precision: str, batch_size: int) -> None:
         print(f"| {workers} | " + " | ".join(cells) + " |", flush=True)
 
 
-def whole_stage(voc: Path, folder: Path) -> None:
+def whole_stage(voc: Path, folder: Path, precisions: list[str]) -> None:
     """`python -m stages.extract` on the VOC subset (train + val), resnet18 at 224, each
     precision."""
     keys = {"data.source": "voc", "data.root": str(voc.parent), "data.year": 2007}
@@ -309,7 +311,7 @@ def whole_stage(voc: Path, folder: Path) -> None:
     print(
         "\nthe whole extract stage (python -m stages.extract, start-up included), resnet18 at 224:"
     )
-    for precision in PRECISIONS:
+    for precision in precisions:
         write_params(folder, keys | {"backbone.precision": precision})
         start = time.perf_counter()
         output = stage(folder, "extract")
@@ -340,12 +342,14 @@ def main(
     limit: int = 765,
     batch_size: int = 16,
     rounds: int = 2,
+    precisions: str = "float32,bfloat16",
     compile: bool = False,
     rss_probe: int = 0,
 ) -> None:
     if not (voc / "JPEGImages").is_dir():
         raise SystemExit(f"no VOC folder at {voc} (pass --voc)")
     paths, ids = voc_images(voc, limit)
+    chosen = precisions.split(",")
     if rss_probe:  # child process of peak_rss_mib
         backbone = load_backbone("resnet18", None, "random")
         end_to_end(
@@ -367,10 +371,10 @@ def main(
     )
     decoding(paths, sorted({SIZES.get(name, 224) for name in backbones.split(",")}))
     for name in backbones.split(","):
-        backbone_rows(name, paths, ids, batch_size, rounds, compile)
-    core_split(paths, ids, auto, batch_size)
+        backbone_rows(name, paths, ids, chosen, batch_size, rounds, compile)
+    core_split(paths, ids, auto if auto in chosen else chosen[0], batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        whole_stage(voc, Path(tmp))
+        whole_stage(voc, Path(tmp), chosen)
 
     small, large = 96, len(voc_images(voc, 10**6)[0])
     rss = [peak_rss_mib(voc, n) for n in (small, large)]

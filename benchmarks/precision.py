@@ -17,7 +17,8 @@ then describe random features).
 instead measures what bfloat16 features do to the default heads: in a working folder on the
 shared VOC subset (579 train / 186 val), the extract stage once with backbone.precision float32
 and once with bfloat16, then for each seed the real train and evaluate stages of both heads;
-printed per seed and as mean and spread (sample standard deviation) over the seeds.
+printed per seed, as mean and spread (sample standard deviation) over the seeds, and as the
+differences of the two precisions seed by seed (paired: the seed noise cancels).
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
                 f"{figures[1]:.4f}, mean IoU {figures[2]:.4f}",
                 flush=True,
             )
+    if len(results) == 2:  # the same seeds on both: their differences, seed by seed
+        paired = torch.tensor(results["bfloat16"]) - torch.tensor(results["float32"])
+        mean, spread = paired.mean(0).tolist(), paired.std(0).tolist()
+        print(
+            f"bfloat16 - float32, paired by seed (mean +- std): mAP {mean[0]:+.4f} +- "
+            f"{spread[0]:.4f}, accuracy {mean[1]:+.4f} +- {spread[1]:.4f}, "
+            f"mean IoU {mean[2]:+.4f} +- {spread[2]:.4f}"
+        )
     for precision, rows in results.items():
         columns = torch.tensor(rows).T  # mAP, accuracy, IoU x seeds
         mean, spread = columns.mean(1).tolist(), columns.std(1).tolist()
