@@ -49,6 +49,11 @@ def images_per_second(forward, size: int, seconds: float = 8.0) -> float:
     return done / (time.perf_counter() - start)
 
 
+def spread_of(columns: torch.Tensor) -> list[float]:
+    """Sample standard deviation of each row (0 for a single seed)."""
+    return (columns.std(1) if columns.shape[1] > 1 else torch.zeros(len(columns))).tolist()
+
+
 def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
     """Default heads on float32 and on bfloat16 features of the VOC subset, seed by seed."""
     import hashlib
@@ -93,7 +98,7 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
             )
     if len(results) == 2:  # the same seeds on both: their differences, seed by seed
         paired = torch.tensor(results["bfloat16"]) - torch.tensor(results["float32"])
-        mean, spread = paired.mean(0).tolist(), paired.std(0).tolist()
+        mean, spread = paired.mean(0).tolist(), spread_of(paired.T)
         print(
             f"bfloat16 - float32, paired by seed (mean +- std): mAP {mean[0]:+.4f} +- "
             f"{spread[0]:.4f}, accuracy {mean[1]:+.4f} +- {spread[1]:.4f}, "
@@ -101,7 +106,7 @@ def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
         )
     for precision, rows in results.items():
         columns = torch.tensor(rows).T  # mAP, accuracy, IoU x seeds
-        mean, spread = columns.mean(1).tolist(), columns.std(1).tolist()
+        mean, spread = columns.mean(1).tolist(), spread_of(columns)
         print(
             f"{precision} over {len(rows)} seeds (mean +- std): mAP {mean[0]:.4f} +- "
             f"{spread[0]:.4f}, accuracy {mean[1]:.4f} +- {spread[1]:.4f}, "
