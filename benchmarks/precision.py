@@ -23,6 +23,10 @@ differences of the two precisions seed by seed (paired: the seed noise cancels).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Annotated
@@ -56,10 +60,6 @@ def spread_of(columns: torch.Tensor) -> list[float]:
 
 def downstream(folder: Path, voc: Path, seeds: list[int]) -> None:
     """Default heads on float32 and on bfloat16 features of the VOC subset, seed by seed."""
-    import hashlib
-    import json
-    import shutil
-    import subprocess
 
     voc_keys = {"data.source": "voc", "data.root": str(voc.parent), "data.year": 2007}
     voc_keys |= {"data.train_split": "train", "data.val_split": "val"}
