@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test lint install clean-venv mutation report
+.PHONY: repro test lint install clean-venv mutation report gpu-check
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ test: lint
 BASE ?= main
 report: $(STAMP)
 	python -m stages.report --base $(BASE) --out report
+
+# The GPU check (benchmarks/gpu_check.py): the default chain on the VOC subset beside the clone and
+# extraction's speed, on this machine's GPU (a few minutes); its tables land in gpu_check.md.
+# Options after ARGS=, e.g. make gpu-check ARGS="--device cpu --limit 20" (see the script).
+gpu-check: $(STAMP)
+	python benchmarks/gpu_check.py $(ARGS)
 
 # Mutation testing of the core modules (not part of `make test`: about N minutes on 2 cores).
 # Config in pyproject.toml [tool.mutmut]; figures and equivalent survivors in docs/mutation.md.

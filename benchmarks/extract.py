@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/extract.py [--voc PATH/TO/VOC2007] [--backbones resnet18,...]
                                            [--limit 765] [--compile]
+    .venv/bin/python benchmarks/extract.py --against REVISION [--backbones ...] [--rounds 3]
 
 It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `auto` picks here:
   decode + resize per image, one core, on the VOC photos and on phone-size ones (the VOC photos
@@ -19,6 +20,8 @@ It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `a
   for resnet18, how to split the 2 cores: decoding processes (workers) x model threads;
   the whole `extract` stage (`python -m stages.extract`, start-up included) per precision, on all
       the photos with resnet18; peak RSS of the extraction at two dataset sizes (must not grow).
+`--against REVISION` instead runs only the stage's path end to end, of that git revision and of
+this tree, in alternating processes (a change to the CPU path must not make it slower).
 Interleaved rounds, best of each: the machines are shared and noisy. torchvision backbones run
 with random weights (no download here: timing is the same). To see what an AVX2-only CPU would
 do, cap the kernels: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ... --backbones resnet18`
@@ -336,6 +339,42 @@ def peak_rss_mib(voc: Path, limit: int) -> float | None:
     return int(kib.group(1)) / 1024 if kib else None
 
 
+def against_revision(
+    revision: str, voc: Path, backbones: list[str], limit: int, batch_size: int, rounds: int
+) -> None:
+    """The stage's path end to end (`extract_features`) of `revision` and of this tree, side by
+    side: alternating processes, each importing its own pipeline_lib (the revision's from `git
+    archive`), the precision `auto` picks here; best of `rounds` each."""
+    print(f"machine: {os.cpu_count()} CPU cores, flags {cpu_flags()}, torch {torch.__version__}")
+    precision = pick_precision("auto", torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", revision, "pipeline_lib"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        trees = {revision: tmp, "this tree": str(REPO)}
+        for name in backbones:
+            rates: dict[str, list[float]] = {label: [] for label in trees}
+            for _ in range(rounds):
+                for label, tree in trees.items():
+                    command = [sys.executable, __file__, "--voc", str(voc), "--limit", str(limit)]
+                    command += ["--batch-size", str(batch_size), "--probe", f"{name}:{precision}"]
+                    env = dict(os.environ, PYTHONPATH=tree)
+                    done = subprocess.run(command, capture_output=True, text=True, env=env)
+                    if done.returncode:
+                        raise SystemExit(f"{label}: {done.stderr}")
+                    rate, module = done.stdout.split()
+                    assert module.startswith(tree), f"{label} imported {module}"
+                    rates[label].append(float(rate))
+            runs = "; ".join(
+                f"{label} {', '.join(f'{r:.1f}' for r in found)} (best {max(found):.1f})"
+                for label, found in rates.items()
+            )
+            print(f"{name} at {SIZES.get(name, 224)}, {precision}, end to end img/s: {runs}")
+
+
 def main(
     voc: Path = REPO.parent / "shared/voc/VOCdevkit/VOC2007",
     backbones: str = "resnet18,efficientnet_lite0",
@@ -345,11 +384,23 @@ def main(
     precisions: str = "float32,bfloat16",
     compile: bool = False,
     rss_probe: int = 0,
+    against: str = "",
+    probe: str = "",
 ) -> None:
     if not (voc / "JPEGImages").is_dir():
         raise SystemExit(f"no VOC folder at {voc} (pass --voc)")
     paths, ids = voc_images(voc, limit)
     chosen = precisions.split(",")
+    if probe:  # child process of against_revision: one end-to-end run of this PYTHONPATH's code
+        name, precision = probe.split(":")
+        backbone = load_backbone(name, None, "imagenet" if "lite" in name else "random")
+        settings = ExtractSettings(batch_size=batch_size, device="cpu", precision=precision)
+        rate = end_to_end(backbone, paths, ids, SIZES.get(name, 224), settings)
+        print(f"{rate:.2f} {features.__file__}")
+        return
+    if against:
+        against_revision(against, voc, backbones.split(","), limit, batch_size, rounds)
+        return
     if rss_probe:  # child process of peak_rss_mib
         backbone = load_backbone("resnet18", None, "random")
         end_to_end(

@@ -48,8 +48,9 @@ def kmeans_anchors(
     if (wh <= 0).any():
         raise ValueError("box widths and heights must be positive")
     order = torch.argsort(wh.prod(dim=1), stable=True)
-    centres = wh[order[((torch.arange(k) + 0.5) * len(wh) / k).long()]].clone()
-    assigned = torch.full((len(wh),), -1, dtype=torch.int64)
+    ranks = ((torch.arange(k, device=wh.device) + 0.5) * len(wh) / k).long()
+    centres = wh[order[ranks]].clone()
+    assigned = torch.full((len(wh),), -1, dtype=torch.int64, device=wh.device)
     for _ in range(max_iterations):
         nearest = best_anchor(wh, centres)
         if torch.equal(nearest, assigned):

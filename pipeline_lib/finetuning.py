@@ -258,7 +258,7 @@ def image_loader(
     transform = None
     if split == "train":
         transform = augmentation(ft.hflip, ft.scale_jitter, ft.translate, ft.color_jitter)
-    anchors = head.anchors if head.n_anchors else None
+    anchors = head.anchors.detach().cpu() if head.n_anchors else None  # targets: on the CPU
     layout = GridLayout(card.image, card.grid.num_cells, anchors)
     dataset_dir = Path(prepared.info["dataset_dir"])
     objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
@@ -341,7 +341,8 @@ class FinetuneJob:
         )
 
     def metrics(self, result: FitResult) -> dict:
-        """The fine-tuning stage's metrics: best epoch (lowest val loss) and its val measures."""
+        """The fine-tuning stage's metrics: the epoch kept (finetune.monitor: lowest val loss, or
+        the last) and its val measures."""
         epochs = self.config.epochs
         return {
             "enabled": True,
@@ -359,11 +360,26 @@ class FinetuneJob:
         backbone (fine-tuning trains and evaluates it in float32)."""
         summary = {
             "best_epoch": result.best_epoch,
+            "monitor": self.config.monitor,
             "epochs": self.config.epochs,
             "trainable_units": self.model.trainable_units,
         }
         backbone = frozen.backbone | {"precision": "float32"}
         return replace(frozen, feature_dtype="float32", backbone=backbone, finetuned=summary)
+
+
+def finetune_config(ft: FinetuneParams, device: torch.device) -> TrainConfig:
+    """The training loop's settings from params finetune.* (on `device`, already resolved)."""
+    return TrainConfig(
+        ft.epochs,
+        ft.batch_size,
+        ft.lr,
+        ft.weight_decay,
+        ft.lr_schedule,
+        ft.seed,
+        ft.monitor,
+        str(device),
+    )
 
 
 def finetune_job(
@@ -389,9 +405,7 @@ def finetune_job(
         parallel = DistributedDataParallel(model, device_ids=ids)
     loss = partial(grid_loss, weights=loss_weights(params.train))
     objective = Objective(loss, multi_object_batch_sums)
-    config = TrainConfig(
-        ft.epochs, ft.batch_size, ft.lr, ft.weight_decay, "constant", ft.seed, "loss", str(device)
-    )
+    config = finetune_config(ft, device)
     train, val = (ImageBatches(loaders[split]) for split in SPLITS)
     return FinetuneJob(backbone, model, train, val, objective, config, parallel)
 

@@ -81,11 +81,12 @@ def transform_boxes(
     """
     _check_mode(mode)
     boxes = boxes.to(torch.float64)
+    kept = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
     if mode == "none":
-        return boxes, torch.ones(len(boxes), dtype=torch.bool)
+        return boxes, kept
     if mode == "shrink":
         scale = boxes.new_tensor([size / width, size / height] * 2)  # float64, as the boxes
-        return boxes * scale, torch.ones(len(boxes), dtype=torch.bool)
+        return boxes * scale, kept
     left, top = crop_window(width, height, size)
     shifted = boxes - boxes.new_tensor([left, top, left, top])
     clipped = clip_boxes_to_image(shifted, (size, size))

@@ -14,7 +14,8 @@ With A anchor boxes (grid.anchors, see anchors.py) a cell has A slots; an object
 of its best-IoU anchor, and the head's raw size output t becomes anchor * (2 sigmoid(t))^2.
 
 Shapes: fractions (K, 4); one image's cell boxes (4, S, S), or (A, 4, S, S) with anchors; a batch
-adds B in front. Cells are listed in row-major order (i, then j), anchor by anchor.
+adds B in front. Cells are listed in row-major order (i, then j), anchor by anchor. Tensors made
+here take the device of the function's inputs (a head's outputs on a GPU are decoded there).
 """
 
 from __future__ import annotations
@@ -60,18 +61,18 @@ def encode_grid(
     With (A, 2) `anchors` (w, h), each object goes to its best anchor's slot of the cell, and is
     overwritten only by a later one in the same cell and slot.
     """
-    s = num_cells
+    s, device = num_cells, fractions.device
     slots = 1 if anchors is None else len(anchors)
-    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32)
-    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8)
-    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64)
+    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32, device=device)
+    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8, device=device)
+    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64, device=device)
     fractions = fractions.double()
     i, j = hosting_cells(fractions, s)
     a = torch.zeros_like(i) if anchors is None else best_anchor(fractions[:, 2:], anchors)
     for k in range(len(fractions)):
         cx, cy, w, h = fractions[k].tolist()
         cell = (cx * s - j[k].item(), cy * s - i[k].item(), w, h)
-        boxes[a[k], :, i[k], j[k]] = torch.tensor(cell, dtype=torch.float64).float()
+        boxes[a[k], :, i[k], j[k]] = fractions.new_tensor(cell).float()
         has_obj[a[k], i[k], j[k]] = 1
         cell_labels[a[k], i[k], j[k]] = labels[k]
     dropped = len(fractions) - int(has_obj.sum())
@@ -93,13 +94,13 @@ def encode_grid_neighbours(
     A cell claimed by two objects goes to the smaller one (FCOS's rule), and a hosting cell beats
     a neighbour cell; `dropped` counts the objects left with no cell at all.
     """
-    s = num_cells
-    boxes = torch.zeros(4, s, s, dtype=torch.float32)
-    has_obj = torch.zeros(s, s, dtype=torch.uint8)
-    cell_labels = torch.zeros(s, s, dtype=torch.int64)
+    s, device = num_cells, fractions.device
+    boxes = torch.zeros(4, s, s, dtype=torch.float32, device=device)
+    has_obj = torch.zeros(s, s, dtype=torch.uint8, device=device)
+    cell_labels = torch.zeros(s, s, dtype=torch.int64, device=device)
     fractions = fractions.double()
     i, j = hosting_cells(fractions, s)
-    owner = torch.full((s, s), -1, dtype=torch.int64)
+    owner = torch.full((s, s), -1, dtype=torch.int64, device=device)
     # Larger objects first, so that a smaller one overwrites them; neighbours before hosts.
     order = torch.argsort(fractions[:, 2] * fractions[:, 3], descending=True, stable=True).tolist()
     near_x = torch.where(fractions[:, 0] * s - j < 0.5, -1, 1)
@@ -115,7 +116,7 @@ def encode_grid_neighbours(
         k = int(owner[row, col])
         cx, cy, w, h = fractions[k].tolist()
         cell = (cx * s - col, cy * s - row, w, h)
-        boxes[:, row, col] = torch.tensor(cell, dtype=torch.float64).float()
+        boxes[:, row, col] = fractions.new_tensor(cell).float()
         has_obj[row, col], cell_labels[row, col] = 1, labels[k]
     dropped = len(fractions) - len(owner[owner >= 0].unique())
     return GridEncoding(boxes, has_obj, cell_labels, dropped)
@@ -136,7 +137,8 @@ def decode_grid_map(cell_boxes: torch.Tensor) -> torch.Tensor:
     """(B, 4, H, W) cell boxes of an H x W grid -> (B, 4, H*W) fraction boxes (cx, cy, w, h),
     cells in row-major order: cx = (x + j) / W, cy = (y + i) / H."""
     b, _, height, width = cell_boxes.shape
-    i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows, columns = (torch.arange(n, device=cell_boxes.device) for n in (height, width))
+    i, j = torch.meshgrid(rows, columns, indexing="ij")
     cx = (cell_boxes[:, 0] + j) / width
     cy = (cell_boxes[:, 1] + i) / height
     return torch.stack([cx, cy, cell_boxes[:, 2], cell_boxes[:, 3]], dim=1).flatten(2)

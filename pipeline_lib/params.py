@@ -233,6 +233,8 @@ class FinetuneParams:
     batch_size: Annotated[Int, Field(ge=2, le=4096)]  # the head's BatchNorm needs 2 per batch
     lr: PositiveFloat
     weight_decay: Annotated[Float, Field(ge=0.0)]
+    lr_schedule: Literal["constant", "cosine"]
+    monitor: Literal["loss", "last"]  # the epoch kept: lowest val loss, or the last one
     unfreeze: Literal["all"] | Annotated[Int, Field(ge=0, le=1000)]
     hflip: Annotated[Float, Field(ge=0.0, le=1.0)]
     scale_jitter: Probability

@@ -8,8 +8,9 @@ Writes
   ids in row order and the backbone description in the metadata (see pipeline_lib/features.py),
 - data/features/features.json: backbone, layer, weights, normalisation, compute precision (the
   resolved backbone.precision), image mode and size, store dtype, and per split the shape and file,
-- reports/extract/report.json: device, precision, processes, wall time and images/s per split,
-  skipped images.
+- reports/extract/report.json: device, precision, processes; per split the wall time, images/s,
+  seconds by part (worker start-up, waiting for decoded images, backbone, writing) and skipped
+  images.
 
 With backbone.processes > 1 the stage starts itself again under torchrun (one machine, that many
 processes), so `dvc repro` needs nothing else; under torchrun each process extracts its share of
@@ -92,7 +93,8 @@ def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
                     f"{split}: {len(result.image_ids)} images -> {tuple(result.shape)} "
                     f"{bb.store_dtype} in {result.seconds:.1f} s ({result.images_per_second:.1f} "
                     f"images/s on {device} x {ranks.world} in {precision}), "
-                    f"{len(result.skipped)} skipped"
+                    f"{len(result.skipped)} skipped; seconds by part: "
+                    + ", ".join(f"{part} {t:.1f}" for part, t in result.parts.items())
                 )
         write_json(out / "features.json", description)
     if ranks.main:

@@ -8,7 +8,7 @@ models/multi.safetensors, then both models measured on the val images.
 `train` writes
 - models/finetuned/model.safetensors: backbone and head in one file, used like the other models
   (`python -m stages.predict photo.jpg --model models/finetuned/model.safetensors`),
-- reports/finetune/metrics.json (DVC metrics): the best epoch (lowest val loss) and its val
+- reports/finetune/metrics.json (DVC metrics): the epoch kept (finetune.monitor) and its val
   measures, seconds per epoch, the units and parameters trained,
 - reports/finetune/figures/training_curves.png.
 `evaluate` writes reports/evaluate_finetune/metrics.json (DVC metrics): PASCAL VOC mAP on val of
@@ -82,7 +82,7 @@ def write_disabled(folders: list[Path], metrics: Path) -> None:
 
 
 def finetune(params: Params, progress: bool) -> None:
-    """Train, keep the best epoch (lowest val loss), save model, metrics and curves. Under
+    """Train, keep an epoch (finetune.monitor), save model, metrics and curves. Under
     torchrun every process trains its share (DDP) and rank 0 alone writes and prints."""
     # Imported here so that the disabled stages, which every `dvc repro` runs, take a second.
     from pipeline_lib import distributed
@@ -112,7 +112,7 @@ def finetune(params: Params, progress: bool) -> None:
 
 
 def save_finetuned(job, frozen, result) -> None:
-    """models/finetuned/, reports/finetune/: the best epoch's model, curves and metrics."""
+    """models/finetuned/, reports/finetune/: the kept epoch's model, curves and metrics."""
     from pipeline_lib.checkpoints import save_checkpoint
     from pipeline_lib.plots import save_figure, training_curves
 
@@ -126,7 +126,8 @@ def save_finetuned(job, frozen, result) -> None:
     metrics = job.metrics(result)
     write_json(TRAIN_DIR / "metrics.json", metrics)
     typer.echo(
-        f"best epoch {result.best_epoch} (val loss {result.best_monitor:.4f}); "
+        f"kept epoch {result.best_epoch} ({job.config.monitor}: val loss "
+        f"{result.best_monitor:.4f}); "
         f"{metrics['seconds_per_epoch']} s/epoch -> {MODEL_DIR}"
     )
 

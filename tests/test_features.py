@@ -325,6 +325,60 @@ def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in images)
 
 
+def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_path, monkeypatch):
+    """Each batch is written after the next one started (so a GPU computes while the CPU
+    writes): the rows still land in order around a skipped image, and the time goes to the part
+    that spent it: a slow first batch to start-up, a slow model to the backbone."""
+    import time
+
+    import pipeline_lib.features as features_module
+
+    real_model, real_load = features_module.prepare_model, features_module.load_image_tensor
+    first = {"slept": False}
+
+    def slow_model(backbone, device, *args):
+        forward = real_model(backbone, device, *args)
+        return lambda batch: (time.sleep(0.2), forward(batch))[1]
+
+    def slow_start(path, mode, size):
+        if not first["slept"]:
+            first["slept"] = True
+            time.sleep(0.3)
+        return real_load(path, mode, size)
+
+    monkeypatch.setattr(features_module, "prepare_model", slow_model)
+    monkeypatch.setattr(features_module, "load_image_tensor", slow_start)
+    paths = [*images[:2], bad_files(tmp_path, images[0])["truncated"], *images[2:]]
+    ids = ["a", "b", "bad", "c", "d", "e"]
+    settings = ExtractSettings(batch_size=2, workers=0, on_error="skip")
+    out = tmp_path / "f.safetensors"
+    result = extract_features(
+        resnet18, dict(zip(ids, paths, strict=True)), out, ImageSpec("shrink", 64), settings, None
+    )
+    assert result.image_ids == ["a", "b", "c", "d", "e"] == read_features(out).image_ids
+    features = read_features(out).features.float()
+    single = {}
+    for name, path in zip(ids, paths, strict=True):
+        if name != "bad":
+            alone = tmp_path / f"{name}.safetensors"
+            extract_features(
+                resnet18,
+                {name: path},
+                alone,
+                ImageSpec("shrink", 64),
+                ExtractSettings(batch_size=2, workers=0),
+                None,
+            )
+            single[name] = read_features(alone).features.float()[0]
+    for row, name in enumerate(result.image_ids):
+        assert torch.allclose(features[row], single[name], atol=1e-2), name
+    parts = result.parts
+    assert list(parts) == ["startup", "decoding", "backbone", "writing"]
+    assert parts["startup"] >= 0.3 and parts["backbone"] >= 3 * 0.2  # 3 batches
+    assert sum(parts.values()) <= result.seconds
+    assert result.report()["seconds_by_part"] == {k: round(v, 2) for k, v in parts.items()}
+
+
 def write_feature_file(path: Path, features: torch.Tensor) -> None:
     """A feature file as extract writes it (safetensors' own writer, the pipeline's metadata)."""
     from safetensors.torch import save_file

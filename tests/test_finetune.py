@@ -18,8 +18,10 @@ from torchvision.transforms import v2
 from pipeline_lib.backbones import backbone_units, load_backbone
 from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.features import prepare_model
-from pipeline_lib.finetuning import FineTuner, augment, augmentation
+from pipeline_lib.finetuning import FineTuner, augment, augmentation, finetune_config
 from pipeline_lib.heads import MultiObjectHead
+from pipeline_lib.params import parse_params
+from pipeline_lib.training import Dataset, Objective, fit
 
 
 def _boxes_image(boxes, height=60, width=80):
@@ -127,6 +129,36 @@ def _project(trained, tmp_path, **finetune):
     return folder
 
 
+def test_finetune_params_reach_the_training_loop(raw_params):
+    """Each finetune.* key of the loop lands in its TrainConfig field (none is the default's
+    constant), and the loop honours the schedule and the epoch kept."""
+    changes = {"epochs": 3, "batch_size": 8, "lr": 0.05, "weight_decay": 0.25, "seed": 7}
+    changes |= {"lr_schedule": "cosine", "monitor": "last"}
+    raw_params["finetune"].update(changes)
+    config = finetune_config(parse_params(raw_params).finetune, torch.device("cpu"))
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (3, 8, 0.05, 0.25)
+    assert (config.seed, config.lr_schedule, config.monitor) == (7, "cosine", "last")
+    assert config.device == "cpu"
+    # A loss that rises every epoch: monitor loss keeps epoch 1, last keeps epoch 3; cosine
+    # anneals the learning rate, constant keeps it.
+    head = torch.nn.Linear(1, 1)
+    data = Dataset(torch.zeros(4, 1), (torch.zeros(4),))
+    calls = []
+
+    def rising(outputs, targets):
+        calls.append(1)
+        return {"loss": outputs[0].sum() * 0 + len(calls)}
+
+    objective = Objective(lambda o, t: rising((o,), t), lambda o, t: {})
+    for monitor, schedule, kept in [("last", "cosine", 3), ("loss", "constant", 1)]:
+        raw_params["finetune"].update(monitor=monitor, lr_schedule=schedule)
+        config = finetune_config(parse_params(raw_params).finetune, torch.device("cpu"))
+        result = fit(head, data, data, objective, config, progress=False)
+        assert result.best_epoch == kept
+        lrs = [epoch["lr"] for epoch in result.history]
+        assert (lrs[-1] < lrs[0]) == (schedule == "cosine"), lrs
+
+
 def test_disabled_stage_writes_notes_without_torch(trained, tmp_path):
     folder = _project(trained, tmp_path, enabled=False)
     code = (
@@ -173,6 +205,7 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
     tuned = load_checkpoint(folder / "models/finetuned/model.safetensors")
     original = load_checkpoint(folder / "models/multi.safetensors")
     assert tuned.card.feature_dtype == "float32" and tuned.card.finetuned["epochs"] == 1
+    assert tuned.card.finetuned["monitor"] == "loss"
     # Fine-tuning trains and evaluates the backbone in float32, whatever extract used.
     assert original.card.backbone["precision"] == "bfloat16"
     assert tuned.card.backbone["precision"] == "float32"
