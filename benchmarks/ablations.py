@@ -82,6 +82,66 @@ ROWS = {  # name -> (feature setting, params)
     "blocks: weight EMA 0.9": ("448 blocks", {**NO_DROPOUT, "train.ema_decay": 0.9}),
     "blocks: 40 epochs": ("448 blocks", {**NO_DROPOUT, "train.epochs": 40}),
     "blocks: Lite1 backbone": ("448 blocks lite1", NO_DROPOUT),
+    # the fourth step: anchors, a pyramid and flips for the default conv head (20 epochs)
+    "anchors: 3 per cell": ("448 blocks", {"grid.anchors": 3}),
+    "anchors: 5 per cell": ("448 blocks", {"grid.anchors": 5}),
+    "anchors: 3 per cell, ratio 2": ("448 blocks", {"grid.anchors": 3, "grid.anchor_ratio": 2.0}),
+    "pyramid: blocks.4 below 0.2": ("448 pyramid", {}),
+    "pyramid: blocks.4 below 0.1": ("448 pyramid", {"grid.fine_below": 0.1}),
+    "pyramid: blocks.4 below 0.3": ("448 pyramid", {"grid.fine_below": 0.3}),
+    "fcos: one level": ("448 blocks", {"head.grid_kind": "fcos"}),
+    "fcos: two levels": ("448 pyramid", {"head.grid_kind": "fcos"}),
+    "fcos: one level, warm-up 1 epoch": (
+        "448 blocks",
+        {"head.grid_kind": "fcos", "train.warmup_epochs": 1.0},
+    ),
+    "fcos: one level, lr 0.0003": ("448 blocks", {"head.grid_kind": "fcos", "train.lr": 0.0003}),
+    "fcos: two levels, warm-up 1 epoch": (
+        "448 pyramid",
+        {"head.grid_kind": "fcos", "train.warmup_epochs": 1.0},
+    ),
+    "fcos: two levels, 64 wide, warm-up 1 epoch": (
+        "448 pyramid",
+        {"head.grid_kind": "fcos", "head.conv_width": 64, "train.warmup_epochs": 1.0},
+    ),
+    "fcos: two levels, 64 wide, 1 convolution, warm-up 1 epoch": (
+        "448 pyramid",
+        {
+            "head.grid_kind": "fcos",
+            "head.conv_width": 64,
+            "head.conv_depth": 1,
+            "train.warmup_epochs": 1.0,
+        },
+    ),
+    "fcos: one level, 4 convolutions": (
+        "448 blocks",
+        {"head.grid_kind": "fcos", "head.conv_depth": 4},
+    ),
+    "train: batch 16": ("448 blocks", {"train.batch_size": 16}),
+    "train: batch 32": ("448 blocks", {"train.batch_size": 32}),
+    "train: lr 0.003": ("448 blocks", {"train.lr": 0.003}),
+    "train: batch 8": ("448 blocks", {"train.batch_size": 8}),
+    "eval: score threshold 0.01": ("448 blocks", {"eval.score_threshold": 0.01}),
+    # on batches of 16 (36 optimiser steps an epoch on VOC instead of 9)
+    "b16: pyramid, blocks.4 below 0.2": ("448 pyramid", {"train.batch_size": 16}),
+    "b16: anchors, 3 per cell": ("448 blocks", {"train.batch_size": 16, "grid.anchors": 3}),
+    "b16: flips extracted, 0.5": ("448 hflip", {"train.batch_size": 16, "train.hflip": 0.5}),
+    "b16: fcos, two levels": ("448 pyramid", {"train.batch_size": 16, "head.grid_kind": "fcos"}),
+    "b16: fcos, two levels, 64 wide, 1 convolution": (
+        "448 pyramid",
+        {
+            "train.batch_size": 16,
+            "head.grid_kind": "fcos",
+            "head.conv_width": 64,
+            "head.conv_depth": 1,
+        },
+    ),
+    "flips: extracted, 0.5": ("448 hflip", {"train.hflip": 0.5}),
+    "flips: mirrored maps, 0.5": (
+        "448 blocks",
+        {"train.hflip": 0.5, "train.hflip_from": "mirrored"},
+    ),
+    "flips: extracted, 0.5, 40 epochs": ("448 hflip", {"train.hflip": 0.5, "train.epochs": 40}),
     # single-object head (rows named "single ..." train and evaluate the single head)
     "single: the lab's MLP, 224": (
         "default",
@@ -99,6 +159,13 @@ ROWS = {  # name -> (feature setting, params)
     "single: blocks, dropout 0.3": ("448 blocks", {**NO_DROPOUT, "head.dropout": 0.3}),
     "single: blocks, trunk 96 wide": ("448 blocks", {**NO_DROPOUT, "head.conv_width": 96}),
     "single: blocks, Lite1 backbone": ("448 blocks lite1", NO_DROPOUT),
+    "single: flips extracted, 0.5": ("448 hflip", {"train.hflip": 0.5}),
+    "single: batch 16": ("448 blocks", {"train.batch_size": 16}),
+    "single: batch 8": ("448 blocks", {"train.batch_size": 8}),
+    "single: flips mirrored maps, 0.5": (
+        "448 blocks",
+        {"train.hflip": 0.5, "train.hflip_from": "mirrored"},
+    ),
 }
 FEATURES = {
     "default": {"image.size": 224, "backbone.layer": "head"},
@@ -110,6 +177,12 @@ FEATURES = {
     },
     "448": {"image.size": 448, "backbone.layer": "head"},
     "448 blocks": {"image.size": 448, "backbone.layer": "blocks"},
+    "448 pyramid": {
+        "image.size": 448,
+        "backbone.layer": "blocks",
+        "backbone.fine_layer": "blocks.4",
+    },
+    "448 hflip": {"image.size": 448, "backbone.layer": "blocks", "backbone.hflip": True},
     "448 blocks lite1": {
         "image.size": 448,
         "backbone.layer": "blocks",
@@ -141,7 +214,7 @@ def voc_params(voc: Path | None, changes: dict) -> dict:
 def continuous_map(folder: Path) -> float:
     """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (before issue 15),
     on the same detections as the evaluate stage."""
-    from pipeline_lib.detection import Filtering, grid_detections
+    from pipeline_lib.detection import Filtering, head_detections
     from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary
     from pipeline_lib.params import load_params
     from pipeline_lib.targets import ground_truth
@@ -156,7 +229,8 @@ def continuous_map(folder: Path) -> float:
     outputs = predict(inputs.checkpoint.head, inputs.features.features)
     keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
     spec = inputs.checkpoint.card.image
-    found = grid_detections(outputs[0::2], outputs[1::2], inputs.image_sizes(), spec, keep)
+    head = inputs.checkpoint.head
+    found = head_detections(head, outputs, inputs.image_sizes(), spec, keep)
     truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
     classes = inputs.prepared.classes
     return voc_summary(found, truth, classes, ev.iou_threshold, "continuous").map()
@@ -212,6 +286,9 @@ def main(
                     out.write(json.dumps(result) + "\n")
                 continue
             result["continuous_map"] = continuous_map(folder)
+            sizes = folder / "reports/evaluate_multi/ap_by_size.json"
+            if sizes.is_file():  # mAP@0.5 by object size (small, medium, large)
+                result |= {f"map_{r['size']}": r["map"] for r in json.loads(sizes.read_text())}
             with results_file.open("a") as out:
                 out.write(json.dumps(result) + "\n")
             print(
@@ -263,6 +340,9 @@ def summarise(results_file: Path) -> None:
         "map_11point",
         "coco_map",
         "map_iou_0.1",
+        "map_small",
+        "map_medium",
+        "map_large",
         "recall_upper_bound",
         "detections_per_image",
         "map_frozen",

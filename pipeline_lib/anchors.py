@@ -30,6 +30,17 @@ def best_anchor(wh: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return shape_iou(wh, anchors).argmax(dim=1)
 
 
+def anchor_matches(wh: torch.Tensor, anchors: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(N, A) bool: which of the (A, 2) `anchors` each of the (N, 2) shapes `wh` goes to, by
+    YOLOv5's rule: an anchor whose width and height are both within `ratio` times the shape's
+    (max(w / aw, aw / w, h / ah, ah / h) < ratio; YOLOv5's anchor_t is 4), and the best-IoU anchor
+    (`best_anchor`) whatever the ratio, so that no shape is left without one."""
+    scale = wh.double()[:, None, :] / anchors.double()[None, :, :]
+    fits = torch.maximum(scale, 1 / scale).amax(dim=2) < ratio
+    fits[torch.arange(len(wh), device=wh.device), best_anchor(wh, anchors)] = True
+    return fits
+
+
 def kmeans_anchors(
     wh: torch.Tensor, k: int, max_iterations: int = 300
 ) -> tuple[torch.Tensor, float]:

@@ -236,6 +236,15 @@ def pack_levels(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return torch.cat([coarse, F.pixel_unshuffle(fine, 2)], dim=1)
 
 
+def mirror_features(features: torch.Tensor, fine_channels: int = 0) -> torch.Tensor:
+    """(B, C, h, w) feature maps (packed two levels with `fine_channels`) flipped left to right,
+    level by level."""
+    if not fine_channels:
+        return features.flip(-1)
+    coarse, fine = unpack_levels(features, fine_channels)
+    return pack_levels(coarse.flip(-1), fine.flip(-1))
+
+
 def unpack_levels(packed: torch.Tensor, fine_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of `pack_levels`: (B, C1 + 4 C2, h, w) -> ((B, C1, h, w), (B, C2, 2h, 2w))."""
     split = packed.shape[1] - 4 * fine_channels

@@ -4,8 +4,8 @@ write them (metrics, plot tables, figures).
 - `read_evaluation_inputs`: the model, the prepared tables and the val features, checked to match.
 - `single_report`: accuracy, IoU and the lab's box loss of the single-object head, its confusion
   rows and a figure of predictions.
-- `grid_report`: PASCAL VOC mAP (all-point and 11-point), COCO mAP, diagnostics and PR curves of
-  the grid head, and a figure of detections before and after NMS.
+- `grid_report`: PASCAL VOC mAP (all-point and 11-point), COCO mAP, diagnostics, PR curves and AP
+  by object size of the grid head, and a figure of detections before and after NMS.
 - `voc_summary`: the VOC part, shared with the fine-tuning comparison (finetuning.py).
 Detections are compared with every object of the original images, in their pixels.
 """
@@ -21,13 +21,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
-from pipeline_lib.detection import Detections, Filtering, grid_detections
+from pipeline_lib.detection import Detections, Filtering, head_detections
 from pipeline_lib.errors import PipelineError
+from pipeline_lib.fcos import FcosHead, fcos_targets
 from pipeline_lib.features import Features, read_features
 from pipeline_lib.geometry import encoded_to_image
 from pipeline_lib.metrics import (
     OVERLAP_OF_SOURCE,
     ClassAP,
+    ap_by_size,
     coco_map,
     confusion_matrix,
     mean_ap,
@@ -183,16 +185,20 @@ def _open(prepared: Prepared, path: str) -> Image.Image:
 
 
 def recall_upper_bound(inputs: EvaluationInputs, n_objects: int) -> float:
-    """Share of the val objects the grid can learn: not cut away by crop, not lost in a cell
-    (and anchor) collision."""
+    """Share of the val objects the head can learn: not cut away by crop, not lost in a cell
+    (and anchor) collision, or for FCOS, given a location by its assignment."""
     card, head, tables = inputs.checkpoint.card, inputs.checkpoint.head, inputs.prepared
+    ids = inputs.features.image_ids
+    if isinstance(head, FcosHead):
+        return head.matched_objects(*fcos_targets(tables, ids, card.image)) / max(n_objects, 1)
     anchors = head.anchors if getattr(head, "n_anchors", 0) else None
+    grid = card.grid
     learnable = 0
-    for level in grid_levels(card.grid.num_cells, card.grid.fine_below, anchors):
-        grid = multi_object_targets(
-            tables.images, tables.objects, inputs.features.image_ids, card.image, level
-        )
-        learnable += int(grid.objects.sum() - grid.dropped.sum())
+    for level in grid_levels(
+        grid.num_cells, grid.fine_below, anchors, grid.assign, grid.anchor_ratio
+    ):
+        targets = multi_object_targets(tables.images, tables.objects, ids, card.image, level)
+        learnable += int(targets.objects.sum() - targets.dropped.sum())
     return learnable / max(n_objects, 1)
 
 
@@ -200,11 +206,11 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     """The grid head on val: VOC and COCO mAP, diagnostics, PR curves and figures."""
     start = time.perf_counter()
     card, classes = inputs.checkpoint.card, inputs.checkpoint.classes
-    outputs = predict(inputs.checkpoint.head, inputs.features.features)
-    pred_boxes, logits = outputs[0::2], outputs[1::2]  # per level (two-level head: two)
+    head = inputs.checkpoint.head
+    outputs = predict(head, inputs.features.features)
     sizes = inputs.image_sizes()
     keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
-    found = grid_detections(pred_boxes, logits, sizes, card.image, keep)
+    found = head_detections(head, outputs, sizes, card.image, keep)
     truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
     overlap = OVERLAP_OF_SOURCE[inputs.prepared.info["source"]]
     voc = voc_summary(found, truth, classes, ev.iou_threshold, overlap)
@@ -225,12 +231,21 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
         "detections_per_image": round(sum(len(d) for d in found) / len(truth), 3),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    tables = {"pr_curves.json": pr_rows(voc), "per_class_ap.json": ap_rows(voc)}
+    detections = [d.as_tuple() for d in found]
+    sized = ap_by_size(detections, truth, len(classes), ev.iou_threshold, overlap)
+    by_size = {name: VocSummary(classes, per_class) for name, per_class in sized.items()}
+    tables = {
+        "pr_curves.json": pr_rows(voc),
+        "per_class_ap.json": ap_rows(voc, by_size),
+        "ap_by_size.json": size_rows(by_size),
+    }
     curves = {n: (*pr_steps(c), c.ap) for n, c in zip(classes, voc.per_class, strict=True)}
+    size_aps = {f"{r['size']} ({r['objects']} objects)": r["map"] for r in size_rows(by_size)}
     figures = {
         "pr_curves.png": pr_curves(curves),
         "per_class_ap.png": ap_chart(voc.per_class_ap(), f"AP@{ev.iou_threshold} per class (val)"),
-        "nms_before_after.png": nms_grid(nms_pairs(inputs, (pred_boxes, logits), truth, ev, sizes)),
+        "ap_by_size.png": ap_chart(size_aps, f"mAP@{ev.iou_threshold} by object size (val)"),
+        "nms_before_after.png": nms_grid(nms_pairs(inputs, outputs, truth, ev, sizes)),
     }
     m = metrics
     summary = (
@@ -264,13 +279,27 @@ def pr_rows(voc: VocSummary) -> list[dict]:
     ]
 
 
-def ap_rows(voc: VocSummary) -> list[dict]:
-    """DVC plot rows: one (class, ap, ap_11point) per class that has objects."""
-    pairs = zip(voc.classes, voc.per_class, strict=True)
+def ap_rows(voc: VocSummary, by_size: dict[str, VocSummary]) -> list[dict]:
+    """DVC plot rows: one per class that has objects, (class, ap, ap_11point) and its AP on the
+    objects of each size (`ap_small`, ...: null where the class has none of that size)."""
+    rows = []
+    for k, (name, c) in enumerate(zip(voc.classes, voc.per_class, strict=True)):
+        if c.ap is not None:
+            row = {"class": name, "ap": round(c.ap, 4), "ap_11point": round(c.ap11, 4)}
+            rows.append(row | {f"ap_{s}": _round(v.per_class[k].ap) for s, v in by_size.items()})
+    return rows
+
+
+def size_rows(by_size: dict[str, VocSummary]) -> list[dict]:
+    """DVC plot rows: per object size (metrics.SIZE_RANGES), its mAP (over the classes with
+    objects of that size) and how many objects (not difficult) it has."""
     return [
-        {"class": name, "ap": round(c.ap, 4), "ap_11point": round(c.ap11, 4)}
-        for name, c in pairs
-        if c.ap is not None
+        {
+            "size": name,
+            "map": round(summary.map(), 4),
+            "objects": sum(c.positives for c in summary.per_class),
+        }
+        for name, summary in by_size.items()
     ]
 
 
@@ -278,9 +307,8 @@ def nms_pairs(
     inputs: EvaluationInputs, outputs: tuple, truth: Truth, ev: EvalParams, sizes: list
 ) -> list[tuple[Comparison, Comparison]]:
     """ev.samples val images, each with its detections scoring ev.draw_score or more, before and
-    after NMS; `outputs` = (boxes per level, logits per level) of all val images, `sizes` their
-    (width, height)."""
-    pred_boxes, logits = outputs
+    after NMS; `outputs`: the head's outputs on all val images, `sizes` their (width, height)."""
+    head = inputs.checkpoint.head
     classes, spec = inputs.checkpoint.classes, inputs.checkpoint.card.image
     rows = inputs.prepared.images.set_index("image_id").loc[inputs.features.image_ids]
     rows = rows.reset_index()
@@ -294,8 +322,8 @@ def nms_pairs(
         pair = []
         for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
             keep = Filtering(ev.draw_score, nms, ev.max_detections)
-            mine = ([b[n : n + 1] for b in pred_boxes], [k[n : n + 1] for k in logits])
-            (d,) = grid_detections(*mine, [sizes[n]], spec, keep)
+            mine = [t[n : n + 1] for t in outputs]
+            (d,) = head_detections(head, mine, [sizes[n]], spec, keep)
             scored = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
             found = [f"{classes[k]} {s:.2f}" for k, s in scored]
             title = f"{row.image_id}: {len(d)} {label}"

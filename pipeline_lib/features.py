@@ -100,20 +100,22 @@ def check_stackable(mode: str) -> None:
 
 
 class ImageFolder(Dataset):
-    """Items are (index, uint8 (3, S, S) tensor or None, error message or None)."""
+    """Items are (index, uint8 (3, S, S) tensor or None, error message or None); `flipped`: the
+    S x S image flipped left to right."""
 
-    def __init__(self, paths: list[Path], mode: str, size: int):
+    def __init__(self, paths: list[Path], mode: str, size: int, flipped: bool = False):
         check_stackable(mode)
-        self.paths, self.mode, self.size = paths, mode, size
+        self.paths, self.mode, self.size, self.flipped = paths, mode, size, flipped
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, load_image_tensor(self.paths[index], self.mode, self.size), None
+            pixels = load_image_tensor(self.paths[index], self.mode, self.size)
         except ImageError as exc:
             return index, None, str(exc)
+        return index, pixels.flip(-1) if self.flipped else pixels, None
 
 
 def _collate(items):
@@ -274,9 +276,11 @@ def extract_features(
     settings: ExtractSettings = ExtractSettings(),
     progress: str | None = "extract",
     ranks: Ranks = ONE_PROCESS,
+    flipped: bool = False,
 ) -> ExtractResult:
-    """Run `backbone` over `images` (image id -> file, in row order) brought to `spec`, and stream
-    the features to `out_path` (safetensors); `progress` labels the progress bar (None: none).
+    """Run `backbone` over `images` (image id -> file, in row order) brought to `spec` (and with
+    `flipped`, flipped left to right after it; the file's metadata says so), and stream the
+    features to `out_path` (safetensors); `progress` labels the progress bar (None: none).
 
     With `on_error="raise"` the first undecodable image raises `ImageError`; with "skip" it is left
     out of the file (ids stay aligned with rows) and listed in the result. `out_path` appears only
@@ -298,7 +302,7 @@ def extract_features(
     if not ranks.main:
         progress = None  # one progress bar: rank 0's
     loader = DataLoader(
-        ImageFolder([images[i] for i in ids], spec.mode, spec.size),
+        ImageFolder([images[i] for i in ids], spec.mode, spec.size, flipped),
         batch_size=settings.batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -323,6 +327,8 @@ def extract_features(
             raise ImageError(f"no image of {len(images)} could be decoded ({progress})")
         if ranks.main:
             metadata = {"image_ids": json.dumps(rows.kept), **_describe(backbone, spec, precision)}
+            if flipped:
+                metadata["flipped"] = "left-right"
             _write_safetensors(out_path, raw, (len(rows.kept), *rows.shape), dtype, metadata)
     except OSError as error:  # disk full, quota, permissions: say where, keep nothing
         raise PipelineError(

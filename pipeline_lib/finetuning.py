@@ -37,13 +37,12 @@ from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
 from pipeline_lib.features import check_stackable, load_image_tensor, pick_device, pick_workers
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
-from pipeline_lib.gridcoding import encode_grid
 from pipeline_lib.losses import grid_loss
 from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
 from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.params import EvalParams, FinetuneParams, Params
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import encoded_objects, ground_truth
+from pipeline_lib.targets import GridLevel, encoded_objects, ground_truth
 from pipeline_lib.tasks import SPLITS, loss_weights
 from pipeline_lib.training import FitResult, Objective, TrainConfig, best_epoch_stats
 
@@ -81,18 +80,18 @@ def augment(
 
 @dataclass
 class GridLayout:
-    """The image spec and grid (S x S cells, optional (A, 2) anchors) of a grid model."""
+    """The image spec of a grid model and its grid (cells, anchors and how objects are assigned to
+    them: the targets the model was trained on)."""
 
     spec: ImageSpec
-    num_cells: int
-    anchors: torch.Tensor | None = None
+    level: GridLevel
 
 
 class GridImages(Dataset):
     """Images after the image mode with their grid targets, augmented when `transform` is given.
 
-    Items are (uint8 (3, S, S) image, boxes, has_obj, labels), the targets as
-    `gridcoding.encode_grid` makes them (with anchors, one slot per anchor); `objects` holds
+    Items are (uint8 (3, S, S) image, boxes, has_obj, labels), the targets as the layout's grid
+    level makes them (`targets.GridLevel.encode`, as train_multi made them); `objects` holds
     (fraction boxes, labels) per image.
     """
 
@@ -116,7 +115,7 @@ class GridImages(Dataset):
             boxes = decode_boxes(fractions, spec.size, spec.size)
             image, boxes, labels = augment(self.transform, image, boxes, labels)
             fractions = encode_boxes(boxes, spec.size, spec.size)
-        grid = encode_grid(fractions, labels, self.layout.num_cells, self.layout.anchors)
+        grid = self.layout.level.encode(fractions, labels)
         return image, grid.boxes, grid.has_obj, grid.labels
 
 
@@ -226,6 +225,11 @@ def read_frozen(model: Path, prepared_dir: Path) -> tuple[Checkpoint, Prepared]:
     card = checkpoint.card
     if card.kind != "multi":
         raise PipelineError(f"{model}: a {card.kind}-object head, not a grid head")
+    if card.head.get("kind") == "fcos":
+        raise PipelineError(
+            f"{model} is an FCOS head (head.grid_kind: fcos): fine-tuning it is not supported "
+            "yet; set head.grid_kind: conv"
+        )
     if card.grid.fine_channels:
         raise PipelineError(
             f"{model} is a two-level grid head (backbone.fine_layer): fine-tuning it is not "
@@ -259,7 +263,9 @@ def image_loader(
     if split == "train":
         transform = augmentation(ft.hflip, ft.scale_jitter, ft.translate, ft.color_jitter)
     anchors = head.anchors.detach().cpu() if head.n_anchors else None  # targets: on the CPU
-    layout = GridLayout(card.image, card.grid.num_cells, anchors)
+    grid = card.grid
+    level = GridLevel(grid.num_cells, anchors, None, grid.assign, grid.anchor_ratio)
+    layout = GridLayout(card.image, level)
     dataset_dir = Path(prepared.info["dataset_dir"])
     objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
     data = GridImages([dataset_dir / p for p in rows["path"]], objects, layout, transform)

@@ -124,6 +124,12 @@ def decode_boxes(encoded: torch.Tensor, width: int, height: int) -> torch.Tensor
     return box_convert(encoded * encoded.new_tensor([width, height] * 2), "cxcywh", "xyxy")
 
 
+def mirror_encoded(encoded: torch.Tensor) -> torch.Tensor:
+    """(N, 4) encoded (cx, cy, w, h) boxes -> the same boxes in the image flipped left to right
+    (cx -> 1 - cx). The image is the output one: flipping its S x S pixels flips the boxes so."""
+    return encoded * encoded.new_tensor([-1, 1, 1, 1]) + encoded.new_tensor([1, 0, 0, 0])
+
+
 def encoded_to_image(
     encoded: torch.Tensor, width: int, height: int, mode: str, size: int
 ) -> torch.Tensor:

@@ -7,11 +7,13 @@ Two box codings meet here (see geometry.py for pixels):
   responsible for it and holds (cx * S - j, cy * S - i, w, h): the centre relative to that cell
   (in [0, 1]), the size still a fraction of the image. What the grid head predicts.
 
-With grid.assign: neighbours (`encode_grid_neighbours`) an object is also held by the two
+With grid.assign: neighbours (`encode_grid_yolo`) an object is also held by the two
 neighbour cells nearest its centre, whose cell boxes then have a centre offset in [-0.5, 1.5].
 
-With A anchor boxes (grid.anchors, see anchors.py) a cell has A slots; an object goes to the slot
-of its best-IoU anchor, and the head's raw size output t becomes anchor * (2 sigmoid(t))^2.
+With A anchor boxes (grid.anchors, see anchors.py) a cell has A slots, and the head's raw size
+output t becomes anchor * (2 sigmoid(t))^2. The lab's head puts an object in the slot of its
+best-IoU anchor (`encode_grid`); the conv heads in every slot whose anchor's shape is within
+grid.anchor_ratio of the object's (`encode_grid_yolo`, YOLOv5's rule).
 
 Shapes: fractions (K, 4); one image's cell boxes (4, S, S), or (A, 4, S, S) with anchors; a batch
 adds B in front. Cells are listed in row-major order (i, then j), anchor by anchor. Tensors made
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline_lib.anchors import best_anchor
+from pipeline_lib.anchors import anchor_matches, best_anchor
 
 
 @dataclass
@@ -81,44 +83,62 @@ def encode_grid(
     return GridEncoding(boxes, has_obj, cell_labels, dropped)
 
 
-def encode_grid_neighbours(
-    fractions: torch.Tensor, labels: torch.Tensor, num_cells: int
+def encode_grid_yolo(
+    fractions: torch.Tensor,
+    labels: torch.Tensor,
+    num_cells: int,
+    anchors: torch.Tensor | None = None,
+    ratio: float = 4.0,
+    neighbours: bool = True,
 ) -> GridEncoding:
-    """One image's (K, 4) fraction boxes and (K,) labels -> grid targets where each object has up
-    to three cells (grid.assign: neighbours, YOLOv5's rule): the cell hosting its centre, the
-    horizontal neighbour on the side its centre is nearer to, and the vertical one likewise (when
-    inside the grid). More positives per object than one cell, so the head sees each object from
-    the cells around it. Boxes keep the cell coding, (cx * S - j, cy * S - i, w, h): a neighbour
-    holds a centre offset in [-0.5, 0] or [1, 1.5], which `decode_grid` inverts as for any cell.
-
-    A cell claimed by two objects goes to the smaller one (FCOS's rule), and a hosting cell beats
-    a neighbour cell; `dropped` counts the objects left with no cell at all.
+    """One image's (K, 4) fraction boxes and (K,) labels -> grid targets by YOLOv5's rules, where
+    an object may hold several cells and anchor slots:
+    - cells (grid.assign): the cell hosting its centre and, with `neighbours`, the horizontal
+      neighbour on the side its centre is nearer to and the vertical one likewise (when inside
+      the grid): more positives per object, each seeing it from around. Boxes keep the cell
+      coding, (cx * S - j, cy * S - i, w, h): a neighbour holds a centre offset in [-0.5, 0] or
+      [1, 1.5], which `decode_grid` inverts as for any cell;
+    - slots: with (A, 2) `anchors`, every anchor within `ratio` of its shape
+      (`anchors.anchor_matches`), in each of those cells; without, the one slot.
+    A slot of a cell claimed by two objects goes to the smaller one (FCOS's rule), and a hosting
+    cell beats a neighbour cell; `dropped` counts the objects left with no slot at all.
     """
     s, device = num_cells, fractions.device
-    boxes = torch.zeros(4, s, s, dtype=torch.float32, device=device)
-    has_obj = torch.zeros(s, s, dtype=torch.uint8, device=device)
-    cell_labels = torch.zeros(s, s, dtype=torch.int64, device=device)
+    slots = 1 if anchors is None else len(anchors)
+    boxes = torch.zeros(slots, 4, s, s, dtype=torch.float32, device=device)
+    has_obj = torch.zeros(slots, s, s, dtype=torch.uint8, device=device)
+    cell_labels = torch.zeros(slots, s, s, dtype=torch.int64, device=device)
     fractions = fractions.double()
     i, j = hosting_cells(fractions, s)
-    owner = torch.full((s, s), -1, dtype=torch.int64, device=device)
+    owner = torch.full((slots, s, s), -1, dtype=torch.int64, device=device)
+    if anchors is None:
+        fits = [[0]] * len(fractions)
+    else:
+        fits = [
+            row.nonzero().flatten().tolist()
+            for row in anchor_matches(fractions[:, 2:], anchors, ratio)
+        ]
     # Larger objects first, so that a smaller one overwrites them; neighbours before hosts.
     order = torch.argsort(fractions[:, 2] * fractions[:, 3], descending=True, stable=True).tolist()
     near_x = torch.where(fractions[:, 0] * s - j < 0.5, -1, 1)
     near_y = torch.where(fractions[:, 1] * s - i < 0.5, -1, 1)
     cells = [[(i[k], j[k] + near_x[k]), (i[k] + near_y[k], j[k])] for k in range(len(i))]
-    for pass_cells in ([cells[k] for k in order], [[(i[k], j[k])] for k in order]):
-        for k, claimed in zip(order, pass_cells, strict=True):
-            for row, col in claimed:
+    passes = [[(i[k], j[k])] for k in range(len(i))]
+    for pass_cells in ([cells] if neighbours else []) + [passes]:
+        for k in order:
+            for row, col in pass_cells[k]:
                 row, col = int(row), int(col)
                 if 0 <= row < s and 0 <= col < s:
-                    owner[row, col] = k
-    for row, col in (owner >= 0).nonzero().tolist():
-        k = int(owner[row, col])
+                    for a in fits[k]:
+                        owner[a, row, col] = k
+    for a, row, col in (owner >= 0).nonzero().tolist():
+        k = int(owner[a, row, col])
         cx, cy, w, h = fractions[k].tolist()
-        cell = (cx * s - col, cy * s - row, w, h)
-        boxes[:, row, col] = fractions.new_tensor(cell).float()
-        has_obj[row, col], cell_labels[row, col] = 1, labels[k]
+        boxes[a, :, row, col] = fractions.new_tensor((cx * s - col, cy * s - row, w, h)).float()
+        has_obj[a, row, col], cell_labels[a, row, col] = 1, labels[k]
     dropped = len(fractions) - len(owner[owner >= 0].unique())
+    if anchors is None:
+        return GridEncoding(boxes[0], has_obj[0], cell_labels[0], dropped)
     return GridEncoding(boxes, has_obj, cell_labels, dropped)
 
 

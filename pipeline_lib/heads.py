@@ -5,8 +5,9 @@ SingleObjectHead (the lab's first task): from a (B, C, H, W) feature map, the en
 MultiObjectHead (the second): per cell of an S x S grid, a box (centre relative to the cell,
 size relative to the image), class logits and an objectness logit -- an MLP slid over the feature
 map as 1x1 convolutions. TwoLevelHead: one of those per feature level (multi-scale).
-The default heads (issue 17) share `conv_trunk` (a 1x1 stem, then 3x3 convolutions) and give the
-same outputs: SpatialSingleHead (one box and class by attention over the cells) and ConvGridHead.
+The default heads share `conv_trunk` (a 1x1 stem, then 3x3 convolutions) and give the same
+outputs: SpatialSingleHead (one box and class by attention over the cells), ConvGridHead (with or
+without anchors) and, on two feature levels, PyramidGridHead (FPN, one head shared by the levels).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.backbones import unpack_levels
@@ -171,6 +173,10 @@ class ConvGridHead(nn.Module):
     `MultiObjectHead` gives them (same targets, losses, decoding), but the centre of a cell's box
     may lie up to half a cell outside it (`cell_boxes`), for grid.assign: neighbours.
 
+    With A `anchors` ((w, h) image fractions) the 1x1 outputs have A times the channels: per cell
+    and anchor a box whose size is anchor * (2 sigmoid(t))^2 (`gridcoding.anchor_sizes`), class
+    logits and an objectness logit, shaped as `MultiObjectHead`'s with anchors.
+
     The objectness bias starts at the log-odds of `prior` (RetinaNet's init: most cells are empty,
     so the first epochs do not drown in easy negatives).
     """
@@ -184,20 +190,119 @@ class ConvGridHead(nn.Module):
         depth: int = 3,
         dropout: float = 0.0,
         prior: float = 0.01,
+        anchors: list[list[float]] | None = None,
     ):
         super().__init__()
-        self.num_cells, self.n_anchors = num_cells, 0
+        self.num_cells, self.n_anchors = num_cells, len(anchors) if anchors else 0
+        slots = max(self.n_anchors, 1)
+        if anchors:  # only then: the anchor-free head's state dict stays as it was
+            self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))
         self.pool = grid_pool(feature_shape, num_cells)
         self.trunk = conv_trunk(feature_shape[0], width, depth, dropout)
-        self.box = nn.Conv2d(width, 4, 1)
-        self.classification = nn.Conv2d(width, n_classes + 1, 1)
-        with torch.no_grad():
-            self.classification.bias[-1] = math.log(prior / (1 - prior))
+        self.box = nn.Conv2d(width, 4 * slots, 1)
+        self.classification = nn.Conv2d(width, (n_classes + 1) * slots, 1)
+        init_objectness(self.classification, slots, prior)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> (boxes (B, 4, S, S) cell boxes, logits (B, n_classes + 1, S, S))."""
+        """(B, C, H, W) -> (boxes (B, 4, S, S) cell boxes, logits (B, n_classes + 1, S, S));
+        with A anchors (boxes (B, A, 4, S, S), logits (B, A, n_classes + 1, S, S))."""
         x = self.trunk(self.pool(features))
-        return cell_boxes(self.box(x)), self.classification(x)
+        return grid_outputs(self.box(x), self.classification(x), getattr(self, "anchors", None))
+
+
+def init_objectness(classification: nn.Conv2d, slots: int, prior: float) -> None:
+    """Set the objectness logit's bias (the last of each slot's n_classes + 1 channels) to the
+    log-odds of `prior`."""
+    with torch.no_grad():
+        classification.bias.view(slots, -1)[:, -1] = math.log(prior / (1 - prior))
+
+
+def grid_outputs(
+    raw: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv head's 1x1 outputs (B, 4 A, S, S) and (B, (K + 1) A, S, S) -> (cell boxes, logits)
+    as `MultiObjectHead` gives them: without anchors (A = 1) `cell_boxes(raw)` and the logits;
+    with (A, 2) anchors (B, A, 4, S, S) boxes, centres as `cell_boxes` makes them and sizes
+    anchor * (2 sigmoid(t))^2, and (B, A, K + 1, S, S) logits."""
+    if anchors is None:
+        return cell_boxes(raw), logits
+    b, a, height, width = len(raw), len(anchors), *raw.shape[-2:]
+    raw, logits = raw.view(b, a, 4, height, width), logits.view(b, a, -1, height, width)
+    centres = 2 * torch.sigmoid(raw[:, :, :2]) - 0.5
+    sizes = anchor_sizes(torch.sigmoid(raw[:, :, 2:]), anchors)
+    return torch.cat([centres, sizes], dim=2), logits
+
+
+class LevelTrunk(nn.Module):
+    """`depth` 3x3 convolutions at `width` shared by the levels of a pyramid, each followed by a
+    BatchNorm of its level's own (the levels' statistics differ: EfficientDet's shared head) and
+    SiLU; then Dropout(`dropout`) if > 0. (B, width, h, w) of level `level` -> the same shape."""
+
+    def __init__(self, width: int, depth: int, levels: int, dropout: float = 0.0):
+        super().__init__()
+        conv = [nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(depth)]
+        self.convs = nn.ModuleList(conv)
+        self.norms = nn.ModuleList(
+            nn.ModuleList(nn.BatchNorm2d(width) for _ in range(depth)) for _ in range(levels)
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms[level], strict=True):
+            x = F.silu(norm(conv(x)))
+        return self.dropout(x)
+
+
+class PyramidGridHead(nn.Module):
+    """The conv grid head on two feature levels (head.grid_kind: conv with backbone.fine_layer):
+    a feature pyramid (FPN, Lin et al. 2017) then one head shared by both levels.
+
+    Features come packed (backbones.pack_levels): the main map (C1 channels, S x S cells) and the
+    fine, stride-16 one (C2 channels, 2S x 2S). Each goes through a 1x1 lateral convolution to
+    `width` (with BatchNorm and SiLU; the fine map, an inner block's raw residual stream, through
+    a BatchNorm first, as `TwoLevelHead`); the main level's is upsampled (nearest) and added to
+    the fine level's, so the fine cells see the deeper map too. `LevelTrunk` and the 1x1 box and
+    class convolutions then run on each level with the same weights. Outputs: (boxes, logits) of
+    the main level, then of the fine level, as `TwoLevelHead` gives them (targets by size:
+    grid.fine_below; both levels decoded together before NMS).
+    """
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, int, int],
+        n_classes: int,
+        fine_channels: int,
+        num_cells: int = 7,
+        width: int = 256,
+        depth: int = 3,
+        dropout: float = 0.0,
+        prior: float = 0.01,
+    ):
+        super().__init__()
+        channels, height, wide = feature_shape
+        main = channels - 4 * fine_channels
+        self.fine_channels, self.num_cells, self.n_anchors = fine_channels, num_cells, 0
+        self.pool = grid_pool((main, height, wide), num_cells)
+        self.fine_pool = grid_pool((fine_channels, 2 * height, 2 * wide), 2 * num_cells)
+        self.fine_norm = nn.BatchNorm2d(fine_channels)
+        self.lateral = conv_trunk(main, width, 0)
+        self.fine_lateral = conv_trunk(fine_channels, width, 0)
+        self.trunk = LevelTrunk(width, depth, 2, dropout)
+        self.box = nn.Conv2d(width, 4, 1)
+        self.classification = nn.Conv2d(width, n_classes + 1, 1)
+        init_objectness(self.classification, 1, prior)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Packed features -> (boxes, logits) of the S x S level, then of the 2S x 2S level."""
+        main, fine = unpack_levels(features, self.fine_channels)
+        top = self.lateral(self.pool(main))
+        fine = self.fine_lateral(self.fine_pool(self.fine_norm(fine)))
+        fine = fine + F.interpolate(top, scale_factor=2, mode="nearest")
+        outputs: list[torch.Tensor] = []
+        for level, x in enumerate((top, fine)):
+            x = self.trunk(x, level)
+            outputs += [cell_boxes(self.box(x)), self.classification(x)]
+        return tuple(outputs)
 
 
 class SpatialSingleHead(nn.Module):

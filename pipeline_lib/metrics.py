@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,6 +179,7 @@ def voc_average_precision(
     n_classes: int,
     iou_threshold: float = 0.5,
     overlap: str = "voc_inclusive_pixels",
+    unmatched_ignored: list[torch.Tensor] | None = None,
 ) -> list[ClassAP]:
     """Per-class AP over a set of images, with the PASCAL VOC devkit's matching rules.
 
@@ -188,14 +190,18 @@ def voc_average_precision(
     first such object on ties): a true positive if that overlap >= `iou_threshold` and the object
     was not matched before, a false positive otherwise; a match with a `difficult` object counts
     as neither. `overlap` (see OVERLAPS) is the devkit's inclusive-pixel IoU by default.
+    `unmatched_ignored[n]` ((D,) bool, optional): those detections of image n count as neither
+    when they are not a true positive (COCO's rule for detections outside an area range).
     """
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
+    if unmatched_ignored is None:
+        unmatched_ignored = [torch.zeros(len(d[1]), dtype=torch.bool) for d in detections]
     results = []
     for k in range(n_classes):
         scores, hits, positives = [], [], 0  # hits: True for a true positive
-        for (d_boxes, d_scores, d_labels), (g_boxes, g_labels, g_difficult) in zip(
-            detections, ground_truth, strict=True
+        for (d_boxes, d_scores, d_labels), (g_boxes, g_labels, g_difficult), ignored in zip(
+            detections, ground_truth, unmatched_ignored, strict=True
         ):
             mine = g_labels == k
             gt, difficult = g_boxes[mine].double(), g_difficult[mine].bool()
@@ -203,6 +209,7 @@ def voc_average_precision(
             boxes, s = d_boxes[d_labels == k].double(), d_scores[d_labels == k]
             order = torch.argsort(s, descending=True, stable=True)
             iou = box_overlap(boxes[order], gt, overlap)
+            outside = ignored[d_labels == k][order].tolist()
             taken: set[int] = set()
             for row, score in enumerate(s[order].tolist()):
                 hit = False
@@ -212,10 +219,49 @@ def voc_average_precision(
                         continue  # neither a true nor a false positive
                     hit = g not in taken
                     taken.add(g)
+                if not hit and outside[row]:
+                    continue
                 scores.append(score)
                 hits.append(hit)
         results.append(_class_ap(scores, hits, positives))
     return results
+
+
+# Object sizes by area in the original image's pixels, COCO's ranges (VOC photos, about 500 x 375,
+# are of COCO's scale): small below 32^2, medium to 96^2, large above.
+SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
+
+
+def box_areas(boxes: torch.Tensor) -> torch.Tensor:
+    """(N,) areas (w * h, continuous) of (N, 4) xyxy boxes."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def ap_by_size(
+    detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n_classes: int,
+    iou_threshold: float = 0.5,
+    overlap: str = "voc_inclusive_pixels",
+) -> dict[str, list[ClassAP]]:
+    """Per SIZE_RANGES name, per-class AP (`voc_average_precision`) counting only the objects of
+    that size, as COCO does: objects of other sizes are ignored like difficult ones (a detection
+    matching one counts as neither), and so are the detections of other sizes that match no
+    object of this size."""
+    found = {}
+    for name, (low, high) in SIZE_RANGES.items():
+        truth = []
+        for boxes, labels, difficult in ground_truth:
+            area = box_areas(boxes.double())
+            truth.append((boxes, labels, difficult.bool() | (area < low) | (area >= high)))
+        outside = []
+        for boxes, _, _ in detections:
+            area = box_areas(boxes.double())
+            outside.append((area < low) | (area >= high))
+        found[name] = voc_average_precision(
+            detections, truth, n_classes, iou_threshold, overlap, outside
+        )
+    return found
 
 
 def _class_ap(scores: list[float], hits: list[bool], positives: int) -> ClassAP:

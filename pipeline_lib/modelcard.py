@@ -38,6 +38,8 @@ class GridSpec:
     anchors: list[list[float]] | None = None
     fine_channels: int = 0
     fine_below: float | None = None
+    assign: str = "centre"  # grid.assign: which cells learned an object (targets.GridLevel)
+    anchor_ratio: float | None = None  # which anchor slots: None the best anchor's, else YOLOv5's
 
 
 @dataclass
@@ -68,6 +70,10 @@ class ModelCard:
                     "fine_channels": self.grid.fine_channels,
                     "fine_below": self.grid.fine_below,
                 }
+            if self.grid.assign != "centre":  # only then: older models' files stay as they were
+                out["assign"] = self.grid.assign
+            if self.grid.anchor_ratio is not None:
+                out["anchor_ratio"] = self.grid.anchor_ratio
         out |= {
             "classes": self.classes,
             "feature_shape": list(self.feature_shape),
@@ -106,6 +112,8 @@ def _from_format_1(raw: dict[str, Any]) -> ModelCard:
                 raw.get("anchors"),
                 int(raw.get("fine_channels", 0)),
                 raw.get("fine_below"),
+                raw.get("assign", "centre"),
+                raw.get("anchor_ratio"),
             )
         return ModelCard(
             kind=kind,

@@ -33,6 +33,7 @@ Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
+Share = Annotated[Float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0.0)]
 Name = Annotated[Str, Field(pattern=_NAME)]
@@ -144,6 +145,7 @@ class BackboneParams:
     workers: Literal["auto"] | Annotated[Int, Field(ge=0, le=64)]
     compile: Bool
     fine_layer: Str
+    hflip: Bool  # also the training images flipped left to right: train_flipped.safetensors
     processes: Annotated[Int, Field(ge=1, le=1024)]  # > 1: extract runs under torchrun
 
     @model_validator(mode="after")
@@ -179,7 +181,7 @@ class HeadParams:
     classifier_dropout: Probability
     grid_hidden: PositiveInt
     single_kind: Literal["lab", "spatial"]  # heads.SingleObjectHead / heads.SpatialSingleHead
-    grid_kind: Literal["lab", "conv"]  # see heads.MultiObjectHead / heads.ConvGridHead
+    grid_kind: Literal["lab", "conv", "fcos"]  # see heads.py (lab, conv) and fcos.py
     conv_width: Annotated[Int, Field(ge=1, le=4096)]
     conv_depth: Annotated[Int, Field(ge=0, le=8)]
 
@@ -193,6 +195,7 @@ class TrainParams:
     weight_decay: Annotated[Float, Field(ge=0.0)]
     lr_schedule: Literal["constant", "cosine"]
     ema_decay: Annotated[Float, Field(ge=0.0, lt=1.0)]  # 0: off; see training.fit
+    warmup_epochs: Annotated[Float, Field(ge=0.0, le=1000.0)]  # see training.WarmUp
     monitor: Literal["box_loss_plus_error", "loss", "last"]
     box_weight: Annotated[Float, Field(ge=0.0)]
     class_weight: Annotated[Float, Field(ge=0.0)]
@@ -205,12 +208,15 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"]
     cpu_kernels: Literal["avx2", "native"]  # see training.CPU_KERNELS
     features: Literal["memory", "disk"]  # see features.FeatureRows
+    hflip: Share  # a training image is taken flipped left to right (training.Flips)
+    hflip_from: Literal["extracted", "mirrored"]  # the flipped images' features or mirrored maps
 
 
 @dataclass(frozen=True, config=_STRICT)
 class GridParams:
     num_cells: Annotated[Int, Field(ge=1, le=64)]
     anchors: Annotated[Int, Field(ge=0, le=16)]
+    anchor_ratio: Annotated[Float, Field(gt=1.0, le=100.0)]  # conv heads: YOLOv5's anchor_t
     fine_below: Annotated[Float, Field(gt=0.0, le=1.0)]
     assign: Literal["centre", "neighbours"]  # see targets.GridLevel
 
@@ -236,7 +242,7 @@ class FinetuneParams:
     lr_schedule: Literal["constant", "cosine"]
     monitor: Literal["loss", "last"]  # the epoch kept: lowest val loss, or the last one
     unfreeze: Literal["all"] | Annotated[Int, Field(ge=0, le=1000)]
-    hflip: Annotated[Float, Field(ge=0.0, le=1.0)]
+    hflip: Share
     scale_jitter: Probability
     translate: Annotated[Float, Field(ge=0.0, le=0.5)]
     color_jitter: Annotated[Float, Field(ge=0.0, le=1.0)]

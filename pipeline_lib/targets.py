@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from pipeline_lib.geometry import ImageSpec, encode_boxes, largest_box, output_size, transform_boxes
-from pipeline_lib.gridcoding import encode_grid, encode_grid_neighbours
+from pipeline_lib.geometry import (
+    ImageSpec,
+    encode_boxes,
+    largest_box,
+    mirror_encoded,
+    output_size,
+    transform_boxes,
+)
+from pipeline_lib.gridcoding import GridEncoding, encode_grid, encode_grid_yolo
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
 
@@ -54,27 +61,38 @@ def image_boxes(
 
 
 def encoded_objects(
-    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], spec: ImageSpec
+    images: pd.DataFrame,
+    objects: pd.DataFrame,
+    image_ids: list[str],
+    spec: ImageSpec,
+    mirrored: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(row, encoded boxes, class ids) per image of `image_ids` that has objects in the tables,
-    as `image_boxes` gives them (possibly none left after crop)."""
+    as `image_boxes` gives them (possibly none left after crop); with `mirrored`, as they are in
+    the output image flipped left to right (the flipped features of backbone.hflip)."""
     sizes = images.set_index("image_id")[["width", "height"]]
     by_image = dict(tuple(objects.groupby("image_id", sort=False)))
     for row, image_id in enumerate(image_ids):
         if image_id in by_image:
             width, height = (int(v) for v in sizes.loc[image_id])
-            yield row, *image_boxes(by_image[image_id], width, height, spec)
+            encoded, labels = image_boxes(by_image[image_id], width, height, spec)
+            yield row, mirror_encoded(encoded) if mirrored else encoded, labels
 
 
 def single_object_targets(
-    images: pd.DataFrame, objects: pd.DataFrame, image_ids: list[str], spec: ImageSpec
+    images: pd.DataFrame,
+    objects: pd.DataFrame,
+    image_ids: list[str],
+    spec: ImageSpec,
+    mirrored: bool = False,
 ) -> SingleTargets:
-    """The largest object of each image in `image_ids` (rows of the prepared tables)."""
+    """The largest object of each image in `image_ids` (rows of the prepared tables); `mirrored`:
+    in the images flipped left to right (`encoded_objects`)."""
     n = len(image_ids)
     boxes = torch.zeros(n, 4, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.int64)
     present = torch.zeros(n, dtype=torch.bool)
-    for row, encoded, classes in encoded_objects(images, objects, image_ids, spec):
+    for row, encoded, classes in encoded_objects(images, objects, image_ids, spec, mirrored):
         if len(encoded):
             k = largest_box(encoded)
             boxes[row], labels[row], present[row] = encoded[k].float(), classes[k], True
@@ -101,14 +119,37 @@ class GridTargets:
 @dataclass(frozen=True)
 class GridLevel:
     """One level of the grid head: S x S cells, its (A, 2) anchors (or None), the object
-    scales sqrt(w * h) (image fractions) in [low, high) it learns (None: every object), and
-    which cells learn an object (grid.assign): `centre`, the one hosting its centre, or
-    `neighbours`, that one and its two nearest neighbours (gridcoding.encode_grid_neighbours)."""
+    scales sqrt(w * h) (image fractions) in [low, high) it learns (None: every object), which
+    cells learn an object (grid.assign): `centre`, the one hosting its centre, or `neighbours`,
+    that one and its two nearest neighbours, and which anchor slots: the best anchor's
+    (`anchor_ratio` None, the lab's head) or every anchor within `anchor_ratio` of the object's
+    shape (the conv heads, YOLOv5's rule). `encode` makes one image's targets by these rules."""
 
     num_cells: int
     anchors: torch.Tensor | None = None
     scales: tuple[float, float] | None = None
     assign: str = "centre"
+    anchor_ratio: float | None = None
+
+    def select(
+        self, fractions: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, 4) fraction boxes and labels of the objects whose scale this level learns."""
+        if self.scales is None:
+            return fractions, labels
+        scale = (fractions[:, 2] * fractions[:, 3]).sqrt()
+        mine = (scale >= self.scales[0]) & (scale < self.scales[1])
+        return fractions[mine], labels[mine]
+
+    def encode(self, fractions: torch.Tensor, labels: torch.Tensor) -> GridEncoding:
+        """One image's targets on this level from the objects it learns (`select`)."""
+        s, anchors = self.num_cells, self.anchors
+        if self.assign == "neighbours" or self.anchor_ratio is not None:
+            ratio = self.anchor_ratio or 0.0  # unused without anchors
+            return encode_grid_yolo(
+                fractions, labels, s, anchors, ratio, self.assign == "neighbours"
+            )
+        return encode_grid(fractions, labels, s, anchors)
 
 
 def targets_to_grid_cell_tensor(objects: list[dict], num_cells: int):
@@ -130,10 +171,12 @@ def multi_object_targets(
     image_ids: list[str],
     spec: ImageSpec,
     level: GridLevel,
+    mirrored: bool = False,
 ) -> GridTargets:
     """Grid targets of every image in `image_ids` (rows of the prepared tables) on one grid
-    `level`: only the objects of the level's scales are targets there, and counted."""
-    n, s, anchors, scales = len(image_ids), level.num_cells, level.anchors, level.scales
+    `level`: only the objects of the level's scales are targets there, and counted. `mirrored`:
+    in the images flipped left to right (`encoded_objects`)."""
+    n, s, anchors = len(image_ids), level.num_cells, level.anchors
     slots = () if anchors is None else (len(anchors),)
     out = GridTargets(
         boxes=torch.zeros(n, *slots, 4, s, s),
@@ -142,15 +185,10 @@ def multi_object_targets(
         objects=torch.zeros(n, dtype=torch.int64),
         dropped=torch.zeros(n, dtype=torch.int64),
     )
-    for row, fractions, classes in encoded_objects(images, objects, image_ids, spec):
-        if scales is not None:
-            scale = (fractions[:, 2] * fractions[:, 3]).sqrt()
-            mine = (scale >= scales[0]) & (scale < scales[1])
-            fractions, classes = fractions[mine], classes[mine]
-        if level.assign == "neighbours":
-            grid = encode_grid_neighbours(fractions, classes, s)
-        else:
-            grid = encode_grid(fractions, classes, s, anchors)
+    found = encoded_objects(images, objects, image_ids, spec, mirrored)
+    for row, fractions, classes in found:
+        fractions, classes = level.select(fractions, classes)
+        grid = level.encode(fractions, classes)
         out.boxes[row], out.has_obj[row], out.labels[row] = grid.boxes, grid.has_obj, grid.labels
         out.objects[row], out.dropped[row] = len(fractions), grid.dropped
     return out
@@ -161,16 +199,17 @@ def grid_levels(
     fine_below: float | None = None,
     anchors: torch.Tensor | None = None,
     assign: str = "centre",
+    anchor_ratio: float | None = None,
 ) -> list[GridLevel]:
     """The levels of the grid head: one S x S level learning every object (with `anchors` if
     given), or with `fine_below` (a two-level head, no anchors) the S x S level for objects
     whose sqrt(w * h) is at least `fine_below` of the image and a 2S x 2S level for the smaller
-    ones. `assign` applies to a one-level head without anchors."""
+    ones. `assign` and `anchor_ratio` (see GridLevel) apply to every level."""
     if fine_below is None:
-        return [GridLevel(num_cells, anchors, None, assign)]
+        return [GridLevel(num_cells, anchors, None, assign, anchor_ratio)]
     return [
-        GridLevel(num_cells, None, (fine_below, math.inf)),
-        GridLevel(2 * num_cells, None, (0.0, fine_below)),
+        GridLevel(num_cells, None, (fine_below, math.inf), assign),
+        GridLevel(2 * num_cells, None, (0.0, fine_below), assign),
     ]
 
 

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from pipeline_lib.anchors import kmeans_anchors
+from pipeline_lib.backbones import mirror_features
 from pipeline_lib.checkpoints import build_head
 from pipeline_lib.errors import PipelineError
+from pipeline_lib.fcos import fcos_targets
 from pipeline_lib.features import FeatureRows, Features, read_features
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
@@ -33,9 +35,10 @@ from pipeline_lib.targets import (
     single_object_targets,
     training_shapes,
 )
-from pipeline_lib.training import Dataset, FitResult, Objective, TrainConfig
+from pipeline_lib.training import Dataset, FitResult, Flips, Objective, TrainConfig
 
 SPLITS = ("train", "val")
+FLIPPED_FILE = "train_flipped.safetensors"  # the training images flipped (backbone.hflip)
 SINGLE_CURVES = ("loss", "box_loss", "class_loss", "accuracy", "iou")
 GRID_CURVES = ("loss", "box_loss", "class_loss", "obj_loss", "accuracy", "iou", "obj_accuracy")
 HEADLINE_MEASURES = ("loss", "accuracy", "iou", "obj_accuracy")  # of the curves, in metrics.json
@@ -64,6 +67,8 @@ def read_training_inputs(
     on disk and are read batch by batch: `features.FeatureRows`)."""
     prepared = read_prepared(prepared_dir)
     paths = {split: features_dir / f"{split}.safetensors" for split in SPLITS}
+    if (features_dir / FLIPPED_FILE).is_file():  # backbone.hflip
+        paths["train_flipped"] = features_dir / FLIPPED_FILE
     features = {split: read_features(path, lazy) for split, path in paths.items()}
     return TrainingInputs(prepared, features)
 
@@ -111,9 +116,12 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
                 f"{split}: {left_out} images have no object after image.mode {spec.mode}; left out"
             )
         keep = t.present
-        rows = inputs.features[split].features
-        rows = rows.select(keep) if isinstance(rows, FeatureRows) else rows[keep]
-        data[split] = Dataset(rows, (t.boxes[keep], t.labels[keep]))
+        data[split] = Dataset(_rows(inputs.features[split], keep), (t.boxes[keep], t.labels[keep]))
+    if params.train.hflip:
+        t = single_object_targets(tables.images, tables.objects, inputs.ids("train"), spec, True)
+        keep = t.present
+        flips = training_flips(inputs, params, (t.boxes[keep], t.labels[keep]), keep)
+        data["train"].flips = flips
     hp = params.head
     config = {
         "hidden": hp.hidden,
@@ -130,6 +138,42 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
     return Task(head, data, objective, SINGLE_CURVES, card, warnings=warnings)
 
 
+def _rows(features: Features, keep: torch.Tensor | None = None) -> torch.Tensor | FeatureRows:
+    """A feature file's rows, those where `keep` is true (all: None)."""
+    rows = features.features
+    if keep is None:
+        return rows
+    return rows.select(keep) if isinstance(rows, FeatureRows) else rows[keep]
+
+
+def training_flips(
+    inputs: TrainingInputs, params: Params, targets: tuple, keep: torch.Tensor | None = None
+) -> Flips:
+    """train.hflip: the flipped training images (rows where `keep` is true), with their
+    `targets`: their extracted features (train.hflip_from: extracted) or the cached maps
+    mirrored."""
+    train = params.train
+    generator = torch.Generator().manual_seed(train.seed + 1)  # draws apart from the order's
+    if train.hflip_from == "mirrored":
+        fine = int(inputs.features["train"].metadata["backbone"].get("fine_channels", 0))
+        return Flips(
+            train.hflip, targets, generator, mirror=partial(mirror_features, fine_channels=fine)
+        )
+    flipped = inputs.features.get("train_flipped")
+    if flipped is None:
+        raise PipelineError(
+            "train.hflip with train.hflip_from: extracted needs the flipped training images' "
+            f"features (data/features/{FLIPPED_FILE}): set backbone.hflip: true, or "
+            "train.hflip_from: mirrored"
+        )
+    if flipped.image_ids != inputs.ids("train"):
+        raise PipelineError(
+            f"data/features/{FLIPPED_FILE} does not hold the images of train.safetensors in "
+            "their order: run dvc repro extract"
+        )
+    return Flips(train.hflip, targets, generator, features=_rows(flipped, keep))
+
+
 def _conv_config(kind: str, hp: HeadParams) -> dict:
     """The card's description of a conv-trunk head (heads.ConvGridHead / SpatialSingleHead)."""
     return {"kind": kind, "width": hp.conv_width, "depth": hp.conv_depth, "dropout": hp.dropout}
@@ -137,18 +181,15 @@ def _conv_config(kind: str, hp: HeadParams) -> dict:
 
 def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     """The grid head (box, class and objectness per cell), with anchors and a second level as
-    params grid.anchors and backbone.fine_layer ask."""
+    params grid.anchors and backbone.fine_layer ask (the conv head on two levels: a pyramid)."""
     grid, hp = params.grid, params.head
     fine_channels = int(inputs.features["train"].metadata["backbone"].get("fine_channels", 0))
+    if hp.grid_kind == "fcos":
+        return fcos_task(inputs, params, fine_channels)
     if fine_channels and grid.anchors:
         raise PipelineError(
             "grid.anchors with a second feature level (backbone.fine_layer) is not supported "
             "yet: set grid.anchors: 0 or backbone.fine_layer: none"
-        )
-    if hp.grid_kind == "conv" and (fine_channels or grid.anchors):
-        raise PipelineError(
-            "head.grid_kind: conv with grid.anchors or a second feature level is not supported "
-            "yet: set grid.anchors: 0 and backbone.fine_layer: none, or head.grid_kind: lab"
         )
     if grid.assign == "neighbours" and hp.grid_kind != "conv":
         raise PipelineError(
@@ -158,16 +199,23 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     notes: list[str] = []
     anchors = fit_anchors(grid.anchors, inputs, notes)
     fine_below = grid.fine_below if fine_channels else None
-    levels = grid_levels(grid.num_cells, fine_below, anchors, grid.assign)
+    # The conv heads take every anchor close to an object's shape (YOLOv5), the lab's the best.
+    ratio = grid.anchor_ratio if anchors is not None and hp.grid_kind == "conv" else None
+    levels = grid_levels(grid.num_cells, fine_below, anchors, grid.assign, ratio)
     data, collisions = grid_data(inputs, levels, notes)
+    if params.train.hflip:
+        tables, ids = inputs.prepared, inputs.ids("train")
+        mirrored = []
+        for level in levels:
+            t = multi_object_targets(tables.images, tables.objects, ids, inputs.spec, level, True)
+            mirrored += [t.boxes, t.has_obj, t.labels]
+        data["train"].flips = training_flips(inputs, params, tuple(mirrored))
     anchor_list = None if anchors is None else anchors.tolist()
     config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head
     if hp.grid_kind == "conv":
         config = _conv_config("conv", hp)
     card = _card(inputs, "multi", config, data)
-    card.grid = GridSpec(
-        grid.num_cells, anchor_list, fine_channels, grid.fine_below if fine_channels else None
-    )
+    card.grid = GridSpec(grid.num_cells, anchor_list, fine_channels, fine_below, grid.assign, ratio)
     card.collisions = collisions
     head = _build_head(card)
     # objects per split that lost their cell (the model card keeps the totals too)
@@ -177,6 +225,41 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     loss = partial(grid_loss, weights=loss_weights(params.train))
     objective = Objective(loss, multi_object_batch_sums)
     return Task(head, data, objective, GRID_CURVES, card, notes=notes, summary=summary)
+
+
+def fcos_task(inputs: TrainingInputs, params: Params, fine_channels: int) -> Task:
+    """torchvision's FCOS on the cached level(s) (head.grid_kind: fcos, see fcos.py): its own
+    targets (each image's boxes), assignment and losses; head.conv_width and head.conv_depth size
+    its pyramid and towers. train.box_loss, obj_loss, obj_target and grid.* other than the fine
+    level do not apply."""
+    if params.grid.anchors:
+        raise PipelineError(
+            "grid.anchors: head.grid_kind fcos predicts one box per location, without anchor "
+            "boxes; set grid.anchors: 0"
+        )
+    if params.head.conv_width % 32:
+        raise PipelineError(
+            f"head.conv_width {params.head.conv_width}: head.grid_kind fcos normalises its "
+            "towers in 32 groups (torchvision's FCOSHead); use a multiple of 32"
+        )
+    data = {}
+    for split in SPLITS:
+        targets = fcos_targets(inputs.prepared, inputs.ids(split), inputs.spec)
+        data[split] = Dataset(inputs.features[split].features, targets)
+    if params.train.hflip:
+        mirrored = fcos_targets(inputs.prepared, inputs.ids("train"), inputs.spec, mirrored=True)
+        data["train"].flips = training_flips(inputs, params, mirrored)
+    hp = params.head
+    card = _card(
+        inputs, "multi", {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth}, data
+    )
+    card.grid = GridSpec(card.feature_shape[1], None, fine_channels)
+    head = _build_head(card)
+    levels = " and ".join(f"{h}x{w}" for h, w in head.grids)
+    notes = [
+        f"FCOS on the {levels} levels ({hp.conv_width} channels, {hp.conv_depth} convolutions)"
+    ]
+    return Task(head, data, Objective(head.loss, head.measures), GRID_CURVES, card, notes=notes)
 
 
 def grid_data(
@@ -235,6 +318,7 @@ def train_config(train: TrainParams, device: str) -> TrainConfig:
         train.monitor,
         device,
         train.ema_decay,
+        train.warmup_epochs,
     )
 
 

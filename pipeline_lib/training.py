@@ -45,11 +45,46 @@ MONITORS = {
 
 
 @dataclass
+class Flips:
+    """The images flipped left to right, each taken instead of its original with `probability`
+    (drawn from `generator` at every batch): their targets, aligned with the originals', and
+    their features, extracted from the flipped images (backbone.hflip), or None to flip the
+    original's cached maps with `mirror` (no extraction; a map is not the flipped image's map:
+    channels that see oriented patterns do not swap)."""
+
+    probability: float
+    targets: tuple[torch.Tensor, ...]
+    generator: torch.Generator
+    features: torch.Tensor | None = None  # or features.FeatureRows
+    mirror: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def apply(self, rows: torch.Tensor, x: torch.Tensor, targets: tuple[torch.Tensor, ...]):
+        """A batch's features and targets (rows `rows` of the dataset) with the drawn ones
+        flipped."""
+        chosen = torch.rand(len(rows), generator=self.generator) < self.probability
+        if not chosen.any():
+            return x, targets
+        x, flipped = x.clone(), rows[chosen]
+        if self.features is not None:
+            x[chosen] = self.features[flipped].to(x.dtype)
+        else:
+            x[chosen] = self.mirror(x[chosen])
+        mixed = []
+        for t, mirrored in zip(targets, self.targets, strict=True):
+            t = t.clone()
+            t[chosen] = mirrored[flipped]
+            mixed.append(t)
+        return x, tuple(mixed)
+
+
+@dataclass
 class Dataset:
-    """Features (N, C, H, W) and the targets aligned with them on the first dimension."""
+    """Features (N, C, H, W) and the targets aligned with them on the first dimension; `flips`:
+    flipped images sampled in their place in shuffled batches (training)."""
 
     features: torch.Tensor
     targets: tuple[torch.Tensor, ...]
+    flips: Flips | None = None
 
     def __len__(self) -> int:
         return len(self.features)
@@ -60,8 +95,11 @@ class Dataset:
         for start in range(0, len(self), batch_size):
             end = start + batch_size
             rows = slice(start, end) if order is None else order[start:end]
-            x = self.features[rows].to(device, non_blocking=True).float()
-            yield x, tuple(t[rows].to(device, non_blocking=True) for t in self.targets)
+            x, targets = self.features[rows], tuple(t[rows] for t in self.targets)
+            if self.flips is not None and order is not None:  # training: shuffled batches
+                x, targets = self.flips.apply(rows, x, targets)
+            x = x.to(device, non_blocking=True).float()
+            yield x, tuple(t.to(device, non_blocking=True) for t in targets)
 
 
 @dataclass(frozen=True)
@@ -83,6 +121,7 @@ class TrainConfig:
     monitor: str = "box_loss_plus_error"
     device: str = "cpu"
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights
+    warmup_epochs: float = 0.0  # > 0: the learning rate grows linearly over these first epochs
 
 
 @dataclass
@@ -131,6 +170,30 @@ def pin_cpu_kernels(kernels: str) -> str | None:
             "before the pin): models may differ from other machines' ones"
         )
     return None
+
+
+class WarmUp:
+    """`optimizer` whose first `steps` steps take (step + 1) / steps of its learning rate, the
+    rate the schedule (per epoch) sets being restored after each: a linear warm-up, so that the
+    first updates of a fresh head stay small (FCOS's ReLU box outputs die under Adam's full first
+    steps). Used as the optimizer (`zero_grad`, `step`)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int):
+        self.optimizer, self.steps, self.done = optimizer, steps, 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        groups = self.optimizer.param_groups
+        rates = [group["lr"] for group in groups]
+        if self.done < self.steps:
+            for group in groups:
+                group["lr"] *= (self.done + 1) / self.steps
+        self.optimizer.step()
+        for group, rate in zip(groups, rates, strict=True):
+            group["lr"] = rate
+        self.done += 1
 
 
 def seed_everything(seed: int) -> None:
@@ -211,6 +274,10 @@ def fit(
     optimizer = torch.optim.Adam(
         head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused
     )
+    stepper = optimizer
+    if config.warmup_epochs > 0:
+        batches = math.ceil(len(train) / config.batch_size)
+        stepper = WarmUp(optimizer, math.ceil(config.warmup_epochs * batches))
     scheduler = None
     if config.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -224,7 +291,7 @@ def fit(
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         label = f"epoch {epoch}/{config.epochs}" if progress else None
-        train_stats = run_epoch(head, train, objective, config, optimizer, generator, label, ema)
+        train_stats = run_epoch(head, train, objective, config, stepper, generator, label, ema)
         val_stats = run_epoch(kept, val, objective, config)
         stats = {"train": train_stats, "val": val_stats, "lr": optimizer.param_groups[0]["lr"]}
         if scheduler is not None:

@@ -10,9 +10,12 @@ evaluate_multi writes reports/evaluate_multi/
   torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
   collisions (and by crop), detections per image, evaluation seconds,
 - pr_curves.json (DVC plot, x = recall, y = precision, one curve per class: the interpolated
-  precision that AP integrates) and per_class_ap.json (DVC plot: a bar per class; both APs),
-- figures/pr_curves.png, figures/per_class_ap.png, figures/nms_before_after.png (eval.samples val
-  images, detections scoring eval.draw_score or more before and after NMS, the truth dashed).
+  precision that AP integrates), per_class_ap.json (DVC plot: a bar per class; both APs, and the
+  AP on the small, medium and large objects: ap_small, ...) and ap_by_size.json (DVC plot: mAP
+  and object count per size, COCO's areas in the original pixels),
+- figures/pr_curves.png, figures/per_class_ap.png, figures/ap_by_size.png,
+  figures/nms_before_after.png (eval.samples val images, detections scoring eval.draw_score or
+  more before and after NMS, the truth dashed).
 Detections are compared with every object of the original images (in their pixels).
 
 evaluate_single writes reports/evaluate_single/

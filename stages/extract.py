@@ -5,7 +5,8 @@
 
 Writes
 - data/features/<split>.safetensors: `features` (N, C, H, W) in backbone.store_dtype, with the image
-  ids in row order and the backbone description in the metadata (see pipeline_lib/features.py),
+  ids in row order and the backbone description in the metadata (see pipeline_lib/features.py);
+  with backbone.hflip also train_flipped.safetensors, the training images flipped left to right,
 - data/features/features.json: backbone, layer, weights, normalisation, compute precision (the
   resolved backbone.precision), image mode and size, store dtype, and per split the shape and file,
 - reports/extract/report.json: device, precision, processes; per split the wall time, images/s,
@@ -79,11 +80,16 @@ def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
     description |= {"image_size": spec.size, "store_dtype": bb.store_dtype, "splits": {}}
     report = {"device": str(device), "precision": precision, "processes": ranks.world}
     report |= {"torch": torch.__version__, "splits": {}}
+    jobs = [(split, images, False) for split, images in prepared.split_files()]
+    if bb.hflip:  # the training images flipped left to right, for train.hflip
+        jobs += [(f"{s}_flipped", images, True) for s, images, _ in jobs if s == "train"]
     with output_folder(ranks) as out:
-        for split, images in prepared.split_files():
+        for split, images, flipped in jobs:
             file = f"{split}.safetensors"
             label = f"extract {split}" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
-            result = extract_features(backbone, images, out / file, spec, settings, label, ranks)
+            result = extract_features(
+                backbone, images, out / file, spec, settings, label, ranks, flipped
+            )
             description["splits"][split] = {"file": file, "shape": list(result.shape)}
             report["splits"][split] = result.report()
             if ranks.main:

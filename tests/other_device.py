@@ -37,10 +37,9 @@ OTHER = torch.device("meta")  # has a device guard (autograd needs one) and no k
 
 aten = torch.ops.aten
 # Operations that take CPU tensors beside device ones on a GPU: copies between devices, and the
-# index tensors of indexing.
-MIXED_DEVICES_ALLOWED = {
-    aten._to_copy.default,
-    aten.copy_.default,
+# index tensors of indexing (the indexed tensor, and the values put, stay on the device).
+COPIES = {aten._to_copy.default, aten.copy_.default}
+INDEXING = {
     aten.index.Tensor,
     aten.index_put.default,
     aten.index_put_.default,
@@ -106,13 +105,18 @@ def _run(func, args, kwargs):
         involved, kwargs = True, dict(kwargs, device=torch.device("cpu"))
     if not involved:
         return func(*args, **kwargs)
-    if func not in MIXED_DEVICES_ALLOWED:
-        for t in leaves:
-            if isinstance(t, torch.Tensor) and not isinstance(t, Elsewhere) and t.dim() > 0:
-                raise RuntimeError(
-                    f"{func}: Expected all tensors to be on the same device, but found at least "
-                    f"two devices, {OTHER.type} and {t.device}! (a {tuple(t.shape)} tensor)"
-                )
+    for t in leaves:  # a real meta tensor has no values: it must never pass for one of ours
+        if isinstance(t, torch.Tensor) and not isinstance(t, Elsewhere) and t.is_meta:
+            raise RuntimeError(f"{func}: a meta tensor without values met the stand-in device")
+    checked = [] if func in COPIES else leaves
+    if func in INDEXING:  # the indices may stay on the CPU
+        checked = [args[0], *args[2:3]]
+    for t in checked:
+        if isinstance(t, torch.Tensor) and not isinstance(t, Elsewhere) and t.dim() > 0:
+            raise RuntimeError(
+                f"{func}: Expected all tensors to be on the same device, but found at least "
+                f"two devices, {OTHER.type} and {t.device}! (a {tuple(t.shape)} tensor)"
+            )
     plain_args, plain_kwargs = tree_map(
         lambda t: t.elem if isinstance(t, Elsewhere) else t, (args, kwargs)
     )
@@ -141,11 +145,27 @@ class _Dispatch(TorchDispatchMode):
 _FROM_DATA = {torch.tensor, torch.as_tensor, torch.Tensor.new_tensor}
 
 
+_INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
+
+
+def _cpu_lists(index):
+    """An index with each list of numbers (or bools) turned into a CPU tensor."""
+    if isinstance(index, tuple):
+        return tuple(_cpu_lists(part) for part in index)
+    if isinstance(index, list):
+        return torch.tensor(index)
+    return index
+
+
 class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.tolist and isinstance(args[0], Elsewhere):
             return args[0].elem.tolist()  # a GPU tensor's values come back as Python numbers
+        if func in _INDEXING and isinstance(args[0], Elsewhere):
+            # A list in an index becomes an index tensor on the indexed tensor's device, made
+            # below the dispatcher (a meta tensor here, without values): made on the CPU instead.
+            args = (args[0], _cpu_lists(args[1]), *args[2:])
         if func in _FROM_DATA:
             device = kwargs.get("device")
             if device is None and func is torch.Tensor.new_tensor:

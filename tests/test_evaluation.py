@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline_lib.evaluation import VocSummary, ap_rows, pr_rows, pr_steps
+from pipeline_lib.evaluation import VocSummary, ap_rows, pr_rows, pr_steps, size_rows
 from pipeline_lib.metrics import ClassAP
 
 
@@ -36,9 +36,15 @@ def test_tables_round_and_leave_out_classes_without_objects():
         ClassAP(0.123456, 0.1, [1.0, 0.5], [0.5, 0.5], 2, 2),
     ]
     voc = VocSummary(["cat", "dog", "cow"], per_class)
-    assert ap_rows(voc) == [
-        {"class": "cat", "ap": 1.0, "ap_11point": 1.0},
-        {"class": "cow", "ap": 0.1235, "ap_11point": 0.1},
+    small = [ClassAP(None, None, [], [], 0, 0), per_class[1], ClassAP(0.25, 0.3, [], [], 1, 1)]
+    by_size = {"small": VocSummary(voc.classes, small), "large": voc}
+    assert ap_rows(voc, by_size) == [
+        {"class": "cat", "ap": 1.0, "ap_11point": 1.0, "ap_small": None, "ap_large": 1.0},
+        {"class": "cow", "ap": 0.1235, "ap_11point": 0.1, "ap_small": 0.25, "ap_large": 0.1235},
+    ]
+    assert size_rows(by_size) == [
+        {"size": "small", "map": 0.25, "objects": 1},
+        {"size": "large", "map": round((1.0 + 0.123456) / 2, 4), "objects": 3},
     ]
     rows = pr_rows(voc)
     assert {"class": "cow", "recall": 0.0, "precision": 1.0} in rows

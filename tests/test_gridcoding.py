@@ -14,7 +14,7 @@ from pipeline_lib.gridcoding import (
     decode_grid,
     decode_grid_map,
     encode_grid,
-    encode_grid_neighbours,
+    encode_grid_yolo,
     hosting_cells,
 )
 
@@ -134,7 +134,7 @@ def test_neighbour_assignment_by_hand():
     # S = 4. Object 0: centre (0.30, 0.60) -> host (row 2, col 1), offsets (0.2, 0.4): nearer
     # the left and the top, so its neighbours are (2, 0) and (1, 1).
     big = [0.30, 0.60, 0.5, 0.5]
-    grid = encode_grid_neighbours(torch.tensor([big], dtype=torch.float64), torch.tensor([4]), 4)
+    grid = encode_grid_yolo(torch.tensor([big], dtype=torch.float64), torch.tensor([4]), 4)
     assert grid.has_obj.nonzero().tolist() == [[1, 1], [2, 0], [2, 1]]
     assert grid.boxes[:, 2, 1].tolist() == pytest.approx([0.2, 0.4, 0.5, 0.5])
     assert grid.boxes[:, 2, 0].tolist() == pytest.approx([1.2, 0.4, 0.5, 0.5])  # cx * 4 - 0
@@ -148,18 +148,40 @@ def test_neighbour_assignment_by_hand():
     # claim, its neighbour (2, 1) loses to object 0's host; (3, 0) is below it (offset 0.6)
     small = [0.20, 0.65, 0.1, 0.1]
     both = torch.tensor([big, small], dtype=torch.float64)
-    grid = encode_grid_neighbours(both, torch.tensor([4, 5]), 4)
+    grid = encode_grid_yolo(both, torch.tensor([4, 5]), 4)
     owners = {tuple(c): int(grid.labels[tuple(c)]) for c in grid.has_obj.nonzero().tolist()}
     assert owners == {(1, 1): 4, (2, 1): 4, (2, 0): 5, (3, 0): 5}
     assert grid.dropped == 0
     # two objects with one centre claim the same three cells: the smaller gets them all
     same = torch.tensor([[0.2, 0.2, 0.3, 0.3], [0.2, 0.2, 0.05, 0.05]], dtype=torch.float64)
-    grid = encode_grid_neighbours(same, torch.tensor([1, 2]), 4)
+    grid = encode_grid_yolo(same, torch.tensor([1, 2]), 4)
     assert grid.labels[grid.has_obj.bool()].tolist() == [2, 2, 2] and grid.dropped == 1
     # at the grid's edge the neighbour outside is skipped; an object with no cell is dropped
     corner = torch.tensor([[0.05, 0.05, 0.3, 0.3], [0.06, 0.06, 0.01, 0.01]], dtype=torch.float64)
-    grid = encode_grid_neighbours(corner, torch.tensor([1, 2]), 1)
+    grid = encode_grid_yolo(corner, torch.tensor([1, 2]), 1)
     assert grid.has_obj.tolist() == [[1]] and grid.labels[0, 0] == 2 and grid.dropped == 1
+
+
+def test_anchored_assignment_by_hand():
+    """YOLOv5's rule: a 0.2 x 0.2 object goes to every anchor within the ratio (0.1: 2x, 0.3:
+    1.5x; 0.9 is 4.5x), in its host cell and its two nearest neighbours; with a tighter ratio to
+    fewer anchors, never to none (its best-IoU anchor, 0.3: IoU 0.44 against 0.25)."""
+    anchors = torch.tensor([[0.1, 0.1], [0.3, 0.3], [0.9, 0.9]])
+    obj = torch.tensor([[0.3, 0.3, 0.2, 0.2]], dtype=torch.float64)  # S = 4: host (1, 1)
+    cells = [[1, 0], [0, 1], [1, 1]]  # offsets 0.2, 0.2: the left and upper neighbours
+    for ratio, slots in [(4.0, [0, 1]), (1.6, [1]), (1.2, [1])]:
+        grid = encode_grid_yolo(obj, torch.tensor([2]), 4, anchors, ratio)
+        held = grid.has_obj.nonzero().tolist()
+        assert sorted(held) == sorted([a, *cell] for a in slots for cell in cells), ratio
+        assert grid.boxes[slots[0], :, 1, 0].tolist() == pytest.approx([1.2, 0.2, 0.2, 0.2])
+        assert grid.dropped == 0 and (grid.labels[grid.has_obj.bool()] == 2).all()
+    # centre only: the host cell in each anchor that fits
+    grid = encode_grid_yolo(obj, torch.tensor([2]), 4, anchors, 4.0, neighbours=False)
+    assert grid.has_obj.nonzero().tolist() == [[0, 1, 1], [1, 1, 1]]
+    # a smaller object on the same centre and shape class takes the shared slots
+    two = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.15, 0.15]], dtype=torch.float64)
+    grid = encode_grid_yolo(two, torch.tensor([2, 0]), 4, anchors, 4.0)
+    assert grid.labels[grid.has_obj.bool()].unique().tolist() == [0] and grid.dropped == 1
 
 
 def test_decode_grid_map_on_a_wide_grid_by_hand():

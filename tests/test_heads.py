@@ -9,6 +9,7 @@ import torch
 from pipeline_lib.heads import (
     ConvGridHead,
     MultiObjectHead,
+    PyramidGridHead,
     SingleObjectHead,
     SpatialSingleHead,
     TwoLevelHead,
@@ -147,6 +148,56 @@ def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():
     assert changed[2, 2] and not changed[3, 3] and not changed[0, 3]
     with pytest.raises(ValueError, match="larger than the"):
         ConvGridHead((16, 4, 4), 3, num_cells=5)
+
+
+def test_conv_grid_head_with_anchors_by_hand():
+    """Per cell and anchor a box (centre as `cell_boxes`, size anchor * (2 sigmoid)^2), class
+    logits and an objectness logit at the prior; the anchor-free head's weights unchanged."""
+    anchors = [[0.1, 0.2], [0.4, 0.3]]
+    torch.manual_seed(0)
+    plain = ConvGridHead((16, 3, 3), 3, num_cells=3, width=8, depth=1)
+    torch.manual_seed(0)
+    head = ConvGridHead((16, 3, 3), 3, num_cells=3, width=8, depth=1, anchors=anchors).eval()
+    assert set(head.state_dict()) - set(plain.state_dict()) == {"anchors"}
+    assert torch.equal(head.trunk[0].weight, plain.trunk[0].weight)  # same draws, same order
+    bias = head.classification.bias.view(2, 4)  # per anchor: 3 classes, then objectness
+    assert torch.sigmoid(bias[:, 3]).tolist() == pytest.approx([0.01, 0.01])
+    assert (bias[:, :3] != bias[0, 3]).all()
+    with torch.no_grad():
+        head.box.weight.zero_()
+        head.box.bias.copy_(torch.tensor([0.0, 0, 0, 1, 1, -1, -1, 2]))
+    boxes, logits = head(torch.randn(2, 16, 3, 3))
+    assert boxes.shape == (2, 2, 4, 3, 3) and logits.shape == (2, 2, 4, 3, 3)
+    s = torch.sigmoid(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    want = [
+        [0.5, 0.5, 0.1 * (2 * s[0]) ** 2, 0.2 * (2 * s[1]) ** 2],  # anchor 0: raw (0, 0, 0, 1)
+        [2 * s[1] - 0.5, 2 * s[2] - 0.5, 0.4 * (2 * s[2]) ** 2, 0.3 * (2 * s[3]) ** 2],
+    ]
+    for a in range(2):
+        assert boxes[1, a, :, 2, 0].tolist() == pytest.approx([float(v) for v in want[a]])
+
+
+def test_pyramid_head_shares_its_weights_and_feeds_the_main_map_to_the_fine_level():
+    torch.manual_seed(0)
+    main, fine = 16, 6
+    head = PyramidGridHead((main + 4 * fine, 4, 4), 3, fine, num_cells=4, width=8, depth=2).eval()
+    packed = torch.randn(2, main + 4 * fine, 4, 4)
+    boxes, logits, fine_boxes, fine_logits = head(packed)
+    assert boxes.shape == (2, 4, 4, 4) and logits.shape == (2, 4, 4, 4)
+    assert fine_boxes.shape == (2, 4, 8, 8) and fine_logits.shape == (2, 4, 8, 8)
+    # one set of 3x3 and output convolutions for both levels, a BatchNorm per level
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 2 and len(head.trunk.norms) == 2
+    assert sum(c.out_channels == 4 and c.kernel_size == (1, 1) for c in convs) == 2  # box, class
+    assert torch.sigmoid(head.classification.bias[-1]).item() == pytest.approx(0.01)
+    # the main map reaches the fine level (top-down), the fine map does not reach the main level
+    changed = packed.clone()
+    changed[:, :main] += 1.0
+    assert not torch.allclose(head(changed)[3], fine_logits)
+    changed = packed.clone()
+    changed[:, main:] += 1.0
+    after = head(changed)
+    assert torch.equal(after[1], logits) and not torch.allclose(after[3], fine_logits)
 
 
 def test_cell_boxes_by_hand():

@@ -11,8 +11,10 @@ from conftest import SHARED_VOC
 
 from pipeline_lib.metrics import (
     OVERLAP_OF_SOURCE,
+    SIZE_RANGES,
     ClassAP,
     all_point_ap,
+    ap_by_size,
     box_overlap,
     coco_map,
     confusion_matrix,
@@ -513,3 +515,22 @@ def test_agrees_with_torchmetrics_on_random_detections():
     theirs = float(metric.compute()["map_50"])
     assert 0.2 < ours < 0.95
     assert ours == pytest.approx(theirs, abs=0.02)  # COCO interpolates at 101 recall points
+
+
+def test_ap_by_size_by_hand():
+    """COCO's rule per size: objects of other sizes are ignored like difficult ones, detections
+    of other sizes that match nothing are ignored. One image: a large object L (100 x 100) and a
+    small one S (20 x 20), both found (0.9, 0.8), a small false positive (0.85) and a large one
+    (0.95)."""
+    large, small = [0, 0, 100, 100], [200, 200, 220, 220]
+    small_fp, large_fp = [300, 300, 320, 320], [400, 400, 500, 500]
+    detections = [large, small, small_fp, large_fp]
+    dets, truth = one_image(detections, [0.9, 0.8, 0.85, 0.95], [0] * 4, [large, small], [0, 0])
+    found = ap_by_size([dets], [truth], 1)
+    # small: ranked large_fp (ignored), L-hit (an ignored object: neither), small_fp (FP), S (TP)
+    # -> precision 0, 1/2 at recall 0, 1 -> AP 1/2
+    assert found["small"][0].ap == pytest.approx(0.5) and found["small"][0].positives == 1
+    # large: large_fp (FP), L (TP); the small ones ignored -> AP 1/2
+    assert found["large"][0].ap == pytest.approx(0.5) and found["large"][0].detections == 2
+    assert found["medium"][0].ap is None  # no medium object
+    assert list(found) == list(SIZE_RANGES) == ["small", "medium", "large"]

@@ -25,7 +25,7 @@ from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.gridcoding import encode_grid
-from pipeline_lib.heads import TwoLevelHead
+from pipeline_lib.heads import PyramidGridHead, TwoLevelHead
 from pipeline_lib.params import ParamsError, parse_params
 from pipeline_lib.targets import GridLevel, grid_levels
 
@@ -164,6 +164,19 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
     found = json.loads((folder / "out/detections.json").read_text())
     assert len(found) > 0  # score 0: every cell of both levels before NMS has a score above it
+
+    # the conv head on the same two levels: a pyramid, trained, evaluated and used alike
+    params["head"]["grid_kind"], params["grid"]["assign"] = "conv", "neighbours"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    invoke(train.app, ["multi", "--no-progress"])
+    checkpoint = load_checkpoint("models/multi.safetensors")
+    assert isinstance(checkpoint.head, PyramidGridHead)
+    assert checkpoint.card.grid.assign == "neighbours" and checkpoint.card.grid.fine_below == 0.2
+    invoke(evaluate.app, ["multi"])
+    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    assert 0.0 <= metrics["map"] <= 1.0
+    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
+    assert len(json.loads((folder / "out/detections.json").read_text())) > 0
 
     params["finetune"]["enabled"] = True  # fine-tuning knows one level only: refused
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

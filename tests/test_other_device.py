@@ -25,13 +25,15 @@ from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
+from pipeline_lib.fcos import FcosHead
 from pipeline_lib.features import ExtractSettings, extract_features, read_features
 from pipeline_lib.finetuning import FineTuner, GridImages, GridLayout, ImageBatches, augmentation
 from pipeline_lib.geometry import ImageSpec, encode_boxes
-from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_neighbours
+from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo
 from pipeline_lib.heads import (
     ConvGridHead,
     MultiObjectHead,
+    PyramidGridHead,
     SingleObjectHead,
     SpatialSingleHead,
     TwoLevelHead,
@@ -39,6 +41,7 @@ from pipeline_lib.heads import (
 from pipeline_lib.inference import detect, load_detector, read_photo
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.targets import GridLevel
 from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
 
 K, C, S, FINE = 3, 16, 4, 8  # classes, feature channels, grid cells, fine-level channels
@@ -49,6 +52,9 @@ HEADS = {
     "grid lab": lambda: MultiObjectHead((C, S, S), K, S, hidden=8),
     "grid lab anchors": lambda: MultiObjectHead((C, S, S), K, S, hidden=8, anchors=ANCHORS),
     "grid conv": lambda: ConvGridHead((C, S, S), K, S, width=8, depth=1, dropout=0.1),
+    "grid conv anchors": lambda: ConvGridHead((C, S, S), K, S, 8, 1, anchors=ANCHORS),
+    "grid conv two levels": lambda: PyramidGridHead((C + 4 * FINE, S, S), K, FINE, S, 8, 1),
+    "grid fcos two levels": lambda: FcosHead((C + 4 * FINE, S, S), K, 128, FINE, 32, 1),
     "grid lab two levels": lambda: TwoLevelHead((C + 4 * FINE, S, S), K, FINE, S, hidden=8),
 }
 WEIGHTS = [
@@ -91,6 +97,13 @@ def test_the_stand_in_device_refuses_cpu_tensors_as_a_gpu_does():
     with other_device() as device:
         with pytest.raises(RuntimeError, match="same device"):
             torch.zeros(2, 3, device=device) + torch.arange(3)
+        with pytest.raises(RuntimeError, match="same device"):  # a CPU tensor, device indices
+            torch.arange(4.0)[torch.tensor([1, 2], device=device)]
+        y = torch.zeros(4, device=device)
+        with pytest.raises(RuntimeError, match="same device"):  # values put from the CPU
+            y[torch.tensor([1, 2])] = torch.tensor([5.0, 6.0])
+        y[torch.tensor([1, 2])] = 7.0  # CPU indices and a number: fine
+        assert y.tolist() == [0.0, 7.0, 7.0, 0.0] and y[[0, 1]].tolist() == [0.0, 7.0]
         x = torch.arange(6.0, device=device).view(2, 3)
         assert x.device == device and (x + torch.tensor(1.0)).sum().item() == 21  # CPU scalar
         assert x[x > 2].tolist() == [3.0, 4.0, 5.0]  # values are there: masks, items
@@ -153,6 +166,35 @@ def test_every_loss_and_measure_runs_on_another_device(weights, layout):
         assert measures == multi_object_batch_sums(outputs, targets)
 
 
+def test_fcos_loss_measures_and_decoding_run_on_another_device():
+    """torchvision's FCOS code (assignment, losses, decoding) fed from another device."""
+    torch.manual_seed(0)
+    head = HEADS["grid fcos two levels"]()
+    x = features_for("grid fcos two levels")
+    boxes = torch.tensor(
+        [[[10.0, 20.0, 60.0, 90.0], [0, 0, 0, 0]]] * 2 + [[[5, 5, 120, 120]] * 2] * 2
+    )
+    targets = (boxes, torch.tensor([[1, -1], [2, -1], [0, 1], [2, 2]]))
+    keep, sizes = Filtering(0.0, 0.5, 10), [(200, 100)] * 4
+    expected = head.loss(head(x), targets)
+    with torch.no_grad():
+        measures = head.measures(head(x), targets)
+        found = head.detections(head(x), sizes, ImageSpec("shrink", 128), keep)
+    with other_device():
+        moved = on_other(copy.deepcopy(head))
+        outputs = moved(on_other(x))
+        losses = moved.loss(outputs, tuple(on_other(t) for t in targets))
+        losses["loss"].backward()
+        with torch.no_grad():
+            on_measures = moved.measures(outputs, tuple(on_other(t) for t in targets))
+            decoded = moved.detections(outputs, sizes, ImageSpec("shrink", 128), keep)
+    for part, value in expected.items():
+        assert torch.allclose(values(losses[part]), value, atol=1e-5), part
+    assert on_measures == measures
+    for got, want in zip(decoded, found, strict=True):
+        assert len(want) > 0 and torch.allclose(values(got.boxes), want.boxes, atol=1e-4)
+
+
 @pytest.mark.parametrize("weights", WEIGHTS, ids=["lab", "default"])
 def test_the_single_object_loss_and_measures_run_on_another_device(weights):
     generator = torch.Generator().manual_seed(5)
@@ -177,13 +219,13 @@ def test_targets_and_anchor_priors_follow_their_inputs_device():
         found = [
             encode_grid(*moved[:2], S),
             encode_grid(*moved[:2], S, moved[2]),
-            encode_grid_neighbours(*moved[:2], S),
+            encode_grid_yolo(*moved[:2], S),
         ]
         priors, fitness = kmeans_anchors(on_other(shapes), 3)
     wanted = [
         encode_grid(fractions, labels, S),
         encode_grid(fractions, labels, S, anchors),
-        encode_grid_neighbours(fractions, labels, S),
+        encode_grid_yolo(fractions, labels, S),
     ]
     for got, want in zip(found, wanted, strict=True):
         assert got.dropped == want.dropped
@@ -269,7 +311,7 @@ def test_a_fine_tuning_step_works_on_another_device(tmp_path):
     on augmented images with training.fit on OTHER."""
     paths, objects = _photos(tmp_path)
     spec = ImageSpec("shrink", 64)
-    layout = GridLayout(spec, 2, torch.tensor(ANCHORS))
+    layout = GridLayout(spec, GridLevel(2, torch.tensor(ANCHORS)))
     data = GridImages(paths, objects, layout, augmentation(0.5, 0.2, 0.1, 0.3))
     loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=0)
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def test_repository_params_are_valid(raw_params):
         # BatchNorm cannot train on one sample: every batch would be skipped
         ("train", "batch_size", 1, "train.batch_size: Input should be greater than or equal to 2"),
         ("train", "cpu_kernels", "avx512", "train.cpu_kernels: Input should be 'avx2' or 'native'"),
-        ("head", "grid_kind", "yolo", "head.grid_kind: Input should be 'lab' or 'conv'"),
+        ("head", "grid_kind", "yolo", "head.grid_kind: Input should be 'lab', 'conv' or 'fcos'"),
         ("head", "conv_depth", 9, "head.conv_depth: Input should be less than or equal to 8"),
     ],
 )
@@ -116,7 +116,13 @@ def test_a_group_of_the_wrong_kind_and_a_mapping_where_a_value_belongs(raw_param
 
 
 def test_field_names_of_a_path():
-    assert _field_names(["grid"]) == ["num_cells", "anchors", "fine_below", "assign"]
+    assert _field_names(["grid"]) == [
+        "num_cells",
+        "anchors",
+        "anchor_ratio",
+        "fine_below",
+        "assign",
+    ]
     assert _field_names(["data", "synthetic", "classes"]) == []  # a list, not a group
     assert _field_names(["data", "nothing"]) == []
 

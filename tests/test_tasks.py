@@ -71,7 +71,14 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
         conv.head, conv.data["train"], conv.data["val"], conv.objective, config, progress=False
     )
     assert len(result.history) == 2 and set(result.history[0]["val"]) >= {"obj_loss", "iou"}
-    raw = yaml.safe_load((trained / "params.yaml").read_text())
-    raw["grid"]["anchors"] = 2
-    with pytest.raises(PipelineError, match="head.grid_kind: conv with grid.anchors"):
-        grid_task(inputs, parse_params(raw))
+    # anchors: the conv head takes every anchor within grid.anchor_ratio, the lab's the best one
+    anchored = {"anchors": 2, "num_cells": 7, "anchor_ratio": 4.0}
+    conv_anchors = grid_task(*inputs_and_params(trained, grid=anchored))
+    lab_anchors = grid_task(*inputs_and_params(trained, lab=True, grid=anchored))
+    assert isinstance(conv_anchors.head, ConvGridHead) and conv_anchors.head.n_anchors == 2
+    assert conv_anchors.card.grid.anchor_ratio == 4.0 and lab_anchors.card.grid.anchor_ratio is None
+    assert (
+        conv_anchors.card.grid.assign == "neighbours" and lab_anchors.card.grid.assign == "centre"
+    )
+    slots = [t.data["train"].targets[1].sum() for t in (conv_anchors, lab_anchors)]
+    assert slots[0] > slots[1]  # more slots per object (neighbour cells, several anchors)

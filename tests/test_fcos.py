@@ -1,0 +1,114 @@
+"""torchvision's FCOS on the cached features (head.grid_kind: fcos): targets by hand, shapes of
+one and two levels, a head that learns a box, and the stages training, evaluating and predicting
+with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import invoke
+
+from pipeline_lib.checkpoints import load_checkpoint
+from pipeline_lib.detection import Filtering, head_detections
+from pipeline_lib.fcos import FcosHead, image_targets, padded_targets
+from pipeline_lib.geometry import ImageSpec
+
+
+def test_padded_targets_by_hand():
+    # a box centred at (0.5, 0.25) of size (0.5, 0.25) in a 64-pixel image: x 16..48, y 8..24
+    one = (torch.tensor([[0.5, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([2]))
+    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+    two = (
+        torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.75, 0.5, 0.5]], dtype=torch.float64),
+        torch.tensor([0, 1]),
+    )
+    boxes, labels = padded_targets([one, none, two], 64)
+    assert boxes.shape == (3, 2, 4) and labels.tolist() == [[2, -1], [-1, -1], [0, 1]]
+    assert boxes[0, 0].tolist() == [16.0, 8.0, 48.0, 24.0]
+    assert boxes[2, 1].tolist() == [0.0, 32.0, 32.0, 64.0]
+    targets = image_targets(boxes, labels)
+    assert [len(t["labels"]) for t in targets] == [1, 0, 2]
+    assert targets[0]["boxes"].tolist() == [[16.0, 8.0, 48.0, 24.0]]
+
+
+@pytest.mark.parametrize("fine", [0, 6])
+def test_outputs_cover_every_location_of_each_level(fine):
+    head = FcosHead((16 + 4 * fine, 4, 4), 3, 128, fine, width=32, depth=1)
+    outputs = head(torch.randn(2, 16 + 4 * fine, 4, 4))
+    locations = 16 + (64 if fine else 0)  # 4 x 4, and 8 x 8 for the fine level
+    assert [tuple(t.shape) for t in outputs] == [
+        (2, locations, 3),
+        (2, locations, 4),
+        (2, locations, 1),
+    ]
+    anchors = head.anchors(2, torch.device("cpu"))
+    assert len(anchors) == 2 and anchors[0].shape == (locations, 4)
+    # the coarse level's first location: a box of its stride (32 pixels) centred on (0, 0),
+    # torchvision's AnchorGenerator placing location (i, j) at (j, i) x stride
+    assert anchors[0][-16].tolist() == [-16.0, -16.0, 16.0, 16.0]
+    assert anchors[0][-1].tolist() == [80.0, 80.0, 112.0, 112.0]  # (3, 3): centre 96, 96
+    assert set(head.state_dict()) == {k for k in head.state_dict() if not k.startswith("_")}
+
+
+def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():
+    torch.manual_seed(0)
+    head = FcosHead((8, 4, 4), 2, 128, 0, width=32, depth=1)
+    features = torch.randn(2, 8, 4, 4)
+    targets = padded_targets(
+        [
+            (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1])),
+            (torch.tensor([[0.25, 0.25, 0.4, 0.4]], dtype=torch.float64), torch.tensor([0])),
+        ],
+        128,
+    )
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        losses = head.loss(head(features), targets)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        first = first or float(losses["loss"].detach())
+    assert float(losses["loss"].detach()) < first / 3
+    with torch.no_grad():
+        measures = head.measures(head(features), targets)
+    assert measures["accuracy"][0] == measures["accuracy"][1] > 0  # every matched location
+    head.eval()
+    with torch.no_grad():
+        found = head_detections(
+            head,
+            head(features),
+            [(256, 128), (256, 128)],
+            ImageSpec("shrink", 128),
+            Filtering(0.3, 0.5, 5),
+        )
+    # image 0's box, 64..192 x 32..96 in its 256 x 128 pixels, class 1, ranked first
+    assert found[0].labels[0] == 1 and found[1].labels[0] == 0
+    assert found[0].boxes[0].tolist() == pytest.approx([64.0, 32.0, 192.0, 96.0], abs=12)
+    assert head.matched_objects(*targets) == 2
+
+
+def test_stages_train_evaluate_and_predict_with_fcos(trained, tmp_path, monkeypatch):
+    from stages import evaluate, predict, train
+
+    folder = tmp_path / "project"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["head"].update(grid_kind="fcos", conv_width=32, conv_depth=1)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(folder)
+    output = invoke(train.app, ["multi", "--no-progress"]).output
+    assert "FCOS on the 14x14 levels" in output
+    checkpoint = load_checkpoint("models/multi.safetensors")
+    assert isinstance(checkpoint.head, FcosHead) and checkpoint.card.head["kind"] == "fcos"
+    invoke(evaluate.app, ["multi"])
+    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0
+    image = next((folder / "data/synthetic").rglob("*.jpg"))
+    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
+    found = json.loads((folder / "out/detections.json").read_text())
+    assert found and all(0 <= d["xmin"] <= d["xmax"] for d in found)
