@@ -30,8 +30,11 @@ lint: $(STAMP)
 	ruff check .
 	ruff format --check .
 
+# The suite in TEST_WORKERS processes (pytest-xdist; tests sharing a project stay in one, see
+# tests/conftest.py). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: lint
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The pull-request report: this workspace's params, metrics, plots and figures against BASE's
 # (report/report.md; stages/report.py). The CI workflow .github/workflows/pr-report.yaml posts it.

@@ -100,7 +100,8 @@ def untransform_boxes(
     """Map (N, 4) xyxy boxes of the output image back to the original `width` x `height` image.
 
     The inverse of `transform_boxes` for the boxes it keeps. Boxes are clipped to the original
-    image (a predicted box may overhang it; under `crop`, to the part of the window on the image).
+    image under every mode (a predicted box may overhang the network's input; under `crop` it may
+    reach past the window onto the rest of the photo, and keeps that part).
     """
     _check_mode(mode)
     boxes = boxes.to(torch.float64)

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,22 @@ SHARED_VOC = Path(
 )
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker (and every stage or dvc process it starts) gets its share
+    of the cores as torch's thread count: two workers that each ran one thread per core would
+    oversubscribe the cores, and torch's spinning threads then run several times slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_collection_modifyitems(items):
     """Tests that use the `trained` fixture run the real stages: mark them `stages`; those in
-    tests/e2e/ run the real dvc CLI or stage processes: mark them `e2e`."""
+    tests/e2e/ run the real dvc CLI or stage processes: mark them `e2e`.
+
+    (`make test` runs the suite in two pytest-xdist processes with `--dist loadgroup`: a module
+    whose tests share a module-scoped project, each starting from the state the one before left,
+    is one `xdist_group`, set by its `pytestmark`, so that it runs in one process, in order.)"""
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.stages)
@@ -149,9 +163,33 @@ def lab_heads(params: dict) -> dict:
     return params
 
 
+@contextmanager
+def environment_kept():
+    """Restores os.environ on exit. The train stage pins the CPU kernels by setting
+    ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA in its own process, which is this one when a test
+    runs a stage in-process: left set, every later `dvc` or stage process of the suite would run
+    AVX2-only oneDNN (bfloat16 extraction ~10x slower here) and test other kernels than it says."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:  # only what changed: other threads may be reading the environment
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    with environment_kept():
+        yield
+
+
 def invoke(app, args: list[str]):
-    """Run a Typer app in-process; it must succeed."""
-    result = CliRunner().invoke(app, args)
+    """Run a Typer app in-process (the environment restored after it); it must succeed."""
+    with environment_kept():
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return result
 

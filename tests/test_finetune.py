@@ -234,3 +234,33 @@ def test_finetune_stage_trains_and_predict_uses_it(trained, tmp_path, monkeypatc
         ],
     )
     assert (folder / "out" / f"{image.stem}.png").is_file()
+
+
+def test_frozen_units_and_batchnorm_statistics_do_not_change_in_training(lite0):
+    """A training step of the FineTuner: gradients reach the head and the unfrozen units only,
+    and no BatchNorm layer (frozen or trainable) updates its ImageNet running statistics."""
+    torch.manual_seed(0)
+    head = MultiObjectHead((1280, 7, 7), 3, num_cells=7, hidden=8)
+    model = FineTuner(lite0, head, unfreeze=3).train()
+    norms = {
+        name: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+        for name, m in lite0.module.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    }
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    boxes, logits = model(images)
+    (boxes.square().mean() + logits.square().mean()).backward()
+    grads = {name: p.grad for name, p in lite0.module.named_parameters()}
+    trainable = ("blocks.6.", "conv_head.", "bn2.")
+    assert all(g is None for n, g in grads.items() if not n.startswith(trainable))
+    assert all(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(trainable)
+    )
+    assert all(p.grad is not None for p in head.parameters())
+    for name, m in lite0.module.named_modules():
+        if name in norms:
+            mean, var, count = norms[name]
+            assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var), name
+            assert int(m.num_batches_tracked) == count, name
+    lite0.module.zero_grad(set_to_none=True)
+    lite0.module.requires_grad_(False)

@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.geometry import (
     crop_window,
+    encoded_to_image,
     output_size,
     transform_boxes,
     transform_image,
@@ -87,3 +88,27 @@ def test_images_under_each_mode():
     bicubic = levels_apart(image.resize((16, 16), Image.Resampling.BICUBIC))
     assert bicubic.max() > 1 and (bicubic > 0).float().mean() > 0.5
     assert transform_image(image, "crop", 16).size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "width", "height", "encoded", "expected"),
+    [
+        # none, 80 x 60: cx 8 w 32 -> x -8..24; cy 54 h 24 -> y 42..66; clipped to the photo
+        ("none", 64, 80, 60, [0.1, 0.9, 0.4, 0.4], [0.0, 42.0, 24.0, 60.0]),
+        # shrink 200 x 100 to 50: x 35..55, y 20..30 of the input, times (4, 2): x 140..220
+        ("shrink", 50, 200, 100, [0.9, 0.5, 0.4, 0.2], [140.0, 40.0, 200.0, 60.0]),
+        # crop 100 x 40 at 64: window (18, -12); y 32 +- 48 -> -16..80, shifted -28..68 -> 0..40;
+        # x 3.2 +- 9.6 -> -6.4..12.8, shifted 11.6..30.8 (on the photo: kept)
+        ("crop", 64, 100, 40, [0.05, 0.5, 0.3, 1.5], [11.6, 0.0, 30.8, 40.0]),
+        # crop 30 x 20 at 64 (padded): window (-17, -22); x 57.6 +- 12.8 -> 27.8..53.4 -> 27.8..30
+        ("crop", 64, 30, 20, [0.9, 0.5, 0.4, 0.2], [27.8, 3.6, 30.0, 16.4]),
+    ],
+)
+def test_decoded_boxes_come_back_in_original_pixels_clamped_to_the_photo(
+    mode, size, width, height, encoded, expected
+):
+    """Each image mode's decoding of a predicted box that overhangs the network's input: back to
+    the original photo's pixels (hand-computed), clipped to the photo."""
+    back = encoded_to_image(torch.tensor([encoded], dtype=torch.float64), width, height, mode, size)
+    assert back.dtype == torch.float64
+    assert back[0].tolist() == pytest.approx(expected, abs=1e-9)

@@ -136,3 +136,27 @@ def test_iou_objectness_target_and_ciou_on_cell_boxes():
     assert parts["box_loss"].item() == pytest.approx(1 - iou + alpha * v, rel=1e-4)
     with pytest.raises(ValueError, match="obj_target must be"):
         multi_object_loss(pred, logits, boxes, has_obj, labels, LossWeights(obj_target="soft"))
+
+
+def test_iou_objectness_target_carries_no_gradient():
+    """The IoU target is built from the model's own boxes: with only the objectness part weighted,
+    no gradient may reach the predicted boxes (else the model would learn to move its boxes to
+    please its objectness). The box part, weighted, does reach them: the graph is connected."""
+    torch.manual_seed(0)
+    s = 3
+    boxes = torch.rand(2, 4, s, s) * 0.5 + 0.25
+    has_obj = (torch.rand(2, s, s) > 0.5).to(torch.uint8)
+    has_obj[0, 1, 1] = 1
+    labels = torch.randint(0, 2, (2, s, s))
+    logits = torch.randn(2, 3, s, s, requires_grad=True)
+    only_obj = {"box_weight": 0.0, "class_weight": 0.0, "obj_weight": 1.0}
+    for obj_loss in ("bce", "focal"):
+        pred = (boxes + 0.1 * torch.randn_like(boxes)).clamp(0.05, 0.95).requires_grad_()
+        w = LossWeights(box_loss="ciou", obj_loss=obj_loss, obj_target="iou", **only_obj)
+        multi_object_loss(pred, logits, boxes, has_obj, labels, w)["loss"].backward()
+        assert pred.grad is not None and torch.count_nonzero(pred.grad) == 0, obj_loss
+        assert torch.count_nonzero(logits.grad[:, -1]) > 0  # objectness does learn
+        pred.grad = None
+        w = LossWeights(box_loss="ciou", obj_loss=obj_loss, obj_target="iou")
+        multi_object_loss(pred, logits, boxes, has_obj, labels, w)["loss"].backward()
+        assert torch.count_nonzero(pred.grad) > 0

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import REPO, tiny_params
 
-pytestmark = pytest.mark.e2e
+# one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("distributed")]
 FILES = ("train.safetensors", "val.safetensors", "features.json")
 
 

@@ -12,7 +12,8 @@ import yaml
 from conftest import run, snapshot, tiny_params, write_tiny_voc
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.e2e
+# one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dvc_team")]
 DATASET = Path("data/VOCdevkit")
 ANNOTATION = DATASET / "VOC2007/Annotations/000000.xml"
 

@@ -16,7 +16,8 @@ import yaml
 from conftest import snapshot, tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.e2e
+# one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
 
 
 def environment() -> dict:
