@@ -48,7 +48,8 @@ report: $(STAMP)
 gpu-check: $(STAMP)
 	python benchmarks/gpu_check.py $(ARGS)
 
-# Mutation testing of the core modules (not part of `make test`: about N minutes on 2 cores).
+# Mutation testing of the core modules (not part of `make test`: hours on 2 cores; one module:
+# .venv/bin/mutmut run "pipeline_lib.losses.*", then python tools/mutation_report.py).
 # Config in pyproject.toml [tool.mutmut]; figures and equivalent survivors in docs/mutation.md.
 mutation: $(STAMP)
 	rm -rf mutants

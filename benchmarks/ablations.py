@@ -5,13 +5,13 @@
 
 Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
 images (`--synthetic`: the embedded synthetic default's 800 and 200), EfficientNet-Lite0 at 224
-(shrink), 7x7 grid, the lab's head and training (LAB: as the default was before issue 17) but 30
+(shrink), 7x7 grid, the lab's head and training (LAB: the former default) but 30
 epochs; rows named "448: ..." on 448x448 features (14x14 maps, 14x14 grid) with today's defaults
 (20 epochs) but the row's params; rows named "single: ..." train and evaluate the single head.
 Every run is the real stages in a working folder (`python -m stages.prepare`, `extract` once per
 feature setting, then `train` and `evaluate` per row and seed), so the figures are exactly what
 `dvc exp run -S ...` gives. Besides the stage's metrics (VOC mAP with the devkit's inclusive-pixel
-overlap), each grid run's mAP@0.5 is also computed with the continuous IoU used before issue 15,
+overlap), each grid run's mAP@0.5 is also computed with the continuous IoU used formerly,
 on the same model and detections. Results go to `<work>/results.jsonl` (one line per run; runs
 already there are not repeated) and a summary per row is printed: the mean and the runs in
 brackets.
@@ -26,7 +26,7 @@ from pathlib import Path
 import typer
 from workfolder import REPO, stage, write_params
 
-# The lab's grid head and training, as the default was before issue 17 (224 x 224, 7 x 7 grid).
+# The lab's grid head and training, the former default (224 x 224, 7 x 7 grid).
 LAB = {
     "backbone.layer": "head",
     "head.dropout": 0.5,
@@ -212,7 +212,7 @@ def voc_params(voc: Path | None, changes: dict) -> dict:
 
 
 def continuous_map(folder: Path) -> float:
-    """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (before issue 15),
+    """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (the former one),
     on the same detections as the evaluate stage."""
     from pipeline_lib.detection import Filtering, head_detections
     from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary

@@ -6,13 +6,13 @@
 
 It prints, after the CPU's flags (AVX2, AVX-512, BF16, AMX) and the precision `auto` picks here:
   decode + resize per image, one core, on the VOC photos and on phone-size ones (the VOC photos
-      upscaled 4x): PIL resize (the stage before issue 20), torchvision's uint8 resize after PIL's
+      upscaled 4x): PIL resize (the former stage), torchvision's uint8 resize after PIL's
       full decode, torchvision's decode_jpeg, and the stage now: PIL's JPEG `draft` (DCT
       downscaling, where the photo is at least twice the size) and torchvision's resize;
   per backbone (resnet18 at 224, EfficientNet-Lite0 at 448, the default):
   (c) the naive lab-style path: a Dataset with PIL and transforms.Resize/ToTensor/Normalize,
       DataLoader(batch_size=128, num_workers=2), NCHW float32 eager model, and the stage as it
-      was before issue 20 (float32, PIL's resize) end to end;
+      was formerly (float32, PIL's resize) end to end;
   and for each precision (float32, bfloat16):
   (b) model-only images/s on uint8 batches of the same shape (the stage's model function),
   (a) end-to-end images/s of the stage's path (extract_features: decode -> features in a file),
@@ -75,7 +75,7 @@ def voc_images(voc: Path, limit: int) -> tuple[list[Path], list[str]]:
 
 
 def pil_resize(path: Path, size: int) -> torch.Tensor:
-    """The stage before issue 20: PIL decodes and resizes."""
+    """The former stage: PIL decodes and resizes."""
     with Image.open(path) as image:
         image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
@@ -111,7 +111,7 @@ DECODERS = {
 
 @contextlib.contextmanager
 def decoding_as_before():
-    """The stage's decoding as it was before issue 20 (PIL's resize), in its worker processes
+    """The stage's decoding as it was formerly (PIL's resize), in its worker processes
     too (they fork with the module as patched)."""
     stage_loader = features.load_image_tensor
     features.load_image_tensor = lambda path, mode, size: pil_resize(path, size)
@@ -274,7 +274,7 @@ def backbone_rows(
             before = max(before, end_to_end(backbone, paths, ids, size, as_before))
     print(f"\n{name} at {size} ({weights} weights): {flops / 1e9:.2f} GFLOP/image")
     print(f"  (c) naive lab-style path: {slow:.1f} images/s")
-    print(f"  the stage before issue 20 (float32, PIL's resize): {before:.1f} images/s end-to-end")
+    print(f"  the former stage (float32, PIL's resize): {before:.1f} images/s end-to-end")
     for label in variants:
         a, b = fast[label], model[label]
         print(

@@ -17,9 +17,9 @@ from torchvision.ops import box_iou
 def shape_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
     """(N, M) IoU of (N, 2) and (M, 2) box shapes (w, h) placed on a common centre."""
 
-    def corners(wh: torch.Tensor) -> torch.Tensor:
+    def corners(wh: torch.Tensor) -> torch.Tensor:  # on a common corner: the same IoU
         wh = wh.double()
-        return torch.cat([-wh / 2, wh / 2], dim=1)
+        return torch.cat([torch.zeros_like(wh), wh], dim=1)
 
     return box_iou(corners(wh1), corners(wh2))
 

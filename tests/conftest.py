@@ -49,6 +49,17 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
+def with_param(raw: dict, key: str, value) -> dict:
+    """A copy of params `raw` (params.yaml as a dict) with the dotted `key` set to `value`."""
+    changed = copy.deepcopy(raw)
+    *groups, name = key.split(".")
+    node = changed
+    for group in groups:
+        node = node[group]
+    node[name] = value
+    return changed
+
+
 @pytest.fixture
 def raw_params() -> dict:
     """params.yaml as a plain dict (a fresh copy to modify)."""
@@ -150,7 +161,7 @@ def tiny_params(
 
 def lab_heads(params: dict) -> dict:
     """`params` (params.yaml as a dict) set, in place, to the lab's heads and training (what the
-    defaults were before issue 17; the image size and backbone layer stay). Returns it."""
+    defaults were formerly; the image size and backbone layer stay). Returns it."""
     params["head"].update(single_kind="lab", grid_kind="lab", dropout=0.5)
     params["grid"].update(num_cells=7, assign="centre")
     params["train"].update(

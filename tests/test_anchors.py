@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import invoke, lab_heads
 
-from pipeline_lib.anchors import best_anchor, kmeans_anchors, shape_iou
+from pipeline_lib.anchors import anchor_matches, best_anchor, kmeans_anchors, shape_iou
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, cell_scores, grid_detections
 from pipeline_lib.geometry import ImageSpec
@@ -66,8 +66,35 @@ def test_kmeans_edge_cases():
     assert fitness == pytest.approx(1.0)
     with pytest.raises(ValueError, match="2 boxes cannot make 3 anchors"):
         kmeans_anchors(shapes, 3)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="^box widths and heights must be positive$"):
         kmeans_anchors(torch.tensor([[0.1, 0.0]]), 1)
+    with pytest.raises(ValueError, match="^k must be at least 1, got 0$"):
+        kmeans_anchors(shapes, 0)
+
+
+def test_kmeans_starts_at_the_shapes_of_rank_i_plus_half_n_over_k():
+    """Without iterations the anchors are the starting centres: of 5 squares sorted by area, for
+    k = 2 the ranks (i + 0.5) * 5 / 2 -> 1 and 3."""
+    squares = torch.tensor([[5.0, 5], [1, 1], [4, 4], [2, 2], [3, 3]]) / 10
+    anchors, _ = kmeans_anchors(squares, 2, max_iterations=0)
+    assert anchors.flatten().tolist() == pytest.approx([0.2, 0.2, 0.4, 0.4])
+
+
+def test_anchor_matches_by_yolov5s_ratio_rule():
+    """An anchor fits when max(w / aw, aw / w, h / ah, ah / h) < ratio (strictly); the best-IoU
+    anchor always does. Binary fractions: the ratios are exact."""
+    anchors = torch.tensor([[0.125, 0.125], [0.5, 0.125], [0.0625, 0.5]])
+    wh = torch.tensor([[0.5, 0.125], [0.25, 0.125], [0.0625, 0.0625]])
+    expected = [
+        [False, True, False],  # 4x the first anchor's width: not < 4; the second is exact
+        [True, True, False],  # 2x the first's width, half the second's; the third: 4x, 1/4x
+        [True, False, False],  # half the first anchor: fits; 8x narrower than the second
+    ]
+    assert anchor_matches(wh, anchors, 4.0).tolist() == expected
+    # with a ratio of 4.5 the third anchor fits the second box too
+    assert anchor_matches(wh, anchors, 4.5)[1].tolist() == [True, True, True]
+    # a ratio of 1 keeps the best anchor only (the first of equal IoUs)
+    assert anchor_matches(wh, anchors, 1.0).sum(dim=1).tolist() == [1, 1, 1]
 
 
 def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):

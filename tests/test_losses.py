@@ -160,3 +160,91 @@ def test_iou_objectness_target_carries_no_gradient():
         w = LossWeights(box_loss="ciou", obj_loss=obj_loss, obj_target="iou")
         multi_object_loss(pred, logits, boxes, has_obj, labels, w)["loss"].backward()
         assert torch.count_nonzero(pred.grad) > 0
+
+
+def _two_objects():
+    """S = 2, objects in cells (0, 0) and (1, 1), each predicted with half its width (IoU 0.5,
+    same centre and height); the empty cells' boxes wrong too (they must not count); logits 0
+    except class logits that make the cross-entropy differ from cell to cell."""
+    s = 2
+    boxes = torch.zeros(1, 4, s, s)
+    has_obj = torch.zeros(1, s, s, dtype=torch.uint8)
+    labels = torch.zeros(1, s, s, dtype=torch.int64)
+    for i in range(s):
+        boxes[0, :, i, i] = torch.tensor([0.5, 0.5, 0.4, 0.4])
+        has_obj[0, i, i] = 1
+    labels[0, 1, 1] = 1
+    pred = boxes.clone()
+    pred[0, 2, 0, 0] = pred[0, 2, 1, 1] = 0.2
+    pred[0, :, 0, 1] = 0.9  # an empty cell, far off
+    logits = torch.zeros(1, 3, s, s)
+    logits[0, 0, 0, 0] = 2.0  # cell (0, 0), label 0: CE log(1 + e^-2); cell (1, 1): log 2
+    logits[0, 0, 0, 1] = 5.0  # an empty cell: its CE must not count
+    return pred, logits, boxes, has_obj, labels
+
+
+def test_object_cells_are_averaged_by_hand_with_two_objects():
+    pred, logits, boxes, has_obj, labels = _two_objects()
+    parts = multi_object_loss(pred, logits, boxes, has_obj, labels, LossWeights())
+    # SmoothL1 (beta 1) of a 0.2 error in one of 4 coordinates: 0.5 * 0.04 / 4, in both cells
+    assert parts["box_loss"].item() == pytest.approx(0.005, rel=1e-5)
+    ce = (math.log(1 + math.exp(-2.0)) + math.log(2)) / 2
+    assert parts["class_loss"].item() == pytest.approx(ce, rel=1e-5)
+    assert parts["obj_loss"].item() == pytest.approx(math.log(2), rel=1e-6)  # BCE of p = 0.5
+    # 1 - CIoU in each object cell (IoU 0.5, same centre, widths 0.2 / 0.4, heights 0.4)
+    v = (4 / math.pi**2) * (math.atan(0.4 / 0.4) - math.atan(0.2 / 0.4)) ** 2
+    ciou = multi_object_loss(pred, logits, boxes, has_obj, labels, LossWeights(box_loss="ciou"))
+    assert ciou["box_loss"].item() == pytest.approx(1 - 0.5 + v / (0.5 + v) * v, rel=1e-4)
+
+
+def test_focal_objectness_uses_its_gamma_and_alpha():
+    """torchvision's focal loss at p = 0.5: BCE log 2 times (1 - p_t)^gamma = 0.5^gamma, times
+    alpha (object cells) or 1 - alpha (the others)."""
+    pred, logits, boxes, has_obj, labels = _two_objects()
+    for gamma, alpha in ((1.0, 0.5), (2.0, 0.25), (0.0, 0.75)):
+        w = LossWeights(obj_loss="focal", focal_gamma=gamma, focal_alpha=alpha)
+        parts = multi_object_loss(pred, logits, boxes, has_obj, labels, w)
+        expected = math.log(2) * 0.5**gamma * (2 * alpha + 2 * (1 - alpha)) / 4
+        assert parts["obj_loss"].item() == pytest.approx(expected, rel=1e-6), (gamma, alpha)
+
+
+def test_iou_objectness_target_with_the_smooth_l1_box_loss():
+    """The IoU target does not depend on the box loss: IoU 0.5 in both object cells; with
+    objectness logit 2 there, BCE against 0.5 is -0.5 log s(2) - 0.5 log s(-2)."""
+    pred, logits, boxes, has_obj, labels = _two_objects()
+    logits[0, 2, 0, 0] = logits[0, 2, 1, 1] = 2.0
+    w = LossWeights(box_loss="smooth_l1", obj_target="iou")
+    parts = multi_object_loss(pred, logits, boxes, has_obj, labels, w)
+    sig = 1 / (1 + math.exp(-2.0))
+    expected = (2 * (-0.5 * math.log(sig) - 0.5 * math.log(1 - sig)) + 2 * math.log(2)) / 4
+    assert parts["obj_loss"].item() == pytest.approx(expected, rel=1e-5)
+    # float64 logits beside float32 boxes: the target takes the logits' dtype
+    parts = multi_object_loss(pred, logits.double(), boxes, has_obj, labels, w)
+    assert parts["obj_loss"].dtype == torch.float64
+    assert parts["obj_loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_single_object_loss_by_hand_for_both_box_losses():
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.2, 0.2]])
+    true = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])
+    logits, labels = torch.zeros(2, 3), torch.tensor([0, 2])
+    lab = single_object_loss(pred, logits, true, labels)
+    # the lab's SmoothL1 over all 8 coordinates, bit for bit: one error of 0.2 -> 0.5 * 0.04 / 8
+    assert torch.equal(lab["box_loss"], torch.nn.functional.smooth_l1_loss(pred, true))
+    assert lab["box_loss"].item() == pytest.approx(0.0025, rel=1e-5)
+    assert lab["class_loss"].item() == pytest.approx(math.log(3), rel=1e-6)
+    # bit for bit, not just equal in value: on these boxes the mean of per-box means (what
+    # box_loss("smooth_l1") gives) differs from the mean over all coordinates in the last bit
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(5, 4, generator=g), torch.rand(5, 4, generator=g)
+    exact = single_object_loss(a, torch.zeros(5, 3), b, torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(exact["box_loss"], torch.nn.functional.smooth_l1_loss(a, b))
+    assert not torch.equal(exact["box_loss"], box_loss(a, b, "smooth_l1").mean())
+    ciou = single_object_loss(pred, logits, true, labels, LossWeights(box_loss="ciou"))
+    v = (4 / math.pi**2) * (math.atan(0.4 / 0.4) - math.atan(0.2 / 0.4)) ** 2
+    first = 1 - 0.5 + v / (0.5 + v) * v  # the second box is exact: 0
+    assert ciou["box_loss"].item() == pytest.approx(first / 2, rel=1e-4)
+    w = LossWeights(box_weight=2.0, class_weight=3.0, box_loss="ciou")
+    weighted = single_object_loss(pred, logits, true, labels, w)
+    total = 2 * weighted["box_loss"] + 3 * weighted["class_loss"]
+    assert weighted["loss"].item() == pytest.approx(total.item(), rel=1e-6)

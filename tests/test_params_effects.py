@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_params, write_tiny_voc
+from conftest import REPO, tiny_params, with_param, write_tiny_voc
 from PIL import Image
 
 from pipeline_lib import features as features_module
@@ -41,16 +41,6 @@ def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{key}")
     return keys
-
-
-def with_value(raw: dict, key: str, value) -> dict:
-    changed = copy.deepcopy(raw)
-    *groups, name = key.split(".")
-    node = changed
-    for group in groups:
-        node = node[group]
-    node[name] = value
-    return changed
 
 
 def digest(*values) -> str:
@@ -564,7 +554,7 @@ def base_params(env: dict, changes: dict) -> dict:
             continue
         if key.startswith("data.root"):
             value = str(env["tmp"] / value)
-        raw = with_value(raw, key, value)
+        raw = with_param(raw, key, value)
     return raw
 
 
@@ -580,7 +570,7 @@ def test_a_non_default_value_changes_what_it_should(key, env, monkeypatch):
     for value in (a, b):
         if key == "data.root":
             value = str(env["tmp"] / value)
-        raw = with_value(base_params(env, changes), key, value)
+        raw = with_param(base_params(env, changes), key, value)
         with monkeypatch.context() as patch:
             args = (raw, run_env, patch) if probe in NEEDS_MONKEYPATCH else (raw, run_env)
             results.append(outcome(probe, *args))

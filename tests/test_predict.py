@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.features import load_image_tensor, read_features
+from pipeline_lib.features import ImageError, load_image_tensor, read_features
 from pipeline_lib.geometry import ImageSpec, encoded_to_image
-from pipeline_lib.inference import cell_rectangles, read_photo
+from pipeline_lib.inference import cell_rectangles, open_photo, read_photo
 from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.tables import read_prepared
 from pipeline_lib.training import predict as run_head
@@ -182,14 +182,39 @@ def test_predict_feeds_the_backbone_what_extract_feeds_it(tmp_path):
     """A large photo (decoded at a lower scale by extract under shrink) and a small one: predict's
     backbone input is extract's, bit for bit, while it draws on the photo at full size."""
     torch.manual_seed(3)
-    for name, size in (("large.jpg", (900, 700)), ("small.jpg", (300, 200))):
+    sizes = {"large.jpg": (900, 700), "small.jpg": (300, 200)}
+    sizes |= {"twice.jpg": (600, 448), "between.jpg": (900, 500)}  # 2x 224 exactly; 2x .. 3x
+    for name, size in sizes.items():
         path = tmp_path / name
         pixels = (torch.rand(3, size[1] // 10, size[0] // 10) * 255).to(torch.uint8)
         F.to_pil_image(F.resize(pixels, [size[1], size[0]])).save(path, quality=85)
         for spec in (ImageSpec("shrink", 224), ImageSpec("crop", 224)):
             photo = read_photo(path, spec)
-            assert photo.image.size == size
+            assert photo.image.size == size and photo.path == path
             assert torch.equal(photo.pixels, load_image_tensor(path, spec.mode, spec.size))
+
+
+def test_photos_that_cannot_be_read_are_named_with_the_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "folder.jpg").mkdir()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "cut.jpg")
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    expected = {
+        "missing.jpg": "no such file",
+        "empty.jpg": "not an image (an empty file)",
+        "text.png": "not an image (PIL cannot identify it)",
+        "folder.jpg": "a folder, not an image",
+        "cut.jpg": "cannot decode (",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(ImageError) as raised:
+            open_photo(tmp_path / name)
+        assert str(raised.value).startswith(f"{tmp_path / name}: {reason}"), str(raised.value)
+    Image.new("L", (30, 20), 128).save(tmp_path / "grey.png")  # any mode comes back RGB
+    grey = open_photo(tmp_path / "grey.png")
+    assert grey.mode == "RGB" and grey.size == (30, 20) and grey.getpixel((0, 0)) == (128,) * 3
 
 
 def test_cell_rectangles_by_hand():

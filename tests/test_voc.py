@@ -206,3 +206,62 @@ def test_decompression_bomb_guard_is_kept(voc_folder, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 8,000 pixels > 2 x limit: refused
     with pytest.raises(AnnotationError, match=r"a\.jpg: image: not a readable image"):
         read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("setup", "where", "field", "message"),
+    [
+        (
+            lambda f: f.split("train", ["a/b"]),
+            "ImageSets/Main",
+            "id",
+            "'a/b' is not a plain image id",
+        ),
+        (
+            lambda f: f.split("train", ["a"]),
+            "Annotations/a.xml",
+            "file",
+            "annotation listed in the split does not exist",
+        ),
+        (
+            lambda f: (f.add("a", voc_xml(), size=(101, 80)), f.split("train", ["a"])),
+            "Annotations/a.xml",
+            "size",
+            "says 100x80 but JPEGImages/a.jpg is 101x80",
+        ),
+        (
+            lambda f: (f.add("a", voc_xml(), image=False), f.split("train", ["a"])),
+            "Annotations/a.xml",
+            "filename",
+            "image {root}/JPEGImages/a.jpg does not exist",
+        ),
+    ],
+)
+def test_image_errors_name_the_file_and_field_in_full(voc_folder, setup, where, field, message):
+    """The whole one-line message: `<file>: <field>: <what>`, the file inside the dataset."""
+    setup(voc_folder)
+    with pytest.raises(AnnotationError) as raised:
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    error = raised.value
+    assert (error.file, error.field) == (str(voc_folder.root / where), field)
+    message = message.format(root=voc_folder.root)
+    assert str(error) == f"{voc_folder.root / where}: {field}: {message}"
+
+
+def test_split_lists_by_hand(voc_folder):
+    lists = voc_folder.root / "ImageSets" / "Main"
+    with pytest.raises(DatasetError) as raised:  # no list at all: nothing to suggest
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    assert str(raised.value) == f"{lists / 'train.txt'}: split list not found"
+    voc_folder.split("cat_train", ["a"])  # a per-class list is not offered
+    voc_folder.split("dup", list("abcdefab" + "cdef"))  # six ids twice: the first five named
+    with pytest.raises(DatasetError) as raised:
+        read_voc(voc_folder.root, {"train": "nope"}, CLASSES, progress=False)
+    assert str(raised.value) == f"{lists / 'nope.txt'}: split list not found; lists there: dup"
+    with pytest.raises(DatasetError) as raised:
+        read_voc(voc_folder.root, {"train": "dup"}, CLASSES, progress=False)
+    assert str(raised.value) == f"{lists / 'dup.txt'}: ids listed twice: a, b, c, d, e"
+    (lists / "bytes.txt").write_bytes(b"ok\n\xff\xfe\n")  # not UTF-8: read, and refused by name
+    voc_folder.add("ok", voc_xml("ok.jpg"))
+    with pytest.raises(AnnotationError, match="is not a plain image id"):
+        read_voc(voc_folder.root, {"train": "bytes"}, CLASSES, progress=False)
