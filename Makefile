@@ -34,7 +34,7 @@ lint: $(STAMP)
 # tests/conftest.py). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: lint
-	pytest -n $(TEST_WORKERS) --dist loadgroup
+	pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
 # The pull-request report: this workspace's params, metrics, plots and figures against BASE's
 # (report/report.md; stages/report.py). The CI workflow .github/workflows/pr-report.yaml posts it.
