@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from pipeline_lib.features import (
 )
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -180,23 +184,38 @@ def test_large_jpegs_are_decoded_at_a_lower_scale_under_shrink(tmp_path):
         assert torch.equal(load_image_tensor(path, mode, 224), expected)
 
 
+COMPILED_VS_EAGER = """
+import sys
+from pathlib import Path
+import torch
+from pipeline_lib.backbones import load_backbone
+from pipeline_lib.features import ExtractSettings, extract_features
+from pipeline_lib.geometry import ImageSpec
+out, images = Path(sys.argv[1]), sys.argv[2:]
+torch.manual_seed(0)
+backbone = load_backbone("squeezenet1_1", "features", "random")
+ids = [f"id{i}" for i in range(len(images))]
+for name, flag in (("eager", False), ("compiled", True)):
+    settings = ExtractSettings(store_dtype="float32", batch_size=2, workers=0, compile=flag)
+    extract_features(backbone, dict(zip(ids, map(Path, images))), out / f"{name}.safetensors",
+                     ImageSpec("shrink", 64), settings, progress=None)
+"""
+
+
 def test_compiled_path_equals_eager_with_a_padded_last_batch(images, tmp_path):
     """backbone.compile: 5 images in batches of 2 -> the last batch (1 image) is padded, not
-    recompiled, and the features match the eager path."""
-    torch.manual_seed(0)
-    backbone = load_backbone("squeezenet1_1", "features", "random")
+    recompiled, and the features match the eager path. Run in a process of its own, as the
+    extract stage runs: torch.compile's generated code once aborted a pytest-xdist worker that
+    had run other tests' torch work before (OpenMP state shared with them)."""
+    subprocess.run(
+        [sys.executable, "-c", COMPILED_VS_EAGER, str(tmp_path), *map(str, images)],
+        cwd=REPO,
+        check=True,
+        timeout=600,
+    )
+    a = read_features(tmp_path / "eager.safetensors")
+    b = read_features(tmp_path / "compiled.safetensors")
     ids = [f"id{i}" for i in range(len(images))]
-    eager, compiled = tmp_path / "eager.safetensors", tmp_path / "compiled.safetensors"
-    for out, flag in ((eager, False), (compiled, True)):
-        extract_features(
-            backbone,
-            dict(zip(ids, images, strict=True)),
-            out,
-            ImageSpec("shrink", 64),
-            ExtractSettings(store_dtype="float32", batch_size=2, workers=0, compile=flag),
-            progress=None,
-        )
-    a, b = read_features(eager), read_features(compiled)
     assert a.image_ids == b.image_ids == ids and a.features.shape == b.features.shape
     assert torch.allclose(a.features, b.features, rtol=1e-3, atol=1e-3)
 
