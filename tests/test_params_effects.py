@@ -157,9 +157,10 @@ def report_probe(kind: str):
     """An evaluate stage's report: its metrics, tables, the size of each figure and the pixels
     of the figures of images (what eval.draw_score and eval.samples draw)."""
 
-    def probe(raw: dict, env: dict) -> str:
+    def probe(raw: dict, env: dict, monkeypatch) -> str:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+        monkeypatch.chdir(env["trained"])  # the prepared tables name the images relative to it
         ev = parse_params(raw).eval
         inputs = env[f"evaluation_{kind}"]
         report = (single_report if kind == "single" else grid_report)(inputs, ev)
@@ -462,6 +463,8 @@ PROBES = {
     "finetune.device": (finetune_probe, "cpu", "cuda", {}),
 }
 NEEDS_MONKEYPATCH = {
+    EVAL_GRID,
+    EVAL_SINGLE,
     lazy_probe,
     kernels_probe,
     extract_probe,
