@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
+from torchvision.ops import box_area, box_iou
 
 from pipeline_lib.anchors import fold_anchors
 from pipeline_lib.geometry import decode_boxes, paired_iou
@@ -232,11 +232,6 @@ def voc_average_precision(
 SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
 
 
-def box_areas(boxes: torch.Tensor) -> torch.Tensor:
-    """(N,) areas (w * h, continuous) of (N, 4) xyxy boxes."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
 def ap_by_size(
     detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -252,11 +247,11 @@ def ap_by_size(
     for name, (low, high) in SIZE_RANGES.items():
         truth = []
         for boxes, labels, difficult in ground_truth:
-            area = box_areas(boxes.double())
+            area = box_area(boxes.double())
             truth.append((boxes, labels, difficult.bool() | (area < low) | (area >= high)))
         outside = []
         for boxes, _, _ in detections:
-            area = box_areas(boxes.double())
+            area = box_area(boxes.double())
             outside.append((area < low) | (area >= high))
         found[name] = voc_average_precision(
             detections, truth, n_classes, iou_threshold, overlap, outside

@@ -229,6 +229,18 @@ def trained(tmp_path_factory) -> Path:
     return folder
 
 
+def evaluate_multi_and_predict(folder: Path) -> tuple[dict, list[dict]]:
+    """In `folder` (the working directory, trained): the evaluate_multi stage, then predict at
+    score 0 on one of its synthetic photos. Returns (the metrics, predict's detections)."""
+    from stages import evaluate, predict
+
+    invoke(evaluate.app, ["multi"])
+    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    image = next((folder / "data/synthetic").rglob("*.jpg"))
+    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
+    return metrics, json.loads((folder / "out/detections.json").read_text())
+
+
 def without_timings(value):
     if isinstance(value, dict):
         return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}

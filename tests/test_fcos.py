@@ -4,13 +4,12 @@ with it."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import invoke
+from conftest import evaluate_multi_and_predict, invoke
 
 from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.detection import Filtering, head_detections
@@ -93,7 +92,7 @@ def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():
 
 
 def test_stages_train_evaluate_and_predict_with_fcos(trained, tmp_path, monkeypatch):
-    from stages import evaluate, predict, train
+    from stages import train
 
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
@@ -105,10 +104,6 @@ def test_stages_train_evaluate_and_predict_with_fcos(trained, tmp_path, monkeypa
     assert "FCOS on the 14x14 levels" in output
     checkpoint = load_checkpoint("models/multi.safetensors")
     assert isinstance(checkpoint.head, FcosHead) and checkpoint.card.head["kind"] == "fcos"
-    invoke(evaluate.app, ["multi"])
-    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    metrics, found = evaluate_multi_and_predict(folder)
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0
-    image = next((folder / "data/synthetic").rglob("*.jpg"))
-    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
-    found = json.loads((folder / "out/detections.json").read_text())
     assert found and all(0 <= d["xmin"] <= d["xmax"] for d in found)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import invoke, lab_heads
+from conftest import evaluate_multi_and_predict, invoke, lab_heads
 from typer.testing import CliRunner
 
 from pipeline_lib.backbones import (
@@ -141,7 +141,7 @@ def test_two_level_head_and_merged_nms():
 
 
 def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
-    from stages import evaluate, extract, finetune, predict, train
+    from stages import extract, finetune, train
 
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
@@ -157,12 +157,8 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     checkpoint = load_checkpoint("models/multi.safetensors")
     assert isinstance(checkpoint.head, TwoLevelHead)
     assert checkpoint.card.grid.fine_channels == 112 and checkpoint.card.grid.fine_below == 0.2
-    invoke(evaluate.app, ["multi"])
-    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    metrics, found = evaluate_multi_and_predict(folder)
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0
-    image = next((folder / "data/synthetic").rglob("*.jpg"))
-    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
-    found = json.loads((folder / "out/detections.json").read_text())
     assert len(found) > 0  # score 0: every cell of both levels before NMS has a score above it
 
     # the conv head on the same two levels: a pyramid, trained, evaluated and used alike
@@ -172,11 +168,9 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     checkpoint = load_checkpoint("models/multi.safetensors")
     assert isinstance(checkpoint.head, PyramidGridHead)
     assert checkpoint.card.grid.assign == "neighbours" and checkpoint.card.grid.fine_below == 0.2
-    invoke(evaluate.app, ["multi"])
-    metrics = json.loads((folder / "reports/evaluate_multi/metrics.json").read_text())
+    metrics, found = evaluate_multi_and_predict(folder)
     assert 0.0 <= metrics["map"] <= 1.0
-    invoke(predict.app, [str(image), "--out", "out", "--format", "json", "--score", "0.0"])
-    assert len(json.loads((folder / "out/detections.json").read_text())) > 0
+    assert len(found) > 0
 
     params["finetune"]["enabled"] = True  # fine-tuning knows one level only: refused
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
