@@ -314,6 +314,11 @@ def fit(
             on_epoch(epoch, stats)
     result.seconds = time.perf_counter() - start
     head.to("cpu")
+    if result.best_epoch == 0:  # NaN is never below the best so far
+        raise PipelineError(
+            f"training diverged: the val {config.monitor} was not a number in any of the "
+            f"{config.epochs} epochs (a lower train.lr may help)"
+        )
     return result
 
 

@@ -329,7 +329,7 @@ def _unpack_voc(archive: Path, dataset_dir: Path) -> None:
         unpacked = Path(tmp) / "VOCdevkit" / dataset_dir.name
         if not (unpacked / "Annotations").is_dir():
             raise DatasetError(f"{archive.name} holds no VOCdevkit/{dataset_dir.name}/Annotations")
-        dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+        dataset_dir.parent.mkdir(exist_ok=True)  # dest/VOCdevkit: dest holds the archive
         os.replace(unpacked, dataset_dir)
 
 

@@ -9,10 +9,13 @@ import io
 import socket
 import tarfile
 import threading
+import urllib.error
+from pathlib import Path
 
 import pytest
 from conftest import VocFolder, voc_xml
 
+from pipeline_lib import voc
 from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
 
 ARCHIVE = "VOCtrainval_11-May-2012.tar"  # torchvision's file name for VOC2012 trainval
@@ -97,3 +100,65 @@ def test_offline_failure_says_what_to_do(tmp_path, monkeypatch):
     message = str(info.value)
     assert "could not download VOC2012" in message
     assert "Without internet, download" in message and "VOCdevkit/VOC2012/Annotations" in message
+
+
+def test_torchvisions_address_checksum_and_file_name_are_the_defaults(tmp_path, monkeypatch):
+    """No download here: torchvision's downloader is replaced by one that records its arguments
+    and fails as it does offline."""
+    from torchvision.datasets import utils
+    from torchvision.datasets.voc import DATASET_YEAR_DICT
+
+    calls = []
+
+    def offline(url, root, filename=None, md5=None):
+        calls.append((url, root, filename, md5))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(utils, "download_url", offline)
+    info, dest = DATASET_YEAR_DICT["2012"], tmp_path / "data"
+    with pytest.raises(DatasetError) as raised:
+        download_voc2012(dest)
+    assert calls == [(info["url"], str(dest), info["filename"], info["md5"])]
+    assert info["filename"] == ARCHIVE
+    dataset = dest / "VOCdevkit" / "VOC2012"
+    assert str(raised.value) == (
+        f"could not download VOC2012 from {info['url']}: <urlopen error no network>. "
+        f"Without internet, download {info['url']} yourself, unpack it so that "
+        f"{dataset}/Annotations exists, and run again (or point data.root at an existing "
+        "VOCdevkit folder and set data.download: false)."
+    )
+
+
+def test_the_archive_unpacks_beside_itself_and_moves_in_whole(server, tmp_path, monkeypatch):
+    """Unpacked into a hidden folder in the destination (the same file system: the move is one
+    rename), next to a VOC2007 already there."""
+    site, base = server
+    data = make_archive(tmp_path)
+    (site / ARCHIVE).write_bytes(data)
+    dest = tmp_path / "data"
+    (dest / "VOCdevkit" / "VOC2007" / "Annotations").mkdir(parents=True)
+    moves = []
+    real_replace = voc.os.replace
+    monkeypatch.setattr(voc.os, "replace", lambda a, b: moves.append((a, b)) or real_replace(a, b))
+    dataset = download_voc2012(dest, f"{base}/{ARCHIVE}", hashlib.md5(data).hexdigest())
+    ((source, target),) = moves
+    assert Path(target) == dataset and (dataset / "Annotations" / "2012_000001.xml").is_file()
+    hidden = Path(source).relative_to(dest).parts
+    assert hidden[0].startswith(".unpack.") and hidden[1:] == ("VOCdevkit", "VOC2012")
+    assert sorted(p.name for p in dest.iterdir()) == ["VOCdevkit"]  # the hidden folder went
+    assert (dest / "VOCdevkit" / "VOC2007" / "Annotations").is_dir()
+
+
+def test_an_archive_without_the_dataset_is_named(server, tmp_path):
+    site, base = server
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("VOCdevkit/VOC2012/README")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    (site / ARCHIVE).write_bytes(buffer.getvalue())
+    md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+    with pytest.raises(DatasetError) as raised:
+        download_voc2012(tmp_path / "data", f"{base}/{ARCHIVE}", md5)
+    assert str(raised.value) == f"{ARCHIVE} holds no VOCdevkit/VOC2012/Annotations"
+    assert list((tmp_path / "data").iterdir()) == []

@@ -12,13 +12,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as F
 
+from pipeline_lib import features as features_lib
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import (
+    ExtractResult,
     ExtractSettings,
     ImageError,
+    ImageFolder,
     extract_features,
     load_image_tensor,
     pick_precision,
@@ -233,7 +237,14 @@ def test_file_is_plain_safetensors_with_float32_option(resnet18, images, tmp_pat
     with safe_open(str(out), framework="pt") as handle:
         assert list(handle.keys()) == ["features"]
         tensor = handle.get_tensor("features")
-        assert json.loads(handle.metadata()["image_ids"]) == ["a", "b", "c"]
+        metadata = handle.metadata()
+    assert json.loads(metadata.pop("image_ids")) == ["a", "b", "c"]
+    backbone = resnet18.describe() | {"precision": "float32"}
+    assert metadata == {
+        "backbone": json.dumps(backbone),
+        "image_mode": "shrink",
+        "image_size": "64",
+    }
     assert tensor.dtype == torch.float32 and tensor.shape == (3, 512, 2, 2)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -287,6 +298,20 @@ def test_bad_image_raises_naming_the_file_or_is_skipped(resnet18, images, tmp_pa
     ]
     stored = read_features(out)
     assert stored.image_ids == ["a", "b"] and stored.features.shape[0] == 2
+    # batches of one: a batch with no image left in it between two good ones (features equal
+    # up to the last bits: oneDNN sums a batch of one in another order)
+    settings = ExtractSettings(batch_size=1, workers=0, on_error="skip")
+    again = extract_features(
+        resnet18,
+        dict(zip(["a", "bad", "b"], paths, strict=True)),
+        out,
+        ImageSpec("shrink", 64),
+        settings,
+        progress=None,
+    )
+    again_stored = read_features(out).features.float()
+    assert again.image_ids == ["a", "b"]
+    assert torch.allclose(again_stored, stored.features.float(), atol=0.02)
 
 
 def test_decompression_bomb_guard(resnet18, images, tmp_path, monkeypatch):
@@ -400,8 +425,6 @@ def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_p
 
 def write_feature_file(path: Path, features: torch.Tensor) -> None:
     """A feature file as extract writes it (safetensors' own writer, the pipeline's metadata)."""
-    from safetensors.torch import save_file
-
     ids = [f"img{i}" for i in range(len(features))]
     metadata = {"image_ids": json.dumps(ids), "backbone": json.dumps({"name": "x"})}
     save_file({"features": features}, str(path), metadata | {"image_mode": "shrink"})
@@ -454,3 +477,198 @@ def test_training_from_disk_gives_the_model_training_in_memory_gives(tmp_path):
         states.append(result.best_state)
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_rows_are_picked_by_number_mask_or_view_of_a_view(tmp_path):
+    features = torch.randn(6, 2, 1, 1).half()
+    write_feature_file(tmp_path / "f.safetensors", features)
+    rows = read_features(tmp_path / "f.safetensors", lazy=True).features
+    picked = rows.select(torch.tensor([3, 0, 5]))  # numbers, out of order, 0 included
+    assert torch.equal(picked[0:3], features[[3, 0, 5]])
+    assert torch.equal(picked.select(torch.tensor([False, True, True]))[0:2], features[[0, 5]])
+    assert torch.equal(rows[torch.tensor([-1, -6])], features[[5, 0]])  # as a tensor counts
+    assert torch.equal(rows[-2], features[4])
+    with pytest.raises(IndexError):
+        rows[torch.tensor([6])]
+
+
+def test_lazy_rows_start_where_the_header_says(tmp_path):
+    """The features need not be the file's first tensor: their offset comes from the header."""
+    features = torch.randn(4, 3, 2, 2).half()
+    path = tmp_path / "f.safetensors"
+    metadata = {"image_ids": json.dumps(list("abcd")), "backbone": json.dumps({"name": "x"})}
+    save_file({"features": features, "aaa": torch.arange(10.0)}, str(path), metadata)
+    with safe_open(str(path), framework="pt") as handle:  # "aaa" is stored first
+        assert handle.keys() == ["aaa", "features"]
+    lazy = read_features(path, lazy=True)
+    assert torch.equal(lazy.features[0:4], features)
+
+
+def test_feature_files_that_cannot_be_read_say_why(tmp_path):
+    path = tmp_path / "f.safetensors"
+    with pytest.raises(PipelineError) as raised:
+        read_features(path)
+    assert str(raised.value) == (
+        f"{path}: no feature file; run the extract stage first (dvc repro extract)"
+    )
+    metadata = {"image_ids": json.dumps(["a", "b"]), "backbone": json.dumps({"name": "x"})}
+    save_file({"features": torch.zeros(3, 4, 1, 1)}, str(path), metadata)
+    for lazy in (False, True):
+        with pytest.raises(PipelineError) as raised:
+            read_features(path, lazy=lazy)
+        assert str(raised.value) == f"{path}: 3 rows but 2 image ids"
+    save_file({"features": torch.zeros(2, 4, 1, 1, dtype=torch.float64)}, str(path), metadata)
+    with pytest.raises(PipelineError) as raised:
+        read_features(path, lazy=True)
+    assert str(raised.value) == (
+        f"{path}: not a readable feature file (features in F64, not float16 / float32); run dvc "
+        "repro extract"
+    )
+    write_feature_file(path, torch.zeros(6, 2, 2, 2, dtype=torch.float16))
+    path.write_bytes(path.read_bytes()[:-1])  # one byte short: safetensors' check says so
+    with pytest.raises(PipelineError) as raised:
+        read_features(path, lazy=True)
+    assert str(raised.value).startswith(f"{path}: not a readable feature file (")
+    assert str(raised.value).endswith("); run dvc repro extract")
+    # cut after it was opened: the row that is not there any more is named
+    write_feature_file(path, torch.zeros(6, 2, 2, 2, dtype=torch.float16))
+    rows = read_features(path, lazy=True).features
+    path.write_bytes(path.read_bytes()[:-20])
+    assert rows[0].shape == (2, 2, 2)
+    with pytest.raises(PipelineError) as raised:
+        rows[5]
+    assert str(raised.value) == f"{path}: row 5 is cut short (file truncated?)"
+
+
+def test_image_folder_items_flip_left_to_right_and_carry_errors(tmp_path):
+    pixels = torch.arange(3 * 4 * 6, dtype=torch.uint8).view(3, 4, 6) * 3
+    F.to_pil_image(pixels).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    paths = [tmp_path / "a.png", tmp_path / "bad.png"]
+    plain, flipped = ImageFolder(paths, "crop", 4), ImageFolder(paths, "crop", 4, flipped=True)
+    index, image, error = plain[0]
+    assert index == 0 and error is None and torch.equal(image, pixels[:, :, 1:5])
+    index, mirrored, error = flipped[0]
+    assert torch.equal(mirrored, pixels[:, :, 1:5].flip(-1)) and error is None
+    index, image, error = plain[1]
+    assert (index, image) == (1, None) and error.startswith(f"{tmp_path / 'bad.png'}: image: ")
+
+
+def test_an_extraction_reports_its_figures_rounded():
+    result = ExtractResult(
+        ["a", "b", "c"],
+        (3, 8, 2, 2),
+        seconds=1.23456,
+        skipped=[{"image_id": "d", "reason": "bad"}],
+        parts={"decoding": 0.3333, "backbone": 0.9},
+    )
+    assert result.report() == {
+        "images": 3,
+        "skipped": 1,
+        "seconds": 1.23,
+        "images_per_second": 3.2,  # 4 images (the skipped one read too) in 1.23456 s
+        "seconds_by_part": {"decoding": 0.33, "backbone": 0.9},
+        "skipped_images": [{"image_id": "d", "reason": "bad"}],
+    }
+
+
+def test_extract_settings_come_from_the_backbone_params(monkeypatch):
+    from dataclasses import replace
+
+    from pipeline_lib.params import load_params
+
+    bb = replace(
+        load_params(REPO / "params.yaml").backbone,
+        store_dtype="float32",
+        batch_size=3,
+        device="cpu",
+        precision="bfloat16",
+        compile=True,
+        workers=2,
+    )
+    expected = ExtractSettings("float32", 3, "cpu", "bfloat16", True, 2, "skip")
+    assert ExtractSettings.from_params(bb, "skip") == expected
+    for native, precision in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(features_lib, "native_bfloat16", lambda device, n=native: n)
+        auto = ExtractSettings.from_params(replace(bb, precision="auto"), "raise")
+        assert auto == replace(expected, precision=precision, on_error="raise")
+
+
+def test_devices_other_than_cpu_and_cuda_compute_in_float32_unless_asked():
+    meta = torch.device("meta")
+    assert not features_lib.native_bfloat16(meta)
+    assert pick_precision("auto", meta) == "float32"
+    assert pick_precision("bfloat16", meta) == "bfloat16"
+
+
+def test_ranks_rows_are_merged_in_rank_order(tmp_path, monkeypatch):
+    from pipeline_lib.distributed import Ranks
+
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"x" * 12)
+    mine = features_lib._Rows(kept=[], skipped=[{"image_id": "a", "reason": "bad"}])
+    assert features_lib._merge_ranks(raw, mine, Ranks()) is mine  # one process: as it is
+    gathered, sizes = [], []
+    parts = [
+        ([], [{"image_id": "a", "reason": "bad"}], None, 12),
+        (["b", "c"], [], (4, 1, 1), 32),
+        (["d"], [{"image_id": "e", "reason": "worse"}], (4, 1, 1), 16),
+    ]
+    monkeypatch.setattr(
+        features_lib, "all_gather", lambda obj, ranks: gathered.append(obj) or parts
+    )
+    monkeypatch.setattr(
+        features_lib, "gather_bytes", lambda path, n, ranks: sizes.append((path, n))
+    )
+    merged = features_lib._merge_ranks(raw, mine, Ranks(rank=0, world=3))
+    assert gathered == [([], [{"image_id": "a", "reason": "bad"}], None, 12)]
+    assert sizes == [(raw, [12, 32, 16])]
+    assert merged.kept == ["b", "c", "d"] and merged.shape == (4, 1, 1)
+    assert merged.skipped == [
+        {"image_id": "a", "reason": "bad"},
+        {"image_id": "e", "reason": "worse"},
+    ]
+    assert merged.clock is mine.clock
+
+
+def test_our_streamed_file_is_the_file_safetensors_writes(tmp_path):
+    """Byte for byte (one metadata key: safetensors orders several as its hash map does)."""
+    tensor = torch.randn(3, 5, 2, 1).half()  # 60 bytes a row: the header needs padding
+    raw = tmp_path / "raw"
+    raw.write_bytes(tensor.numpy().tobytes())
+    for metadata in ({"image_mode": "shrink"}, {"image_mode": "crop!"}):
+        ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+        features_lib._write_safetensors(ours, raw, tuple(tensor.shape), torch.float16, metadata)
+        save_file({"features": tensor}, str(theirs), metadata)
+        assert ours.read_bytes() == theirs.read_bytes()
+    with pytest.raises(RuntimeError) as raised:
+        features_lib._write_safetensors(ours, raw, (4, 5, 2, 1), torch.float16, metadata)
+    assert str(raised.value) == f"{raw}: 60 bytes written, 80 expected for (4, 5, 2, 1)"
+
+
+def test_gpu_features_come_back_without_blocking_and_are_waited_for(monkeypatch):
+    """CI has no GPU: a stand-in tensor that says it is on CUDA and a stand-in event record the
+    calls; a CPU tensor is copied at once."""
+    calls, host = [], torch.ones(2)
+
+    class OnGpu:
+        device = torch.device("cuda")
+
+        def to(self, *args, **kwargs):
+            calls.append(("to", args, kwargs))
+            return host
+
+    class Event:
+        def record(self):
+            calls.append("record")
+
+        def synchronize(self):
+            calls.append("synchronize")
+
+    monkeypatch.setattr(features_lib.torch.cuda, "Event", Event)
+    copy = features_lib._ToHost.start(OnGpu())
+    assert calls == [("to", ("cpu",), {"non_blocking": True}), "record"]
+    assert copy.wait() is host and calls[-1] == "synchronize"
+    cpu = torch.zeros(3)
+    here = features_lib._ToHost.start(cpu)
+    assert here.landed is None and here.wait() is cpu  # already on the CPU: nothing to wait for

@@ -265,3 +265,17 @@ def test_split_lists_by_hand(voc_folder):
     voc_folder.add("ok", voc_xml("ok.jpg"))
     with pytest.raises(AnnotationError, match="is not a plain image id"):
         read_voc(voc_folder.root, {"train": "bytes"}, CLASSES, progress=False)
+
+
+def test_reading_shows_a_progress_bar_unless_asked_not_to(voc_folder, capsys):
+    voc_folder.add("a", voc_xml("a.jpg", objects=[obj("cat")]))
+    voc_folder.add("b", voc_xml("b.jpg", objects=[obj("dog")]))
+    voc_folder.split("train", ["a", "b"])
+    read_voc(voc_folder.root, {"train": "train"}, CLASSES)  # progress by default
+    shown = capsys.readouterr().err
+    assert "parse annotations: 100%|" in shown and "| 2/2 [" in shown and "file/s]" in shown
+    read_voc(voc_folder.root, {"train": "train"}, CLASSES, progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError) as raised:
+        read_voc(voc_folder.root, {"train": "train"}, CLASSES, on_error="ignore")
+    assert str(raised.value) == "on_error must be 'raise' or 'skip', got 'ignore'"
