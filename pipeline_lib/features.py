@@ -228,9 +228,11 @@ def prepare_model(
         try:
             return run(x)[:rows]
         except torch._dynamo.exc.BackendCompilerFailed as error:
+            cause = error.inner_exception  # the error's own first line names only the backend
+            first = str(cause).splitlines()[0][:200] if str(cause) else ""
             raise PipelineError(
                 f"backbone.compile: torch.compile failed for {backbone.name} "
-                f"({str(error).splitlines()[0][:200]}); set backbone.compile: false"
+                f"({type(cause).__name__}: {first}); set backbone.compile: false"
             ) from error
 
     bf16 = pick_precision(precision, device) == "bfloat16"

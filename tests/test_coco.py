@@ -64,29 +64,74 @@ def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
 @pytest.mark.parametrize(
     ("images", "annotations", "field", "words"),
     [
-        ([image(1)], [box(1, 1, [10, 10, 0, 5])], "annotations[0].bbox", "no area"),
-        ([image(1)], [box(1, 1, [10, 10, "5", 5])], "annotations[0].bbox", "not [x, y, width"),
-        ([image(1)], [box(1, 1, [10, 10, 5])], "annotations[0].bbox", "not [x, y, width"),
-        ([image(1)], [box(1, 1, [10, float("nan"), 5, 5])], "annotations[0].bbox", "not finite"),
-        ([image(1)], [box(1, 1, [98, 10, 5, 5])], "annotations[0].bbox", "outside the 100x80"),
+        (
+            [image(1)],
+            [box(1, 1, [10, 10, 0, 5])],
+            "annotations[0].bbox",
+            "[10, 10, 0, 5] has no area or is not finite",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [10, 10, "5", 5])],
+            "annotations[0].bbox",
+            "[10, 10, '5', 5] is not [x, y, width, height]",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [10, 10, 5])],
+            "annotations[0].bbox",
+            "[10, 10, 5] is not [x, y, width, height]",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [10, float("nan"), 5, 5])],
+            "annotations[0].bbox",
+            "[10, nan, 5, 5] has no area or is not finite",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [98, 10, 5, 5])],
+            "annotations[0].bbox",
+            "[98, 10, 5, 5] lies outside the 100x80 image",
+        ),
         (
             [image(1)],
             [box(1, 1, [10, 10, 5, 5], category=2)],
             "annotations[0].category_id",
-            "not a category",
+            "2 is not a category",
         ),
-        ([image(1, "../up.jpg")], [], "images[0].file_name", "not a plain file name"),
-        ([image(1, "/etc/passwd")], [], "images[0].file_name", "not a plain file name"),
-        ([image(1, "my photo.jpg")], [], "images[0].file_name", "not a plain image id"),
-        ([{**image(1), "width": 0}], [], "images[0].width", "positive whole"),
-        ([image(1), image(2, "img1.jpg")], [], "images[1].file_name", "also in"),
+        (
+            [image(1, "../up.jpg")],
+            [],
+            "images[0].file_name",
+            "'../up.jpg' is not a plain file name",
+        ),
+        (
+            [image(1, "/etc/passwd")],
+            [],
+            "images[0].file_name",
+            "'/etc/passwd' is not a plain file name",
+        ),
+        (
+            [image(1, "my photo.jpg")],
+            [],
+            "images[0].file_name",
+            "'my photo' is not a plain image id",
+        ),
+        ([{**image(1), "width": 0}], [], "images[0].width", "0 is not a positive whole number"),
+        (
+            [image(1), image(2, "img1.jpg")],
+            [],
+            "images[1].file_name",
+            "'img1' also in instances_tr.json",
+        ),
     ],
 )
 def test_bad_entries_name_file_and_field(tmp_path, images, annotations, field, words):
     path = write_coco(tmp_path, "tr", images, annotations)
     with pytest.raises(AnnotationError) as info:
         read_coco(tmp_path, {"train": "tr"}, progress=False)
-    assert info.value.field == field and words in info.value.message
+    assert info.value.field == field and info.value.message == words
     assert str(path) in str(info.value)
     rows, _, _ = read_coco(tmp_path, {"train": "tr"}, on_error="skip", progress=False)
     assert len(rows.skipped) == 1 and words in rows.skipped[0]["reason"]
@@ -195,3 +240,67 @@ def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_
     metrics = json.loads((tmp_path / "reports/evaluate_multi/metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["objects"] == xml_objects
     assert metrics["overlap"] == "continuous"  # COCO's coordinates: no VOC pixel convention
+
+
+def read_error(root: Path, splits=None, error=DatasetError) -> str:
+    with pytest.raises(error) as info:
+        read_coco(root, splits or {"train": "tr"}, progress=False)
+    return str(info.value)
+
+
+def test_whole_file_problems_are_named_in_full(tmp_path):
+    path = write_coco(tmp_path, "tr", [image(1)], [], categories=[{"id": 1}])
+    assert read_error(tmp_path) == (f"{path}: categories: each needs an id and a name ('name')")
+    for categories in ([], [{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}]):
+        data = {"images": [image(1)], "annotations": [], "categories": categories}
+        path.write_text(json.dumps(data))
+        names = [c["name"] for c in categories]
+        assert read_error(tmp_path) == f"{path}: categories: none, or names listed twice: {names}"
+    for key in ("images", "annotations"):
+        data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
+        data[key] = {"not": "a list"}
+        path.write_text(json.dumps(data))
+        assert read_error(tmp_path) == f"{path}: {key}: missing or not a list"
+    write_coco(tmp_path, "tr", [image(1)], [box(1, 5, [1, 1, 5, 5]), box(2, 5, [1, 1, 5, 5])])
+    assert read_error(tmp_path) == (
+        f"{path}: annotations: 2 refer to no image (e.g. annotations[0])"
+    )
+    with pytest.raises(ValueError) as info:
+        read_coco(tmp_path, {"train": "tr"}, on_error="ignore")
+    assert str(info.value) == "on_error must be 'raise' or 'skip', got 'ignore'"
+
+
+def test_boxes_may_overhang_by_one_pixel_and_must_keep_an_area(tmp_path):
+    kept = [box(1, 1, [-1.0, -1.0, 50, 20]), box(2, 1, [60, 70, 41, 11])]  # 1 px past each side
+    write_coco(tmp_path, "tr", [image(1)], kept)
+    rows, _, _ = read_coco(tmp_path, {"train": "tr"}, progress=False)
+    assert [(o["xmin"], o["ymin"], o["xmax"], o["ymax"]) for o in rows.objects] == [
+        (0, 0, 49, 19),
+        (60, 70, 100, 80),
+    ]
+    for bbox in ([-1.5, 0, 10, 10], [0, -1.01, 10, 10], [90, 0, 11.5, 10], [0, 70, 10, 11.5]):
+        path = write_coco(tmp_path, "tr", [image(1)], [box(1, 1, bbox)])
+        message = read_error(tmp_path, error=AnnotationError)
+        assert message.endswith(f"{bbox!r} lies outside the 100x80 image"), message
+        assert message.startswith(f"{path}: annotations[0].bbox: ")
+    write_coco(tmp_path, "tr", [image(1)], [box(1, 1, [100.2, 10, 0.5, 5])])  # right of the image
+    assert read_error(tmp_path, error=AnnotationError).endswith(
+        "[100.2, 10, 0.5, 5] lies outside the 100x80 image"
+    )
+
+
+def test_skipped_entries_keep_their_split_and_a_name(tmp_path, capsys):
+    write_coco(tmp_path, "tr", [image(1), "not an object", {**image(3), "width": -2}], [])
+    rows, _, _ = read_coco(tmp_path, {"train": "tr"}, on_error="skip")  # progress by default
+    path = annotation_path(tmp_path, "tr")
+    assert [r["image_id"] for r in rows.images] == ["img1"] and rows.images[0]["split"] == "train"
+    assert rows.skipped == [
+        {"image_id": "images[1]", "split": "train", "reason": f"{path}: images[1]: not an object"},
+        {
+            "image_id": "img3",
+            "split": "train",
+            "reason": f"{path}: images[2].width: -2 is not a positive whole number",
+        },
+    ]
+    shown = capsys.readouterr().err
+    assert "read instances_tr.json: 100%|" in shown and "3/3 [" in shown and "image/s]" in shown

@@ -6,6 +6,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib import features as features_lib
-from pipeline_lib.backbones import load_backbone
+from pipeline_lib.backbones import Backbone, load_backbone
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import (
     ExtractResult,
@@ -328,7 +330,7 @@ def test_decompression_bomb_guard(resnet18, images, tmp_path, monkeypatch):
 
 
 def test_mode_none_is_refused(resnet18, images, tmp_path):
-    with pytest.raises(ParamsError, match="image.mode: none"):
+    with pytest.raises(ParamsError) as raised:
         extract_features(
             resnet18,
             dict(zip(list("abcde"), images, strict=True)),
@@ -336,6 +338,10 @@ def test_mode_none_is_refused(resnet18, images, tmp_path):
             ImageSpec("none", 64),
             ExtractSettings(),
         )
+    assert str(raised.value) == (
+        "image.mode: none keeps every image's own size, so features cannot be stacked into one "
+        "tensor; use shrink or crop for extraction"
+    )
 
 
 def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch):
@@ -573,8 +579,6 @@ def test_an_extraction_reports_its_figures_rounded():
 
 
 def test_extract_settings_come_from_the_backbone_params(monkeypatch):
-    from dataclasses import replace
-
     from pipeline_lib.params import load_params
 
     bb = replace(
@@ -614,15 +618,16 @@ def test_ranks_rows_are_merged_in_rank_order(tmp_path, monkeypatch):
         (["b", "c"], [], (4, 1, 1), 32),
         (["d"], [{"image_id": "e", "reason": "worse"}], (4, 1, 1), 16),
     ]
+    ranks = Ranks(rank=0, world=3)
     monkeypatch.setattr(
-        features_lib, "all_gather", lambda obj, ranks: gathered.append(obj) or parts
+        features_lib, "all_gather", lambda obj, to: gathered.append((obj, to)) or parts
     )
     monkeypatch.setattr(
-        features_lib, "gather_bytes", lambda path, n, ranks: sizes.append((path, n))
+        features_lib, "gather_bytes", lambda path, n, to: sizes.append((path, n, to))
     )
-    merged = features_lib._merge_ranks(raw, mine, Ranks(rank=0, world=3))
-    assert gathered == [([], [{"image_id": "a", "reason": "bad"}], None, 12)]
-    assert sizes == [(raw, [12, 32, 16])]
+    merged = features_lib._merge_ranks(raw, mine, ranks)
+    assert gathered == [(([], [{"image_id": "a", "reason": "bad"}], None, 12), ranks)]
+    assert sizes == [(raw, [12, 32, 16], ranks)]
     assert merged.kept == ["b", "c", "d"] and merged.shape == (4, 1, 1)
     assert merged.skipped == [
         {"image_id": "a", "reason": "bad"},
@@ -672,3 +677,204 @@ def test_gpu_features_come_back_without_blocking_and_are_waited_for(monkeypatch)
     cpu = torch.zeros(3)
     here = features_lib._ToHost.start(cpu)
     assert here.landed is None and here.wait() is cpu  # already on the CPU: nothing to wait for
+
+
+class Recorded(Exception):
+    """Raised by a stand-in once it has recorded its arguments: the extraction stops there."""
+
+
+def test_extraction_hands_its_settings_to_the_loader_and_the_model(
+    resnet18, images, tmp_path, monkeypatch
+):
+    loaders, models, threads = [], [], []
+    real_loader, real_prepare = features_lib.DataLoader, features_lib.prepare_model
+
+    def loader(dataset, **kwargs):
+        loaders.append((dataset, kwargs))
+        return real_loader(dataset, **kwargs)
+
+    def prepare(*args):
+        models.append(args)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(features_lib, "DataLoader", loader)
+    monkeypatch.setattr(features_lib, "prepare_model", prepare)
+    monkeypatch.setattr(features_lib.torch, "set_num_threads", threads.append)
+    out = tmp_path / "not" / "yet" / "f.safetensors"  # folders made as needed
+    settings = ExtractSettings(batch_size=2, workers=0, device="cpu", precision="bfloat16")
+    paths = dict(zip("abc", images[:3], strict=True))
+    start = time.perf_counter()
+    result = extract_features(
+        resnet18, paths, out, ImageSpec("crop", 64), settings, None, flipped=True
+    )
+    assert 0 < result.seconds <= time.perf_counter() - start
+    ((dataset, kwargs),) = loaders
+    assert dataset.flipped and (dataset.mode, dataset.size) == ("crop", 64)
+    assert kwargs["batch_size"] == 2 and kwargs["num_workers"] == 0
+    assert kwargs["pin_memory"] is False and kwargs["prefetch_factor"] is None
+    assert models == [(resnet18, torch.device("cpu"), False, 2, "bfloat16")]
+    assert threads == [features_lib.ONE_PROCESS.threads()] and out.is_file()
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["flipped"] == "left-right"
+    loaders.clear()
+    workers = replace(settings, workers=1, precision="auto")
+    extract_features(resnet18, paths, out, ImageSpec("crop", 64), workers, None)
+    assert loaders[0][1]["prefetch_factor"] == 4 and not loaders[0][0].flipped
+    assert models[1][4] == pick_precision("auto", torch.device("cpu"))  # resolved for the CPU
+
+    # On a GPU under torchrun: the process's own GPU, pinned memory (stopped before any copy).
+    def stop(*args):
+        models.append(args)
+        raise Recorded
+
+    monkeypatch.setattr(features_lib, "prepare_model", stop)
+    monkeypatch.setattr(features_lib, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(features_lib, "pick_precision", lambda precision, device: precision)
+    ranks = features_lib.Ranks(rank=1, world=2, local_rank=1, local_world=2)
+    for world in (ranks, features_lib.ONE_PROCESS):
+        loaders.clear()
+        with pytest.raises(Recorded):
+            extract_features(resnet18, paths, out, ImageSpec("crop", 64), settings, None, world)
+        assert loaders[0][1]["pin_memory"] is True
+    assert [m[1] for m in models[-2:]] == [torch.device("cuda", 1), torch.device("cuda")]
+    assert len(threads) == 2  # the two CPU runs' only: on a GPU the CPU's threads are left alone
+
+
+def test_the_progress_bar_counts_every_image_on_the_main_process_only(
+    resnet18, images, tmp_path, monkeypatch, capsys
+):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no image")
+    paths = {"a": images[0], "bad": bad, "b": images[1]}
+    settings = ExtractSettings(batch_size=2, workers=0, on_error="skip")
+    extract_features(resnet18, paths, tmp_path / "f.safetensors", ImageSpec("shrink", 64), settings)
+    shown = capsys.readouterr().err  # the default label; the skipped image counted
+    assert "extract: 100%|" in shown and "| 3/3 [" in shown and "image/s]" in shown
+    merged = []
+    monkeypatch.setattr(
+        features_lib, "_merge_ranks", lambda raw, rows, ranks: merged.append(raw) or rows
+    )
+    second = features_lib.Ranks(rank=1, world=2, local_world=1)
+    result = extract_features(
+        resnet18, paths, tmp_path / "g.safetensors", ImageSpec("shrink", 64), settings, "x", second
+    )
+    assert capsys.readouterr().err == "" and result.image_ids == ["b"]
+    assert merged == [tmp_path / ".g.safetensors.rank1.rows.tmp"]  # this rank's rows
+    assert not (tmp_path / "g.safetensors").exists()  # rank 0 writes the file
+
+
+def test_extraction_failures_name_what_went_wrong(resnet18, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no image")
+    out = tmp_path / "f.safetensors"
+    settings = ExtractSettings(workers=0, on_error="skip")
+    with pytest.raises(ImageError) as raised:
+        extract_features(
+            resnet18, {"a": bad, "b": bad}, out, ImageSpec("shrink", 64), settings, "x"
+        )
+    assert str(raised.value) == "no image of 2 could be decoded (x)"
+
+    def full(*args):  # the disk fills before the rows file exists
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(features_lib, "_write_rows", full)
+    with pytest.raises(PipelineError) as raised:
+        extract_features(resnet18, {"a": bad}, out, ImageSpec("shrink", 64), settings, None)
+    assert str(raised.value) == (
+        f"{out}: cannot write features (No space left on device); nothing was kept"
+    )
+    assert sorted(tmp_path.iterdir()) == [bad]
+
+
+def test_decoding_workers_by_device(monkeypatch):
+    monkeypatch.setattr(features_lib.os, "cpu_count", lambda: 40)
+    pick = features_lib.pick_workers
+    assert pick("auto", torch.device("cpu")) == 1  # the model needs the cores
+    assert pick("auto", torch.device("cuda")) == 16 and pick("auto", torch.device("meta")) == 16
+    assert pick(3, torch.device("cpu")) == 3 and pick("0", torch.device("cuda")) == 0
+    monkeypatch.setattr(features_lib.os, "cpu_count", lambda: None)
+    assert pick("auto", torch.device("cuda")) == 1
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in backbone: records each input and returns its first channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)  # a weight whose layout prepare_model sets
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x)
+        return x[:, :1]
+
+
+def recorder_backbone() -> Backbone:
+    return Backbone("stand-in", "all", "random", Recorder(), (0.5, 0.25, 0.0), (0.5, 0.5, 0.25))
+
+
+def test_prepare_model_normalises_pads_short_batches_and_uses_channels_last():
+    backbone = recorder_backbone()
+    forward = prepare_model(backbone, torch.device("cpu"), batch_size=4)
+    module = backbone.module
+    assert module.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = torch.full((3, 3, 2, 2), 255, dtype=torch.uint8)
+    out = forward(batch)
+    (seen,) = module.inputs
+    assert seen.shape == (4, 3, 2, 2)  # padded to the batch size with zeros
+    # (255 - 255 mean) / (255 std) channel by channel
+    assert seen[:3, :, 0, 0].tolist() == [[1.0, 1.5, 4.0]] * 3
+    assert seen[3].abs().sum() == 0
+    assert out.shape == (3, 1, 2, 2) and out.dtype == torch.float32
+    module.inputs.clear()
+    forward(torch.zeros(4, 3, 2, 2, dtype=torch.uint8))  # a full batch goes as it is
+    assert [x.shape[0] for x in module.inputs] == [4]
+    auto = prepare_model(recorder_backbone(), torch.device("cpu"), precision="auto")
+    assert auto(batch).shape == (3, 1, 2, 2)
+
+
+def test_compile_goes_through_torch_compile_frozen_and_static(monkeypatch):
+    """torch.compile itself runs in test_compiled_path_equals_eager_with_a_padded_last_batch (a
+    process of its own); here a stand-in records how it is asked, then fails as inductor can."""
+    calls = []
+
+    def compile_(model, **kwargs):
+        calls.append(kwargs)
+        return lambda x: model(x) * 2
+
+    monkeypatch.setattr(features_lib.torch, "compile", compile_)
+    batch = torch.full((2, 3, 2, 2), 255, dtype=torch.uint8)
+    eager = prepare_model(recorder_backbone(), torch.device("cpu"))
+    assert calls == [] and eager(batch)[0, 0, 0, 0].item() == 1.0
+    compiled = prepare_model(recorder_backbone(), torch.device("cpu"), compile=True)
+    assert calls == [{"dynamic": False, "options": {"freezing": True}}]
+    assert compiled(batch)[0, 0, 0, 0].item() == 2.0
+
+    def failing(model, **kwargs):
+        def run(x):
+            inner = RuntimeError("inductor: no C++ compiler\nsecond line")
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, inner, None)
+
+        return run
+
+    monkeypatch.setattr(features_lib.torch, "compile", failing)
+    broken = prepare_model(recorder_backbone(), torch.device("cpu"), compile=True)
+    with pytest.raises(PipelineError) as raised:
+        broken(batch)
+    assert str(raised.value) == (
+        "backbone.compile: torch.compile failed for stand-in (RuntimeError: inductor: no C++ "
+        "compiler); set backbone.compile: false"
+    )
+
+
+def test_the_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):
+    for available in (True, False):
+        monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda a=available: a)
+        expected = "cuda" if available else "cpu"
+        assert features_lib.pick_device("auto") == torch.device(expected)
+        assert features_lib.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ParamsError) as raised:
+        features_lib.pick_device("cuda")
+    assert str(raised.value) == "backbone.device: cuda, but torch sees no GPU (use auto or cpu)"
+    monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda: True)
+    assert features_lib.pick_device("cuda") == torch.device("cuda")

@@ -41,9 +41,9 @@ def cell_objects() -> list[str]:
     for i in range(2):
         for j in range(2):
             x0, y0 = j * 64 + 16, i * 64
-            box = f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x0 + 32}</xmax>"
-            objects.append(f"<object><name>cat</name><bndbox>{box}<ymax>{y0 + 64}</ymax></bndbox>")
-            objects[-1] += "</object>"
+            box = f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+            box += f"<xmax>{x0 + 32}</xmax><ymax>{y0 + 64}</ymax>"
+            objects.append(f"<object><name>cat</name><bndbox>{box}</bndbox></object>")
     return objects
 
 
