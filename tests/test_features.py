@@ -865,6 +865,39 @@ def test_compile_goes_through_torch_compile_frozen_and_static(monkeypatch):
         "backbone.compile: torch.compile failed for stand-in (RuntimeError: inductor: no C++ "
         "compiler); set backbone.compile: false"
     )
+    for inner, shown in (
+        (RuntimeError(""), "RuntimeError: "),
+        (OSError("x" * 300), "OSError: " + "x" * 200),
+    ):
+
+        def failing_with(model, inner=inner, **kwargs):
+            def run(x):
+                raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, inner, None)
+
+            return run
+
+        monkeypatch.setattr(features_lib.torch, "compile", failing_with)
+        broken = prepare_model(recorder_backbone(), torch.device("cpu"), compile=True)
+        with pytest.raises(PipelineError) as raised:
+            broken(batch)
+        assert f"({shown}); set backbone.compile: false" in str(raised.value)
+        assert "x" * 201 not in str(raised.value)
+
+
+def test_bfloat16_runs_the_backbone_under_bfloat16_autocast(monkeypatch):
+    entered = []
+    real_autocast = features_lib.torch.autocast
+
+    def autocast(device_type, **kwargs):
+        entered.append((device_type, kwargs))
+        return real_autocast(device_type, **kwargs)
+
+    monkeypatch.setattr(features_lib.torch, "autocast", autocast)
+    batch = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    prepare_model(recorder_backbone(), torch.device("cpu"), precision="float32")(batch)
+    assert entered == []
+    prepare_model(recorder_backbone(), torch.device("cpu"), precision="bfloat16")(batch)
+    assert entered == [("cpu", {"dtype": torch.bfloat16})]
 
 
 def test_the_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):

@@ -246,3 +246,14 @@ def test_the_training_device_on_cpu_shares_the_cores_between_processes(monkeypat
     two = Ranks(rank=1, world=2, local_rank=1, local_world=2)
     assert finetuning.training_device("cpu", two) == torch.device("cpu")
     assert threads == [two.threads()]
+
+
+def test_under_torchrun_each_process_takes_its_own_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(finetuning, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(finetuning.torch.cuda, "set_device", chosen.append)
+    two = Ranks(rank=1, world=2, local_rank=1, local_world=2)
+    assert finetuning.training_device("auto", two) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)]
+    assert finetuning.training_device("auto") == torch.device("cuda")  # one process: as chosen
+    assert chosen == [torch.device("cuda", 1)]
