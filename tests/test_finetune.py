@@ -264,3 +264,16 @@ def test_frozen_units_and_batchnorm_statistics_do_not_change_in_training(lite0):
             assert int(m.num_batches_tracked) == count, name
     lite0.module.zero_grad(set_to_none=True)
     lite0.module.requires_grad_(False)
+
+
+def test_each_augmentation_setting_reaches_its_transform():
+    flip, affine, colour, clamp, sanitize = augmentation(0.3, 0.2, 0.1, 0.4).transforms
+    assert flip.p == 0.3 and affine.degrees == [0.0, 0.0]  # never rotated
+    assert affine.translate == (0.1, 0.1) and affine.scale == pytest.approx((0.8, 1.2))
+    for jitter in (colour.brightness, colour.contrast, colour.saturation):
+        assert jitter == pytest.approx((0.6, 1.4))
+    assert colour.hue is None and isinstance(clamp, v2.ClampBoundingBoxes)
+    assert sanitize.min_size == 1.0  # a box under a pixel wide or high after the affine goes
+    flip, affine, colour, *_ = augmentation().transforms  # the defaults: flips only
+    assert flip.p == 0.5 and affine.translate == (0.0, 0.0) and affine.scale == (1.0, 1.0)
+    assert colour.brightness is colour.contrast is colour.saturation is None
