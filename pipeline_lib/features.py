@@ -229,7 +229,7 @@ def prepare_model(
             return run(x)[:rows]
         except torch._dynamo.exc.BackendCompilerFailed as error:
             cause = error.inner_exception  # the error's own first line names only the backend
-            first = str(cause).splitlines()[0][:200] if str(cause) else ""
+            first = (str(cause).splitlines() or [""])[0][:200]
             raise PipelineError(
                 f"backbone.compile: torch.compile failed for {backbone.name} "
                 f"({type(cause).__name__}: {first}); set backbone.compile: false"

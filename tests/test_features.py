@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib import features as features_lib
 from pipeline_lib.backbones import Backbone, load_backbone
+from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.features import (
     ExtractResult,
@@ -32,7 +33,7 @@ from pipeline_lib.features import (
     read_features,
 )
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.params import ParamsError
+from pipeline_lib.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -345,10 +346,8 @@ def test_mode_none_is_refused(resnet18, images, tmp_path):
 
 
 def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch):
-    import pipeline_lib.features as features_module
-
     calls = {"n": 0}
-    real = features_module.prepare_model
+    real = features_lib.prepare_model
 
     def interrupted_after_one_batch(backbone, device, *args):
         forward = real(backbone, device, *args)
@@ -361,7 +360,7 @@ def test_interrupted_run_leaves_no_file(resnet18, images, tmp_path, monkeypatch)
 
         return wrapped
 
-    monkeypatch.setattr(features_module, "prepare_model", interrupted_after_one_batch)
+    monkeypatch.setattr(features_lib, "prepare_model", interrupted_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         extract_features(
             resnet18,
@@ -379,11 +378,7 @@ def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_p
     """Each batch is written after the next one started (so a GPU computes while the CPU
     writes): the rows still land in order around a skipped image, and the time goes to the part
     that spent it: a slow first batch to start-up, a slow model to the backbone."""
-    import time
-
-    import pipeline_lib.features as features_module
-
-    real_model, real_load = features_module.prepare_model, features_module.load_image_tensor
+    real_model, real_load = features_lib.prepare_model, features_lib.load_image_tensor
     first = {"slept": False}
 
     def slow_model(backbone, device, *args):
@@ -396,8 +391,8 @@ def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_p
             time.sleep(0.3)
         return real_load(path, mode, size)
 
-    monkeypatch.setattr(features_module, "prepare_model", slow_model)
-    monkeypatch.setattr(features_module, "load_image_tensor", slow_start)
+    monkeypatch.setattr(features_lib, "prepare_model", slow_model)
+    monkeypatch.setattr(features_lib, "load_image_tensor", slow_start)
     paths = [*images[:2], bad_files(tmp_path, images[0])["truncated"], *images[2:]]
     ids = ["a", "b", "bad", "c", "d", "e"]
     settings = ExtractSettings(batch_size=2, workers=0, on_error="skip")
@@ -579,8 +574,6 @@ def test_an_extraction_reports_its_figures_rounded():
 
 
 def test_extract_settings_come_from_the_backbone_params(monkeypatch):
-    from pipeline_lib.params import load_params
-
     bb = replace(
         load_params(REPO / "params.yaml").backbone,
         store_dtype="float32",
@@ -606,8 +599,6 @@ def test_devices_other_than_cpu_and_cuda_compute_in_float32_unless_asked():
 
 
 def test_ranks_rows_are_merged_in_rank_order(tmp_path, monkeypatch):
-    from pipeline_lib.distributed import Ranks
-
     raw = tmp_path / "raw"
     raw.write_bytes(b"x" * 12)
     mine = features_lib._Rows(kept=[], skipped=[{"image_id": "a", "reason": "bad"}])
@@ -713,7 +704,7 @@ def test_extraction_hands_its_settings_to_the_loader_and_the_model(
     assert kwargs["batch_size"] == 2 and kwargs["num_workers"] == 0
     assert kwargs["pin_memory"] is False and kwargs["prefetch_factor"] is None
     assert models == [(resnet18, torch.device("cpu"), False, 2, "bfloat16")]
-    assert threads == [features_lib.ONE_PROCESS.threads()] and out.is_file()
+    assert threads == [ONE_PROCESS.threads()] and out.is_file()
     with safe_open(str(out), framework="pt") as handle:
         assert handle.metadata()["flipped"] == "left-right"
     loaders.clear()
@@ -730,8 +721,8 @@ def test_extraction_hands_its_settings_to_the_loader_and_the_model(
     monkeypatch.setattr(features_lib, "prepare_model", stop)
     monkeypatch.setattr(features_lib, "pick_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(features_lib, "pick_precision", lambda precision, device: precision)
-    ranks = features_lib.Ranks(rank=1, world=2, local_rank=1, local_world=2)
-    for world in (ranks, features_lib.ONE_PROCESS):
+    ranks = Ranks(rank=1, world=2, local_rank=1, local_world=2)
+    for world in (ranks, ONE_PROCESS):
         loaders.clear()
         with pytest.raises(Recorded):
             extract_features(resnet18, paths, out, ImageSpec("crop", 64), settings, None, world)
@@ -754,7 +745,7 @@ def test_the_progress_bar_counts_every_image_on_the_main_process_only(
     monkeypatch.setattr(
         features_lib, "_merge_ranks", lambda raw, rows, ranks: merged.append(raw) or rows
     )
-    second = features_lib.Ranks(rank=1, world=2, local_world=1)
+    second = Ranks(rank=1, world=2, local_world=1)
     result = extract_features(
         resnet18, paths, tmp_path / "g.safetensors", ImageSpec("shrink", 64), settings, "x", second
     )
