@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import invoke, tiny_params
+from conftest import VocFolder, invoke, tiny_params, voc_xml
 from PIL import Image
 
-from pipeline_lib.coco import annotation_path, read_coco, voc_to_coco
+from pipeline_lib.coco import annotation_path, read_categories, read_coco, voc_to_coco
 from pipeline_lib.voc import VOC_CLASSES, AnnotationError, DatasetError, read_voc
 
 
@@ -44,19 +44,49 @@ def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
         tmp_path,
         "tr",
         [image(7), image(9, width=50, height=40)],
-        [box(1, 7, [10, 20, 30.5, 40]), box(2, 7, [0, 0, 100, 80], category=3, crowd=1)],
+        [
+            box(1, 7, [10, 20, 30.5, 40]),
+            box(2, 7, [0, 0, 100, 80], category=3, crowd=1),
+            {"id": 3, "image_id": 9, "bbox": [5, 5, 2, 0.5], "category_id": 3},  # no iscrowd
+        ],
     )
     write_coco(tmp_path, "va", [image(1, "v.jpg")], [box(1, 1, [-0.4, 5, 100.9, 10])])  # overhang
     rows, names, ids = read_coco(tmp_path, {"train": "tr", "val": "va"}, progress=False)
     assert names == ["cat", "dog"] and ids == [1, 3]  # category id order, names kept
     assert [(i["image_id"], i["split"], i["path"], i["n_objects"]) for i in rows.images] == [
         ("img7", "train", "tr/img7.jpg", 2),
-        ("img9", "train", "tr/img9.jpg", 0),
+        ("img9", "train", "tr/img9.jpg", 1),
         ("v", "val", "va/v.jpg", 1),
     ]
-    first, crowd, clipped = rows.objects
-    assert (first["class_name"], first["class_id"], first["difficult"]) == ("cat", 0, False)
-    assert [first[k] for k in ("xmin", "ymin", "xmax", "ymax")] == [10, 20, 40.5, 60]
+    assert rows.images[0] == {  # the columns of a VOC image row, with the module's defaults
+        "image_id": "img7",
+        "path": "tr/img7.jpg",
+        "annotation": "annotations/instances_tr.json",
+        "filename": "img7.jpg",
+        "width": 100,
+        "height": 80,
+        "depth": 3,
+        "segmented": False,
+        "n_objects": 2,
+        "split": "train",
+    }
+    first, crowd, small, clipped = rows.objects
+    assert first == {
+        "image_id": "img7",
+        "object_index": 0,
+        "class_name": "cat",
+        "class_id": 0,
+        "xmin": 10.0,
+        "ymin": 20.0,
+        "xmax": 40.5,
+        "ymax": 60.0,
+        "difficult": False,
+        "truncated": False,
+        "occluded": None,
+        "pose": "Unspecified",
+    }
+    assert (small["image_id"], small["object_index"], small["difficult"]) == ("img9", 0, False)
+    assert (small["ymin"], small["ymax"]) == (5, 5.5)  # half a pixel high: an area all the same
     assert (crowd["class_name"], crowd["difficult"], crowd["xmax"]) == ("dog", True, 100)
     assert [clipped[k] for k in ("xmin", "xmax")] == [0, 100]  # clipped to the image
 
@@ -120,6 +150,30 @@ def test_boxes_classes_crowds_and_empty_images_by_hand(tmp_path):
         ),
         ([{**image(1), "width": 0}], [], "images[0].width", "0 is not a positive whole number"),
         (
+            [{**image(1), "height": True}],
+            [],
+            "images[0].height",
+            "True is not a positive whole number",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [10, 10, 5, 0])],
+            "annotations[0].bbox",
+            "[10, 10, 5, 0] has no area or is not finite",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [100, 10, 0.5, 5])],
+            "annotations[0].bbox",
+            "[100, 10, 0.5, 5] lies outside the 100x80 image",
+        ),
+        (
+            [image(1)],
+            [box(1, 1, [10, 80, 5, 0.5])],
+            "annotations[0].bbox",
+            "[10, 80, 5, 0.5] lies outside the 100x80 image",
+        ),
+        (
             [image(1), image(2, "img1.jpg")],
             [],
             "images[1].file_name",
@@ -140,11 +194,14 @@ def test_bad_entries_name_file_and_field(tmp_path, images, annotations, field, w
 def test_size_mismatch_missing_image_and_bad_files(tmp_path):
     write_coco(tmp_path, "tr", [image(1)], [])
     Image.new("RGB", (99, 80)).save(tmp_path / "tr" / "img1.jpg")
-    with pytest.raises(AnnotationError, match="says 100x80 but tr/img1.jpg is 99x80"):
-        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    path = annotation_path(tmp_path, "tr")
+    assert read_error(tmp_path, error=AnnotationError) == (
+        f"{path}: images[0].width: says 100x80 but tr/img1.jpg is 99x80"
+    )
     (tmp_path / "tr" / "img1.jpg").unlink()
-    with pytest.raises(AnnotationError, match="does not exist"):
-        read_coco(tmp_path, {"train": "tr"}, progress=False)
+    assert read_error(tmp_path, error=AnnotationError) == (
+        f"{path}: filename: image {tmp_path / 'tr' / 'img1.jpg'} does not exist"
+    )
     annotation_path(tmp_path, "tr").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         read_coco(tmp_path, {"train": "tr"}, progress=False)
@@ -243,6 +300,7 @@ def test_every_stage_runs_unchanged_on_a_coco_source(tmp_path, monkeypatch, raw_
 
 
 def read_error(root: Path, splits=None, error=DatasetError) -> str:
+    """The message of the error reading `splits` (train: tr) of `root` raises."""
     with pytest.raises(error) as info:
         read_coco(root, splits or {"train": "tr"}, progress=False)
     return str(info.value)
@@ -264,6 +322,16 @@ def test_whole_file_problems_are_named_in_full(tmp_path):
     write_coco(tmp_path, "tr", [image(1)], [box(1, 5, [1, 1, 5, 5]), box(2, 5, [1, 1, 5, 5])])
     assert read_error(tmp_path) == (
         f"{path}: annotations: 2 refer to no image (e.g. annotations[0])"
+    )
+    data = {"images": [image(1)], "annotations": ["junk"], "categories": [{"id": 1, "name": "c"}]}
+    path.write_text(json.dumps(data))  # an annotation that is not an object belongs to no image
+    assert read_error(tmp_path) == (
+        f"{path}: annotations: 1 refer to no image (e.g. annotations[0])"
+    )
+    write_coco(tmp_path, "tr", [image(1)], [])
+    val = write_coco(tmp_path, "va", [image(2)], [], categories=[{"name": "cat"}])
+    assert read_error(tmp_path, {"train": "tr", "val": "va"}) == (
+        f"{val}: categories: each needs an id and a name ('id')"
     )
     with pytest.raises(ValueError) as info:
         read_coco(tmp_path, {"train": "tr"}, on_error="ignore")
@@ -304,3 +372,40 @@ def test_skipped_entries_keep_their_split_and_a_name(tmp_path, capsys):
     ]
     shown = capsys.readouterr().err
     assert "read instances_tr.json: 100%|" in shown and "3/3 [" in shown and "image/s]" in shown
+
+
+def test_paths_categories_and_a_quiet_read(tmp_path, capsys):
+    assert annotation_path(Path("coco"), "val") == Path("coco/annotations/instances_val.json")
+    path = write_coco(tmp_path, "tr", [image(1, width=1, height=1)], [])  # 1 x 1 is whole
+    assert read_categories(path) == (["cat", "dog"], [1, 3])  # read from the file
+    rows, names, ids = read_coco(tmp_path, {"train": "tr"}, progress=False)
+    assert (rows.images[0]["width"], rows.images[0]["height"]) == (1, 1)
+    assert capsys.readouterr().err == ""  # progress=False: no bar
+    rows, names, ids = read_coco(tmp_path, {}, progress=False)
+    assert (rows.images, names, ids) == ([], [], [])
+
+
+def test_voc_to_coco_by_hand(tmp_path, capsys):
+    voc = VocFolder(tmp_path / "VOC2007")
+    one = "<object><name>dog</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>2</ymin>"
+    one += "<xmax>11</xmax><ymax>7</ymax></bndbox></object>"
+    voc.add("a", voc_xml("a.jpg", objects=[]))
+    voc.add("b", voc_xml("b.jpg", objects=[one, one.replace("dog", "cat")]))
+    voc.split("val", ["a", "b"])
+    out = voc_to_coco(voc.root, "val", ["cat", "dog"], tmp_path / "coco")
+    assert out == tmp_path / "coco" / "annotations" / "instances_val.json"
+    assert capsys.readouterr().err == ""  # no progress bar of its own
+    crowd = {"bbox": [1.0, 2.0, 10.0, 5.0], "area": 50.0, "iscrowd": 1}
+    assert json.loads(out.read_text()) == {
+        "info": {"description": "VOC2007 val, converted from PASCAL VOC"},
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
+            {"id": 2, "file_name": "b.jpg", "width": 100, "height": 80},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 2, "category_id": 2} | crowd,
+            {"id": 2, "image_id": 2, "category_id": 1} | crowd,
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    assert (tmp_path / "coco" / "val").resolve() == (voc.root / "JPEGImages").resolve()

@@ -77,37 +77,156 @@ def test_parts_and_owner_are_not_objects(tmp_path):
     assert [o["class_name"] for o in objects] == ["person"]
 
 
+def sized(size: str, segmented: str = "<segmented>0</segmented>") -> str:
+    """An annotation of one cat with `size` as the inside of its <size> element."""
+    return (
+        f"<annotation><filename>a.jpg</filename><size>{size}</size>{segmented}{obj()}</annotation>"
+    )
+
+
+WH = "<width>100</width><height>80</height>"
+
+
+def plain(filename: str) -> tuple[str, str, str]:
+    """A case of a <filename> that is not a plain name."""
+    return (
+        voc_xml(filename=filename),
+        "filename",
+        f"{filename!r} is not a plain file name inside JPEGImages/",
+    )
+
+
 @pytest.mark.parametrize(
-    ("xml", "field", "words"),
+    ("xml", "field", "message"),
     [
-        ("<annotation><filename>a.jpg</filename", "xml", "malformed"),
-        (voc_xml(objects=[obj("unicorn")]), "object[0]/name", "unknown class 'unicorn'"),
-        (voc_xml(objects=[obj(box=(50, 20, 50, 60))]), "object[0]/bndbox", "empty or outside"),
-        (voc_xml(objects=[obj(box=(10, 60, 50, 20))]), "object[0]/bndbox", "empty or outside"),
-        (voc_xml(objects=[obj(box=(10, 20, 101, 60))]), "object[0]/bndbox", "outside"),
-        (voc_xml(objects=[obj(box=(-1, 20, 50, 60))]), "object[0]/bndbox", "outside"),
-        (voc_xml(objects=[obj(), obj(box=("nan", 1, 2, 3))]), "object[1]/bndbox/xmin", "finite"),
-        (voc_xml(objects=[obj(box=("ten", 1, 2, 3))]), "object[0]/bndbox/xmin", "not a number"),
+        ("<annotation><filename>a.jpg</filename", "xml", "malformed XML (unclosed token: "),
+        (
+            voc_xml(objects=[obj("unicorn")]),
+            "object[0]/name",
+            "unknown class 'unicorn' (cat, dog, person)",
+        ),
+        (voc_xml(objects=[obj("")]), "object[0]/name", "empty"),
+        (voc_xml(objects=["<object><bndbox/></object>"]), "object[0]/name", "missing"),
+        (
+            voc_xml(objects=[obj(box=(50, 20, 50, 60))]),
+            "object[0]/bndbox",
+            "box (50, 20, 50, 60) is empty or outside the 100x80 image",
+        ),
+        (
+            voc_xml(objects=[obj(box=(10, 60, 50, 60))]),
+            "object[0]/bndbox",
+            "box (10, 60, 50, 60) is empty or outside the 100x80 image",
+        ),
+        (
+            voc_xml(objects=[obj(box=(10, 60, 50, 20))]),
+            "object[0]/bndbox",
+            "box (10, 60, 50, 20) is empty or outside the 100x80 image",
+        ),
+        (
+            voc_xml(objects=[obj(box=(10, 20, 101, 60))]),
+            "object[0]/bndbox",
+            "box (10, 20, 101, 60) is empty or outside the 100x80 image",
+        ),
+        (
+            voc_xml(objects=[obj(box=(-1, 20, 50, 60))]),
+            "object[0]/bndbox",
+            "box (-1, 20, 50, 60) is empty or outside the 100x80 image",
+        ),
+        (
+            voc_xml(objects=[obj(), obj(box=("nan", 1, 2, 3))]),
+            "object[1]/bndbox/xmin",
+            "'nan' is not a finite number",
+        ),
+        (
+            voc_xml(objects=[obj(box=("ten", 1, 2, 3))]),
+            "object[0]/bndbox/xmin",
+            "'ten' is not a number",
+        ),
+        (voc_xml(objects=[obj(box=(1, "", 2, 3))]), "object[0]/bndbox/ymin", "empty"),
         (voc_xml(objects=["<object><name>cat</name></object>"]), "object[0]/bndbox", "missing"),
-        (voc_xml(width="abc"), "size/width", "not a number"),
-        (voc_xml(width=0), "size/width", "positive whole"),
-        (voc_xml(filename="../outside.jpg"), "filename", "plain file name"),
-        (voc_xml(filename="/etc/passwd"), "filename", "plain file name"),
-        (voc_xml(filename="sub\\x.jpg"), "filename", "plain file name"),
-        (voc_xml(filename=".."), "filename", "plain file name"),
+        (voc_xml(width="abc"), "size/width", "'abc' is not a number"),
+        (voc_xml(width=0), "size/width", "0 is not a positive whole number"),
+        (voc_xml(height=2.5), "size/height", "2.5 is not a positive whole number"),
+        (sized("<height>80</height>"), "size/width", "missing"),
+        (sized(WH + "<depth>0</depth>"), "size/depth", "0 is not a positive whole number"),
+        (sized(WH + "<depth/>"), "size/depth", "empty"),
+        ("<annotation><filename>a.jpg</filename></annotation>", "size", "missing"),
+        (sized(WH, "<segmented>2</segmented>"), "segmented", "2 is not 0 or 1"),
+        (sized(WH, "<segmented>yes</segmented>"), "segmented", "'yes' is not a number"),
+        (
+            voc_xml(filename="../outside.jpg"),
+            "filename",
+            "'../outside.jpg' is not a plain file name inside JPEGImages/",
+        ),
+        plain("/etc/passwd"),
+        plain("sub\\x.jpg"),
+        plain("c:x.jpg"),
+        plain(".."),
+        plain("."),
+        (voc_xml(filename=""), "filename", "empty"),
         (
             "<annotation><size><width>1</width><height>1</height></size></annotation>",
             "filename",
             "missing",
         ),
-        ("<other/>", "annotation", "root element"),
-        (voc_xml(objects=[obj(inner="<difficult>2</difficult>")]), "object[0]/difficult", "0 or 1"),
+        ("<other/>", "annotation", "root element is <other>"),
+        (
+            voc_xml(objects=[obj(inner="<difficult>2</difficult>")]),
+            "object[0]/difficult",
+            "2 is not 0 or 1",
+        ),
+        (
+            voc_xml(objects=[obj(inner="<truncated>-1</truncated>")]),
+            "object[0]/truncated",
+            "-1 is not 0 or 1",
+        ),
+        (
+            voc_xml(objects=[obj(), obj(inner="<occluded>0.5</occluded>")]),
+            "object[1]/occluded",
+            "0.5 is not 0 or 1",
+        ),
     ],
 )
-def test_bad_annotations_name_file_and_field(tmp_path, xml, field, words):
+def test_bad_annotations_name_file_and_field(tmp_path, xml, field, message):
     error = error_of(tmp_path, xml)
-    assert error.field == field
-    assert words in error.message
+    assert (error.file, error.field) == (str(tmp_path / "x.xml"), field)
+    if message.endswith(": "):  # the parser's own words follow
+        assert error.message.startswith(message)
+    else:
+        assert error.message == message
+    assert str(error) == f"{tmp_path / 'x.xml'}: {field}: {error.message}"
+
+
+def test_depth_is_three_when_missing_and_names_may_hold_any_other_character(tmp_path):
+    image, _ = parse(tmp_path, sized(WH))
+    assert image["depth"] == 3
+    image, _ = parse(tmp_path, sized(WH + "<depth>1</depth>"))
+    assert image["depth"] == 1
+    image, _ = parse(tmp_path, voc_xml(filename="X-ray .jpg.XX"))
+    assert image["filename"] == "X-ray .jpg.XX"
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path):
+    missing = tmp_path / "missing.xml"
+    with pytest.raises(AnnotationError) as raised:
+        parse_annotation(missing, IDS)
+    assert str(raised.value) == f"{missing}: xml: cannot read (No such file or directory)"
+    folder = tmp_path / "folder.xml"
+    folder.mkdir()
+    with pytest.raises(AnnotationError) as raised:
+        parse_annotation(folder, IDS)
+    assert str(raised.value) == f"{folder}: xml: cannot read (Is a directory)"
+
+
+def test_an_annotation_of_up_to_one_mebibyte_is_read(tmp_path):
+    xml = voc_xml()
+    path = tmp_path / "x.xml"
+    path.write_text(xml + " " * ((1 << 20) - len(xml)))  # exactly 1 MiB: still read
+    assert parse_annotation(path, IDS)[0]["width"] == 100
+    path.write_text(xml + " " * ((1 << 20) + 1 - len(xml)))
+    with pytest.raises(AnnotationError) as raised:
+        parse_annotation(path, IDS)
+    assert raised.value.message == ("1,048,577 bytes: larger than 1,048,576, not a VOC annotation")
 
 
 def test_entity_expansion_is_refused(tmp_path):
@@ -116,7 +235,8 @@ def test_entity_expansion_is_refused(tmp_path):
         '<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>'
         "<annotation><filename>&lol2;</filename></annotation>"
     )
-    assert "unsafe XML" in error_of(tmp_path, bomb).message
+    error = error_of(tmp_path, bomb)
+    assert error.field == "xml" and error.message.startswith("refused unsafe XML (")
 
 
 def test_external_entity_is_refused(tmp_path):
@@ -124,7 +244,8 @@ def test_external_entity_is_refused(tmp_path):
         '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
         "<annotation><filename>&x;</filename></annotation>"
     )
-    assert "unsafe XML" in error_of(tmp_path, xxe).message
+    error = error_of(tmp_path, xxe)
+    assert error.field == "xml" and error.message.startswith("refused unsafe XML (")
 
 
 def test_read_voc_rows_and_roles(voc_folder):
@@ -193,6 +314,18 @@ def test_dataset_level_errors(voc_folder, tmp_path):
         read_voc(voc_folder.root, {"train": "train", "val": "nope"}, CLASSES, progress=False)
     with pytest.raises(DatasetError, match="share 1 images"):
         read_voc(voc_folder.root, {"train": "train", "val": "val"}, CLASSES, progress=False)
+    voc_folder.split("four", ["d", "c", "b", "a"])
+    with pytest.raises(DatasetError) as raised:  # the common ids named in order
+        read_voc(voc_folder.root, {"train": "train", "val": "four"}, CLASSES, progress=False)
+    assert str(raised.value) == (
+        "splits 'train' and 'four' share 2 images (e.g. a, b); pick disjoint lists"
+    )
+    voc_folder.split("five", ["e", "d", "c", "b", "a"])
+    with pytest.raises(DatasetError) as raised:  # the first three of them
+        read_voc(voc_folder.root, {"train": "four", "val": "five"}, CLASSES, progress=False)
+    assert str(raised.value) == (
+        "splits 'four' and 'five' share 4 images (e.g. a, b, c); pick disjoint lists"
+    )
     voc_folder.split("dup", ["a", "a"])
     with pytest.raises(DatasetError, match="listed twice: a"):
         read_voc(voc_folder.root, {"train": "dup"}, CLASSES, progress=False)
