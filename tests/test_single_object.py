@@ -303,37 +303,3 @@ def test_monitor_last_keeps_the_last_epoch_whatever_val_says():
     assert result.best_monitor == result.history[-1]["val"]["loss"]
     for name, tensor in head.state_dict().items():
         assert torch.equal(result.best_state[name], tensor), name
-
-
-def test_weight_ema_keeps_and_validates_the_moving_average_by_hand():
-    # one weight w, output w, loss = mean output: the gradient is 1 at every step, so Adam moves
-    # w by lr per step (m / sqrt(v) = 1): 2.0 -> 1.9 -> 1.8 over two batches of two samples.
-    # The average starts at the first step's weight and then mixes d of itself with 1 - d of the
-    # new one: e1 = 1.9, e2 = 0.5 * 1.9 + 0.5 * 1.8 = 1.85.
-    head = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        head.weight.fill_(2.0)
-    data = Dataset(torch.ones(4, 1), (torch.zeros(4, 1),))
-    objective = Objective(lambda out, _: {"loss": out.mean()}, lambda out, _: {})
-    config = TrainConfig(1, batch_size=2, lr=0.1, weight_decay=0.0, monitor="last", ema_decay=0.5)
-    result = fit(head, data, data, objective, config, progress=False)
-    assert head.weight.item() == pytest.approx(1.8, abs=1e-6)  # the trained weight itself
-    assert result.best_state["weight"].item() == pytest.approx(1.85, abs=1e-6)
-    assert result.history[0]["val"]["loss"] == pytest.approx(1.85, abs=1e-6)  # val sees the EMA
-    assert result.history[0]["train"]["loss"] == pytest.approx((2.0 + 1.9) / 2, abs=1e-6)
-
-
-def test_warm_up_scales_the_first_steps_by_hand():
-    # The same one-weight model: Adam moves w by its lr per step. Warm-up over 1.5 epochs of two
-    # batches = 3 steps: 0.1 * 1/3, 0.1 * 2/3, then 0.1 and 0.1 again (2 epochs, 4 steps):
-    # 2.0 -> 2.0 - 0.1 * (1/3 + 2/3 + 1 + 1) = 1.7; the constant schedule's rate is kept.
-    head = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        head.weight.fill_(2.0)
-    data = Dataset(torch.ones(4, 1), (torch.zeros(4, 1),))
-    objective = Objective(lambda out, _: {"loss": out.mean()}, lambda out, _: {})
-    config = TrainConfig(2, 2, 0.1, 0.0, monitor="last", warmup_epochs=1.5)
-    result = fit(head, data, data, objective, config, progress=False)
-    assert head.weight.item() == pytest.approx(1.7, abs=1e-5)
-    assert [epoch["lr"] for epoch in result.history] == [0.1, 0.1]
-    assert result.history[0]["train"]["loss"] == pytest.approx((2.0 + 2.0 - 0.1 / 3) / 2, abs=1e-5)

@@ -1,6 +1,8 @@
 """The training loop's small parts (training.py), fast: the CPU-kernel pin and what it says on
 each kind of machine, the metrics of the kept epoch, flipped images drawn from their own
-generator."""
+generator, and the loop itself by hand on a one-weight model (`OneWeight`: Adam moves it by
+exactly its learning rate a step): moving average, weight decay, warm-up, schedules, the epoch
+kept."""
 
 from __future__ import annotations
 
@@ -190,6 +192,19 @@ def test_the_moving_average_mixes_decay_of_itself_buffers_included():
     assert plain.best_state["steps"].item() == 2
 
 
+def test_validation_sees_the_moving_average_and_training_the_live_weight():
+    # Decay 0.5: e1 = 1.9, e2 = 0.5 * 1.9 + 0.5 * 1.8 = 1.85. The val loss (the mean output) is
+    # the average's; the train loss the mean of the live weights the two steps started from.
+    head = OneWeight()
+    result = training.fit(
+        head, ones(), ones(), mean_output(), config(ema_decay=0.5), progress=False
+    )
+    assert head.w.item() == pytest.approx(1.8, abs=1e-6)
+    assert result.best_state["w"].item() == pytest.approx(1.85, abs=1e-6)
+    assert result.history[0]["val"]["loss"] == pytest.approx(1.85, abs=1e-6)
+    assert result.history[0]["train"]["loss"] == pytest.approx((2.0 + 1.9) / 2, abs=1e-6)
+
+
 def test_weight_decay_is_added_to_the_gradient():
     # loss 0 * output: a zero gradient, which leaves w alone unless decay adds wd * w = 0.02;
     # Adam's first step moves w by its lr in that direction: 2.0 -> 1.9.
@@ -226,6 +241,18 @@ def test_a_warm_up_of_one_epoch_halves_its_first_of_two_steps():
     )
     assert head.w.item() == pytest.approx(1.85, abs=1e-6)
     assert result.history[0]["lr"] == 0.1
+
+
+def test_a_warm_up_of_a_fraction_of_an_epoch_ends_within_the_second():
+    # Warm-up over 1.5 epochs of two batches = 3 steps: 0.1 * 1/3, 0.1 * 2/3, then 0.1 and 0.1
+    # (2 epochs, 4 steps): 2.0 -> 2.0 - 0.1 * (1/3 + 2/3 + 1 + 1) = 1.7; the epochs' rate is
+    # the schedule's (constant), not the warmed-up one.
+    head = OneWeight()
+    changes = {"epochs": 2, "warmup_epochs": 1.5}
+    result = training.fit(head, ones(), ones(), mean_output(), config(**changes), progress=False)
+    assert head.w.item() == pytest.approx(1.7, abs=1e-5)
+    assert [epoch["lr"] for epoch in result.history] == [0.1, 0.1]
+    assert result.history[0]["train"]["loss"] == pytest.approx((2.0 + 2.0 - 0.1 / 3) / 2, abs=1e-5)
 
 
 def test_each_epoch_is_reported_to_on_epoch_with_its_figures():
