@@ -94,10 +94,11 @@ def encode_grid_yolo(
     """One image's (K, 4) fraction boxes and (K,) labels -> grid targets by YOLOv5's rules, where
     an object may hold several cells and anchor slots:
     - cells (grid.assign): the cell hosting its centre and, with `neighbours`, the horizontal
-      neighbour on the side its centre is nearer to and the vertical one likewise (when inside
-      the grid): more positives per object, each seeing it from around. Boxes keep the cell
-      coding, (cx * S - j, cy * S - i, w, h): a neighbour holds a centre offset in [-0.5, 0] or
-      [1, 1.5], which `decode_grid` inverts as for any cell;
+      neighbour on the side its centre is nearer to and the vertical one likewise (the right and
+      lower ones for a centre at the cell's exact middle; when inside the grid): more positives
+      per object, each seeing it from around. Boxes keep the cell coding, (cx * S - j,
+      cy * S - i, w, h): a neighbour holds a centre offset in [-0.5, 0] or [1, 1.5], which
+      `decode_grid` inverts as for any cell;
     - slots: with (A, 2) `anchors`, every anchor within `ratio` of its shape
       (`anchors.anchor_matches`), in each of those cells; without, the one slot.
     A slot of a cell claimed by two objects goes to the smaller one (FCOS's rule), and a hosting

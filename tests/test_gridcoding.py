@@ -189,3 +189,26 @@ def test_decode_grid_map_on_a_wide_grid_by_hand():
     cells = torch.zeros(1, 4, 2, 4)
     cells[0, :, 1, 3] = torch.tensor([0.5, 0.5, 0.2, 0.4])
     assert decode_grid_map(cells)[0, :, 7].tolist() == pytest.approx([0.875, 0.75, 0.2, 0.4])
+
+
+def test_yolo_assignment_details_by_hand():
+    """The targets' dtypes, the smaller object by area (not by shape) winning a shared cell, the
+    neighbour on the right and below for a centre at a cell's exact middle, the default ratio."""
+    one = torch.tensor([[0.3, 0.3, 0.2, 0.2]], dtype=torch.float64)
+    grid = encode_grid_yolo(one, torch.tensor([2]), 4)
+    assert grid.boxes.dtype == torch.float32 and grid.boxes.shape == (4, 4, 4)
+    assert grid.has_obj.dtype == torch.uint8 and grid.labels.dtype == torch.int64
+    # on one centre a tall (0.1 x 0.4) or wide (0.4 x 0.1) object and a 0.15 square: the square
+    # is the smaller by area (0.0225 < 0.04), though not by w / h or by h^2 against the other
+    for other in ([0.1, 0.4], [0.4, 0.1]):
+        both = torch.tensor([[0.3, 0.3, *other], [0.3, 0.3, 0.15, 0.15]], dtype=torch.float64)
+        grid = encode_grid_yolo(both, torch.tensor([1, 2]), 4)
+        assert grid.labels[grid.has_obj.bool()].tolist() == [2, 2, 2] and grid.dropped == 1
+    # S = 4, centre (0.375, 0.625): host (2, 1), offsets exactly 0.5 -> neighbours (2, 2), (3, 1)
+    middle = torch.tensor([[0.375, 0.625, 0.2, 0.2]], dtype=torch.float64)
+    grid = encode_grid_yolo(middle, torch.tensor([2]), 4)
+    assert grid.has_obj.nonzero().tolist() == [[2, 1], [2, 2], [3, 1]]
+    # the default ratio is YOLOv5's 4: an anchor 4.5 times the object's side is not a match
+    anchors = torch.tensor([[0.2, 0.2], [0.9, 0.9]])
+    grid = encode_grid_yolo(one, torch.tensor([2]), 4, anchors, neighbours=False)
+    assert grid.has_obj.nonzero().tolist() == [[0, 1, 1]]

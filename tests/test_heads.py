@@ -3,8 +3,11 @@ design and the params ask (their files: test_checkpoints.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline_lib.heads import (
     ConvGridHead,
@@ -252,3 +255,41 @@ def test_dropout_acts_on_the_trunk_output_in_training_only(kind):
     trunk_out = dropped.trunk(x)
     zeros = (trunk_out == 0).float().mean().item()  # SiLU outputs are non-zero, so these are
     assert 0.35 < zeros < 0.65  # the dropped ones: about half of 4 x 8 x 5 x 5 = 800
+
+
+def test_the_conv_heads_defaults_and_their_bias_free_trunks():
+    """width 256, depth 3, no dropout, 7 cells; the convolutions before a BatchNorm have no bias
+    (the BatchNorm's shift plays its part), and the anchor-free heads say they have no anchors."""
+    nn = torch.nn
+    conv = ConvGridHead((16, 7, 7), 3)
+    pyramid = PyramidGridHead((16 + 4 * 2, 7, 7), 3, 2)
+    spatial = SpatialSingleHead((16, 7, 7), 3)
+    assert conv.num_cells == pyramid.num_cells == 7 and conv.n_anchors == pyramid.n_anchors == 0
+    for trunk in (conv.trunk, spatial.trunk):
+        convs = [m for m in trunk if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [256] * 4  # the 1x1, then three 3x3
+        assert all(c.bias is None for c in convs)
+        assert not any(isinstance(m, nn.Dropout) for m in trunk)
+    assert len(pyramid.trunk.convs) == 3 and pyramid.trunk.convs[0].out_channels == 256
+    assert all(c.bias is None for c in pyramid.trunk.convs)
+    assert isinstance(pyramid.trunk.dropout, nn.Identity)
+    assert isinstance(pyramid.pool, nn.Identity) and isinstance(pyramid.fine_pool, nn.Identity)
+    # dropout, where asked, after the shared trunk of the pyramid too
+    dropped = PyramidGridHead((16 + 4 * 2, 7, 7), 3, 2, dropout=0.3)
+    assert dropped.trunk.dropout.p == 0.3
+
+
+def test_the_pyramids_fine_level_adds_the_upsampled_main_map():
+    """The fine level's input: its own lateral map plus the main level's, upsampled (nearest);
+    the objectness bias at the prior, the class biases left as drawn."""
+    torch.manual_seed(0)
+    main, fine = 16, 6
+    head = PyramidGridHead((main + 4 * fine, 4, 4), 3, fine, num_cells=4, width=8, depth=1).eval()
+    packed = torch.randn(2, main + 4 * fine, 4, 4)
+    with torch.no_grad():
+        top = head.lateral(packed[:, :main])
+        own = head.fine_lateral(head.fine_norm(F.pixel_shuffle(packed[:, main:], 2)))
+        x = head.trunk(own + top.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3), 1)
+        assert torch.allclose(head(packed)[3], head.classification(x), atol=1e-6)
+    prior = math.log(0.01 / 0.99)
+    assert (head.classification.bias[:-1] != prior).all()

@@ -534,3 +534,19 @@ def test_ap_by_size_by_hand():
     assert found["large"][0].ap == pytest.approx(0.5) and found["large"][0].detections == 2
     assert found["medium"][0].ap is None  # no medium object
     assert list(found) == list(SIZE_RANGES) == ["small", "medium", "large"]
+
+
+def test_ap_by_size_boundaries_belong_to_the_larger_size():
+    """Ranges are [low, high): a 32 x 32 box (area 32² exactly) is medium, a 96 x 96 one large,
+    for the objects and for the detections alike. Objects M (32 x 32) and L (96 x 96), both
+    found (0.9, 0.8), false positives of 32 x 32 (0.95) and of 96 x 96 (0.92)."""
+    m, big = [0, 0, 32, 32], [100, 100, 196, 196]
+    fp_m, fp_big = [300, 300, 332, 332], [400, 400, 496, 496]
+    scores = [0.9, 0.8, 0.95, 0.92]
+    dets, truth = one_image([m, big, fp_m, fp_big], scores, [0] * 4, [m, big], [0, 0])
+    found = ap_by_size([dets], [truth], 1, overlap="continuous")
+    assert found["small"][0].ap is None  # no small object
+    # medium: fp_m (FP), fp_big (another size: ignored), M (TP); L's hit counts as neither
+    assert found["medium"][0].positives == 1 and found["medium"][0].ap == pytest.approx(0.5)
+    # large: fp_m and M's hit ignored, fp_big (FP), L (TP)
+    assert found["large"][0].positives == 1 and found["large"][0].ap == pytest.approx(0.5)

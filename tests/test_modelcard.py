@@ -67,15 +67,17 @@ def test_fields_and_key_order():
     card = ModelCard.from_dict(grid_card())
     assert card.grid == GridSpec(7, [[0.1, 0.2]], 0, None) and card.image == ImageSpec("crop", 224)
     assert list(card.to_dict()) == list(grid_card())  # the historical order: the file's bytes
+    assert card.to_dict() == grid_card()  # and every value
     tuned = ModelCard.from_dict(grid_card(finetuned={"epochs": 2}))
     assert list(tuned.to_dict())[-1] == "finetuned"
+    assert tuned.to_dict() == grid_card(finetuned={"epochs": 2})
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"format": 2}, "model description format 2: this pipeline reads format 1"),
-        ({"kind": "triple"}, "unknown head kind 'triple'"),
+        ({"kind": "triple"}, r"^unknown head kind 'triple' \(known: single, multi\)$"),
         ({"image_mode": "stretch"}, "unknown image mode 'stretch'"),
         ({"num_cells": "seven"}, "wrong value"),
     ],

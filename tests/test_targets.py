@@ -4,6 +4,8 @@ images without objects, and the dtypes each function promises."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.targets import (
     GridLevel,
+    encoded_objects,
+    grid_levels,
     ground_truth,
     image_boxes,
     multi_object_targets,
@@ -138,3 +142,51 @@ def test_lab_grid_example():
     assert has_obj.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert labels.dtype == torch.int32
     assert labels.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 5, 0], [0, 0, 0, 0]]
+
+
+def test_mirrored_targets_are_those_of_the_flipped_image():
+    # 100 x 100, mode none: (10, 20)-(50, 60) is centre (0.3, 0.4), 0.4 x 0.4; flipped left to
+    # right its centre is (0.7, 0.4): on a 2 x 2 grid, cell (0, 1) instead of (0, 0)
+    images, objects = tables({"a": [(10, 20, 50, 60, 3)]})
+    spec = ImageSpec("none", 0)
+    [(row, encoded, labels)] = encoded_objects(images, objects, ["a"], spec)  # not mirrored
+    assert (row, labels.tolist()) == (0, [3])
+    assert encoded[0].tolist() == pytest.approx([0.3, 0.4, 0.4, 0.4])
+    single = single_object_targets(images, objects, ["a"], spec, mirrored=True)
+    assert single.boxes[0].tolist() == pytest.approx([0.7, 0.4, 0.4, 0.4])
+    grid = multi_object_targets(images, objects, ["a"], spec, GridLevel(2), mirrored=True)
+    assert grid.has_obj[0].nonzero().tolist() == [[0, 1]]
+    assert grid.boxes[0, :, 0, 1].tolist() == pytest.approx([0.4, 0.8, 0.4, 0.4])  # 0.7 * 2 - 1
+    plain = multi_object_targets(images, objects, ["a"], spec, GridLevel(2))
+    assert plain.has_obj[0].nonzero().tolist() == [[0, 0]]
+
+
+def test_a_level_encodes_by_the_labs_rule_or_by_yolov5s():
+    # two objects in cell (0, 0) of a 2 x 2 grid, the larger one second: the lab's rule keeps the
+    # later object, YOLOv5's (grid.assign neighbours, or an anchor ratio) the smaller one
+    two = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.3, 0.3, 0.4, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    lab = GridLevel(2).encode(two, labels)
+    assert lab.has_obj.nonzero().tolist() == [[0, 0]] and lab.labels[0, 0] == 2
+    # neighbours: the smaller object's host and the cells right of it and below it
+    near = GridLevel(2, assign="neighbours").encode(two, labels)
+    assert near.has_obj.nonzero().tolist() == [[0, 0], [0, 1], [1, 0]] and near.labels[0, 0] == 1
+    # anchors 0.1 and 0.4 for a 0.15 object: the lab's best anchor (IoU 0.44 against 0.14), or
+    # every anchor within the ratio (1.5 and 2.7 times its side)
+    one = torch.tensor([[0.2, 0.2, 0.15, 0.15]], dtype=torch.float64)
+    anchors = torch.tensor([[0.1, 0.1], [0.4, 0.4]])
+    best = GridLevel(2, anchors).encode(one, labels[:1])
+    assert best.has_obj.nonzero().tolist() == [[0, 0, 0]]
+    within = GridLevel(2, anchors, anchor_ratio=4.0).encode(one, labels[:1])
+    assert within.has_obj.nonzero().tolist() == [[0, 0, 0], [1, 0, 0]]
+
+
+def test_grid_levels_pass_their_settings_to_every_level():
+    anchors = torch.tensor([[0.1, 0.2]])
+    [level] = grid_levels(4, None, anchors, "neighbours", 3.0)
+    assert level.num_cells == 4 and level.anchors is anchors
+    assert (level.scales, level.assign, level.anchor_ratio) == (None, "neighbours", 3.0)
+    coarse, fine = grid_levels(4, 0.25, None, "neighbours")
+    assert (coarse.num_cells, coarse.scales, coarse.assign) == (4, (0.25, math.inf), "neighbours")
+    assert (fine.num_cells, fine.scales, fine.assign) == (8, (0.0, 0.25), "neighbours")
+    assert coarse.anchors is None and fine.anchors is None
