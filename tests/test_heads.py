@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline_lib.heads import (
     ConvGridHead,
+    LevelTrunk,
     MultiObjectHead,
     PyramidGridHead,
     SingleObjectHead,
@@ -273,6 +274,9 @@ def test_the_conv_heads_defaults_and_their_bias_free_trunks():
     assert len(pyramid.trunk.convs) == 3 and pyramid.trunk.convs[0].out_channels == 256
     assert all(c.bias is None for c in pyramid.trunk.convs)
     assert isinstance(pyramid.trunk.dropout, nn.Identity)
+    assert isinstance(LevelTrunk(8, 1, 2).dropout, nn.Identity)
+    for lateral in (pyramid.lateral, pyramid.fine_lateral):  # 1x1, BatchNorm, SiLU: no dropout
+        assert [type(m) for m in lateral] == [nn.Conv2d, nn.BatchNorm2d, nn.SiLU]
     assert isinstance(pyramid.pool, nn.Identity) and isinstance(pyramid.fine_pool, nn.Identity)
     # dropout, where asked, after the shared trunk of the pyramid too
     dropped = PyramidGridHead((16 + 4 * 2, 7, 7), 3, 2, dropout=0.3)

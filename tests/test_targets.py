@@ -173,7 +173,7 @@ def test_a_level_encodes_by_the_labs_rule_or_by_yolov5s():
     assert near.has_obj.nonzero().tolist() == [[0, 0], [0, 1], [1, 0]] and near.labels[0, 0] == 1
     # anchors 0.1 and 0.4 for a 0.15 object: the lab's best anchor (IoU 0.44 against 0.14), or
     # every anchor within the ratio (1.5 and 2.7 times its side)
-    one = torch.tensor([[0.2, 0.2, 0.15, 0.15]], dtype=torch.float64)
+    one = torch.tensor([[0.3, 0.3, 0.15, 0.15]], dtype=torch.float64)  # its neighbours inside
     anchors = torch.tensor([[0.1, 0.1], [0.4, 0.4]])
     best = GridLevel(2, anchors).encode(one, labels[:1])
     assert best.has_obj.nonzero().tolist() == [[0, 0, 0]]
