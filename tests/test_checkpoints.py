@@ -9,7 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline_lib.checkpoints import CheckpointError, build_head, load_checkpoint, save_checkpoint
-from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, TwoLevelHead
+from pipeline_lib.fcos import FcosHead
+from pipeline_lib.heads import (
+    ConvGridHead,
+    MultiObjectHead,
+    PyramidGridHead,
+    SingleObjectHead,
+    SpatialSingleHead,
+    TwoLevelHead,
+)
 from pipeline_lib.modelcard import ModelCard
 
 CLASSES = ["cat", "dog", "bird"]
@@ -29,7 +37,57 @@ def heads():
     grid = {"hidden": 6, "dropout": 0.1}
     anchors = [[0.1, 0.2], [0.5, 0.4]]
     conv = {"kind": "conv", "width": 5, "depth": 2}
+    spatial = {"kind": "spatial", "width": 5, "depth": 1, "dropout": 0.1}
+    fcos = {"kind": "fcos", "width": 32, "depth": 1}  # GroupNorm: 32 groups
     return {
+        "spatial": (
+            SpatialSingleHead((4, 3, 3), 3, width=5, depth=1, dropout=0.1),
+            {
+                "kind": "single",
+                "head": spatial,
+                "feature_shape": [4, 3, 3],
+                "classes": CLASSES,
+                **COMMON,
+            },
+        ),
+        "conv anchors": (
+            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=1, anchors=anchors),
+            {
+                "kind": "multi",
+                "head": conv | {"depth": 1},
+                "feature_shape": [4, 6, 6],
+                "classes": CLASSES,
+                **COMMON,
+                "num_cells": 3,
+                "anchors": anchors,
+            },
+        ),
+        "pyramid": (
+            PyramidGridHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, width=5, depth=1),
+            {
+                "kind": "multi",
+                "head": conv | {"depth": 1},
+                "feature_shape": [12, 3, 3],
+                "classes": CLASSES,
+                **COMMON,
+                "num_cells": 3,
+                "fine_channels": 2,
+                "fine_below": 0.2,
+            },
+        ),
+        "fcos": (
+            FcosHead((4 + 4 * 2, 3, 3), 3, 96, 2, width=32, depth=1),
+            {
+                "kind": "multi",
+                "head": fcos,
+                "feature_shape": [12, 3, 3],
+                "classes": CLASSES,
+                **COMMON,
+                "num_cells": 3,
+                "fine_channels": 2,
+                "fine_below": 0.2,
+            },
+        ),
         "conv": (
             ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=2),
             {
@@ -90,7 +148,20 @@ def heads():
     }
 
 
-@pytest.mark.parametrize("kind", ["single", "multi", "anchors", "two levels", "conv"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "single",
+        "spatial",
+        "multi",
+        "anchors",
+        "two levels",
+        "conv",
+        "conv anchors",
+        "pyramid",
+        "fcos",
+    ],
+)
 def test_every_head_is_rebuilt_exactly_from_its_file(tmp_path, kind):
     torch.manual_seed(0)
     head, info = heads()[kind]

@@ -13,6 +13,7 @@ from pipeline_lib.geometry import (
     output_size,
     transform_boxes,
     transform_image,
+    transform_pixels,
     untransform_boxes,
 )
 
@@ -23,6 +24,8 @@ def test_none_keeps_everything():
     boxes, keep = transform_boxes(BOXES, 500, 375, "none", 224)
     assert torch.equal(boxes, BOXES.double()) and keep.all()
     assert output_size(500, 375, "none", 224) == (500, 375)
+    pixels = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
+    assert transform_pixels(pixels, "none", 16) is pixels  # the image as it is, whatever the size
 
 
 def test_shrink_scales_each_axis():
