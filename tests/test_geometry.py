@@ -24,8 +24,11 @@ def test_none_keeps_everything():
     boxes, keep = transform_boxes(BOXES, 500, 375, "none", 224)
     assert torch.equal(boxes, BOXES.double()) and keep.all()
     assert output_size(500, 375, "none", 224) == (500, 375)
+
+
+def test_mode_none_leaves_the_pixels_as_they_are():
     pixels = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
-    assert transform_pixels(pixels, "none", 16) is pixels  # the image as it is, whatever the size
+    assert transform_pixels(pixels, "none", 16) is pixels  # whatever the size
 
 
 def test_shrink_scales_each_axis():
