@@ -31,6 +31,12 @@ def test_mode_none_leaves_the_pixels_as_they_are():
     assert transform_pixels(pixels, "none", 16) is pixels  # whatever the size
 
 
+def test_the_kept_mask_lies_on_the_boxes_device():
+    for mode in ("none", "shrink"):
+        boxes, kept = transform_boxes(BOXES.to("meta"), 500, 375, mode, 224)
+        assert boxes.device.type == kept.device.type == "meta", mode
+
+
 def test_shrink_scales_each_axis():
     boxes, keep = transform_boxes(BOXES, 500, 375, "shrink", 224)
     # 224/500 = 0.448 and 224/375 = 0.597333...
