@@ -31,6 +31,19 @@ COMMON = {
 }
 
 
+def description(kind: str, head: dict, feature_shape: list[int], **grid) -> dict:
+    """A stored card: `kind` ("single" or "multi"), the head's settings, and for grid heads
+    num_cells and whichever of anchors, fine_channels and fine_below apply."""
+    return {
+        "kind": kind,
+        "head": head,
+        "feature_shape": feature_shape,
+        "classes": CLASSES,
+        **COMMON,
+        **grid,
+    }
+
+
 def heads():
     """(head, its checkpoint description) for every kind of head, with non-default settings."""
     single = {"hidden": 8, "dropout": 0.3, "classifier": "flatten", "classifier_dropout": 0.2}
@@ -39,129 +52,62 @@ def heads():
     conv = {"kind": "conv", "width": 5, "depth": 2}
     spatial = {"kind": "spatial", "width": 5, "depth": 1, "dropout": 0.1}
     fcos = {"kind": "fcos", "width": 32, "depth": 1}  # GroupNorm: 32 groups
+    levels = {"num_cells": 3, "fine_channels": 2, "fine_below": 0.2}
     return {
-        "spatial": (
-            SpatialSingleHead((4, 3, 3), 3, width=5, depth=1, dropout=0.1),
-            {
-                "kind": "single",
-                "head": spatial,
-                "feature_shape": [4, 3, 3],
-                "classes": CLASSES,
-                **COMMON,
-            },
-        ),
-        "conv anchors": (
-            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=1, anchors=anchors),
-            {
-                "kind": "multi",
-                "head": conv | {"depth": 1},
-                "feature_shape": [4, 6, 6],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-                "anchors": anchors,
-            },
-        ),
-        "pyramid": (
-            PyramidGridHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, width=5, depth=1),
-            {
-                "kind": "multi",
-                "head": conv | {"depth": 1},
-                "feature_shape": [12, 3, 3],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-                "fine_channels": 2,
-                "fine_below": 0.2,
-            },
-        ),
-        "fcos": (
-            FcosHead((4 + 4 * 2, 3, 3), 3, 96, 2, width=32, depth=1),
-            {
-                "kind": "multi",
-                "head": fcos,
-                "feature_shape": [12, 3, 3],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-                "fine_channels": 2,
-                "fine_below": 0.2,
-            },
-        ),
-        "conv": (
-            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=2),
-            {
-                "kind": "multi",
-                "head": conv,
-                "feature_shape": [4, 6, 6],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-            },
-        ),
         "single": (
             SingleObjectHead((4, 3, 3), 3, **single),
-            {
-                "kind": "single",
-                "head": single,
-                "feature_shape": [4, 3, 3],
-                "classes": CLASSES,
-                **COMMON,
-            },
+            description("single", single, [4, 3, 3]),
+        ),
+        "spatial": (
+            SpatialSingleHead((4, 3, 3), 3, width=5, depth=1, dropout=0.1),
+            description("single", spatial, [4, 3, 3]),
         ),
         "multi": (
             MultiObjectHead((4, 6, 6), 3, num_cells=3, **grid),
-            {
-                "kind": "multi",
-                "head": grid,
-                "feature_shape": [4, 6, 6],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-            },
+            description("multi", grid, [4, 6, 6], num_cells=3),
         ),
         "anchors": (
             MultiObjectHead((4, 3, 3), 3, num_cells=3, anchors=anchors, **grid),
-            {
-                "kind": "multi",
-                "head": grid,
-                "feature_shape": [4, 3, 3],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 3,
-                "anchors": anchors,
-            },
+            description("multi", grid, [4, 3, 3], num_cells=3, anchors=anchors),
         ),
         "two levels": (
             TwoLevelHead((4 + 4 * 2, 3, 5), 3, 2, num_cells=2, **grid),
-            {
-                "kind": "multi",
-                "head": grid,
-                "feature_shape": [12, 3, 5],
-                "classes": CLASSES,
-                **COMMON,
-                "num_cells": 2,
-                "fine_channels": 2,
-                "fine_below": 0.2,
-            },
+            description("multi", grid, [12, 3, 5], **levels | {"num_cells": 2}),
+        ),
+        "conv": (
+            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=2),
+            description("multi", conv, [4, 6, 6], num_cells=3),
+        ),
+        "conv anchors": (
+            ConvGridHead((4, 6, 6), 3, num_cells=3, width=5, depth=1, anchors=anchors),
+            description("multi", conv | {"depth": 1}, [4, 6, 6], num_cells=3, anchors=anchors),
+        ),
+        "pyramid": (
+            PyramidGridHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, width=5, depth=1),
+            description("multi", conv | {"depth": 1}, [12, 3, 3], **levels),
+        ),
+        "fcos": (
+            FcosHead((4 + 4 * 2, 3, 3), 3, 96, 2, width=32, depth=1),
+            description("multi", fcos, [12, 3, 3], **levels),
         ),
     }
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "single",
-        "spatial",
-        "multi",
-        "anchors",
-        "two levels",
-        "conv",
-        "conv anchors",
-        "pyramid",
-        "fcos",
-    ],
-)
+# heads() builds modules: not at import (mutmut forks its test processes from the importer)
+KINDS = [
+    "single",
+    "spatial",
+    "multi",
+    "anchors",
+    "two levels",
+    "conv",
+    "conv anchors",
+    "pyramid",
+    "fcos",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_head_is_rebuilt_exactly_from_its_file(tmp_path, kind):
     torch.manual_seed(0)
     head, info = heads()[kind]
