@@ -87,6 +87,12 @@ def sized(size: str, segmented: str = "<segmented>0</segmented>") -> str:
 WH = "<width>100</width><height>80</height>"
 
 
+def outside(box: tuple[int, int, int, int]) -> tuple[str, str, str]:
+    """A case of one object whose box is empty or leaves the 100 x 80 image."""
+    message = f"box {box} is empty or outside the 100x80 image"
+    return voc_xml(objects=[obj(box=box)]), "object[0]/bndbox", message
+
+
 def plain(filename: str) -> tuple[str, str, str]:
     """A case of a <filename> that is not a plain name."""
     return (
@@ -107,31 +113,11 @@ def plain(filename: str) -> tuple[str, str, str]:
         ),
         (voc_xml(objects=[obj("")]), "object[0]/name", "empty"),
         (voc_xml(objects=["<object><bndbox/></object>"]), "object[0]/name", "missing"),
-        (
-            voc_xml(objects=[obj(box=(50, 20, 50, 60))]),
-            "object[0]/bndbox",
-            "box (50, 20, 50, 60) is empty or outside the 100x80 image",
-        ),
-        (
-            voc_xml(objects=[obj(box=(10, 60, 50, 60))]),
-            "object[0]/bndbox",
-            "box (10, 60, 50, 60) is empty or outside the 100x80 image",
-        ),
-        (
-            voc_xml(objects=[obj(box=(10, 60, 50, 20))]),
-            "object[0]/bndbox",
-            "box (10, 60, 50, 20) is empty or outside the 100x80 image",
-        ),
-        (
-            voc_xml(objects=[obj(box=(10, 20, 101, 60))]),
-            "object[0]/bndbox",
-            "box (10, 20, 101, 60) is empty or outside the 100x80 image",
-        ),
-        (
-            voc_xml(objects=[obj(box=(-1, 20, 50, 60))]),
-            "object[0]/bndbox",
-            "box (-1, 20, 50, 60) is empty or outside the 100x80 image",
-        ),
+        outside((50, 20, 50, 60)),
+        outside((10, 60, 50, 60)),
+        outside((10, 60, 50, 20)),
+        outside((10, 20, 101, 60)),
+        outside((-1, 20, 50, 60)),
         (
             voc_xml(objects=[obj(), obj(box=("nan", 1, 2, 3))]),
             "object[1]/bndbox/xmin",
