@@ -5,7 +5,9 @@ write them (metrics, plot tables, figures).
 - `single_report`: accuracy, IoU and the lab's box loss of the single-object head, its confusion
   rows and a figure of predictions.
 - `grid_report`: PASCAL VOC mAP (all-point and 11-point), COCO mAP, diagnostics, PR curves and AP
-  by object size of the grid head, and a figure of detections before and after NMS.
+  by object size of the grid head, its errors split as TIDE does and its confusion with the
+  background, and a figure of detections before and after NMS.
+Both keep per-image records (records.py) and give their headline figures a bootstrap interval.
 - `voc_summary`: the VOC part, shared with the fine-tuning comparison (finetuning.py).
 Detections are compared with every object of the original images, in their pixels.
 """
@@ -13,16 +15,19 @@ Detections are compared with every object of the original images, in their pixel
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline_lib.bootstrap import image_weights, interval
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering, head_detections
 from pipeline_lib.errors import PipelineError
+from pipeline_lib.errortypes import split_errors
 from pipeline_lib.fcos import FcosHead, fcos_targets
 from pipeline_lib.features import Features, read_features
 from pipeline_lib.geometry import encoded_to_image
@@ -30,8 +35,9 @@ from pipeline_lib.metrics import (
     OVERLAP_OF_SOURCE,
     ClassAP,
     ap_by_size,
-    coco_map,
     confusion_matrix,
+    detection_confusion,
+    encoded_iou,
     mean_ap,
     precision_envelope,
     single_object_metrics,
@@ -43,10 +49,12 @@ from pipeline_lib.plots import (
     ap_chart,
     comparison_grid,
     confusion_figure,
+    error_chart,
     nms_grid,
     pick_evenly,
     pr_curves,
 )
+from pipeline_lib.records import BOX, Judging, Records, SingleRecords, multi_records
 from pipeline_lib.tables import Prepared, read_prepared
 from pipeline_lib.targets import (
     grid_levels,
@@ -65,9 +73,13 @@ class EvaluationInputs:
     prepared: Prepared
     features: Features  # val
 
+    def image_rows(self) -> pd.DataFrame:
+        """The prepared rows of the val images, in feature-row order."""
+        return self.prepared.images.set_index("image_id").loc[self.features.image_ids].reset_index()
+
     def image_sizes(self) -> list[tuple[int, int]]:
         """(width, height) of each val image, in feature-row order."""
-        rows = self.prepared.images.set_index("image_id").loc[self.features.image_ids]
+        rows = self.image_rows()
         return [(int(w), int(h)) for w, h in zip(rows["width"], rows["height"], strict=True)]
 
 
@@ -125,16 +137,41 @@ def voc_summary(
 
 @dataclass
 class Report:
-    """What an evaluate stage writes: metrics.json, plot tables (name -> rows) and figures."""
+    """What an evaluate stage writes: metrics.json, the other metrics files (name -> content),
+    plot tables (name -> rows), figures and the per-image records."""
 
     metrics: dict
     tables: dict[str, list[dict]]
     figures: dict[str, Figure]  # file name -> figure
     summary: str  # one line for the user
+    more_metrics: dict[str, dict] = field(default_factory=dict)  # intervals.json, errors.json
+    records: Records | None = None
+
+
+# The draws of the val images start from this seed: the same records give the same intervals.
+BOOTSTRAP_SEED = 0
+
+
+def intervals(records: Records, ev: EvalParams) -> dict:
+    """intervals.json: for each headline figure of `records`, the bootstrap interval (ev.bootstrap
+    draws of the val images, ev.confidence) as {"low", "high"}, rounded to 4 digits."""
+    weights = image_weights(len(records.images), ev.bootstrap, BOOTSTRAP_SEED)
+    found = {}
+    for name, draws in records.figure_draws(weights).items():
+        low, high = interval(draws, ev.confidence)
+        found[name] = {"low": round(low, 4), "high": round(high, 4)}
+    return found | {"draws": ev.bootstrap, "confidence": ev.confidence, "seed": BOOTSTRAP_SEED}
+
+
+def with_interval(value: float, bounds: dict, confidence: float) -> str:
+    """'0.288 (95 % 0.250-0.330)': a figure and its interval, for the stage's line."""
+    return f"{value:.3f} ({confidence:.0%} {bounds['low']:.3f}-{bounds['high']:.3f})".replace(
+        "%", " %"
+    )
 
 
 def single_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
-    """The single-object head on val: metrics, confusion rows and figures."""
+    """The single-object head on val: metrics, confusion rows, figures, records and intervals."""
     checkpoint, prepared, features = inputs.checkpoint, inputs.prepared, inputs.features
     classes, spec = checkpoint.classes, checkpoint.card.image
     targets = single_object_targets(prepared.images, prepared.objects, features.image_ids, spec)
@@ -154,29 +191,62 @@ def single_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in pairs]
     matrix = confusion_matrix(labels, predicted, len(classes))
     title = "Single-object head on val"
-    ids = [i for i, k in zip(features.image_ids, keep.tolist(), strict=True) if k]
-    rows = prepared.images.set_index("image_id").loc[ids].reset_index()
-    rows["row"] = range(len(rows))
+    rows = inputs.image_rows()[keep.numpy()].reset_index(drop=True)
     scores = torch.softmax(logits, dim=1).max(dim=1).values
+    truth, found = [], []
+    for r, row in enumerate(rows.itertuples()):
+        shape = (row.width, row.height, spec.mode, spec.size)
+        truth.append(encoded_to_image(boxes[r : r + 1], *shape))
+        found.append(encoded_to_image(pred_boxes[r : r + 1], *shape))
+    records = SingleRecords(
+        classes,
+        Judging(ev.iou_threshold, OVERLAP_OF_SOURCE[prepared.info["source"]], ev.draw_score),
+        str(prepared.info["dataset_dir"]),
+        single_rows(rows, labels, predicted, scores, encoded_iou(pred_boxes, boxes), truth, found),
+    )
+    rows["row"] = range(len(rows))
     items = []
     for row in pick_evenly(rows, ev.samples).itertuples():
-        r, shape = row.row, (row.width, row.height, spec.mode, spec.size)
-        truth = encoded_to_image(boxes[r : r + 1], *shape)
-        found = encoded_to_image(pred_boxes[r : r + 1], *shape)
+        r = row.row
         text = f"{classes[predicted[r]]} {scores[r]:.2f}"
         image = _open(prepared, row.path)
-        items.append(Comparison(image, truth, [classes[labels[r]]], found, [text], row.image_id))
+        items.append(
+            Comparison(image, truth[r], [classes[labels[r]]], found[r], [text], row.image_id)
+        )
     figures = {
         "confusion.png": confusion_figure(matrix, classes, title),
         "predictions.png": comparison_grid(items, title=title),
     }
-    m = metrics
+    m, bounds = metrics, intervals(records, ev)
     summary = (
-        f"val: {m['images']} images, accuracy {m['accuracy']:.3f}, mean IoU {m['mean_iou']:.3f}, "
+        f"val: {m['images']} images, accuracy "
+        f"{with_interval(m['accuracy'], bounds['accuracy'], ev.confidence)}, mean IoU "
+        f"{with_interval(m['mean_iou'], bounds['mean_iou'], ev.confidence)}, "
         f"hit rate {m['hit_rate']:.3f}, box loss {m['box_loss']:.4f}"
     )
     tables = {"confusion.json": confusion, "per_class_accuracy.json": accuracy_rows}
-    return Report(metrics, tables, figures, summary)
+    return Report(metrics, tables, figures, summary, {"intervals.json": bounds}, records)
+
+
+def single_rows(
+    rows: pd.DataFrame,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    scores: torch.Tensor,
+    iou: torch.Tensor,
+    truth: list[torch.Tensor],
+    found: list[torch.Tensor],
+) -> pd.DataFrame:
+    """records.SingleRecords' table: the val images' prepared `rows` with the largest object's
+    label, the predicted class, its score, the IoU and both boxes ((1, 4) xyxy pixels each)."""
+    frame = rows[["image_id", "path", "width", "height"]].copy()
+    frame["label"], frame["predicted"] = labels.numpy(), predicted.numpy()
+    frame["score"], frame["iou"] = scores.float().numpy(), iou.double().numpy()
+    for prefix, boxes in (("true", truth), ("pred", found)):
+        values = torch.cat(boxes).double().reshape(-1, 4).numpy()
+        for k, corner in enumerate(BOX):
+            frame[f"{prefix}_{corner}"] = values[:, k]
+    return frame
 
 
 def _open(prepared: Prepared, path: str) -> Image.Image:
@@ -203,7 +273,8 @@ def recall_upper_bound(inputs: EvaluationInputs, n_objects: int) -> float:
 
 
 def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
-    """The grid head on val: VOC and COCO mAP, diagnostics, PR curves and figures."""
+    """The grid head on val: VOC and COCO mAP, diagnostics, PR curves, the error split, the
+    confusion with the background, figures, records and intervals."""
     start = time.perf_counter()
     card, classes = inputs.checkpoint.card, inputs.checkpoint.classes
     head = inputs.checkpoint.head
@@ -215,6 +286,7 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     overlap = OVERLAP_OF_SOURCE[inputs.prepared.info["source"]]
     voc = voc_summary(found, truth, classes, ev.iou_threshold, overlap)
     n_objects = sum(len(t[1]) for t in truth)
+    detections = [d.as_tuple() for d in found]
     metrics = {
         "images": len(truth),
         "objects": n_objects,
@@ -222,38 +294,82 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
         "map_11point": round(voc.map(eleven_point=True), 4),
         "iou_threshold": ev.iou_threshold,
         "overlap": overlap,
-        "coco_map": round(coco_map([d.as_tuple() for d in found], truth), 4),
     }
+    judging = Judging(ev.iou_threshold, overlap, ev.draw_score)
+    dataset_dir = str(inputs.prepared.info["dataset_dir"])
+    records = multi_records(inputs.image_rows(), detections, truth, classes, judging, dataset_dir)
+    own = records.figure_draws(torch.ones(1, len(truth), dtype=torch.float64))
+    metrics["coco_map"] = round(float(own["coco_map"][0]), 4)
     for iou in (0.3, 0.1):
         metrics[f"map_iou_{iou}"] = round(voc_summary(found, truth, classes, iou, overlap).map(), 4)
     metrics |= {
         "recall_upper_bound": round(recall_upper_bound(inputs, n_objects), 4),
         "detections_per_image": round(sum(len(d) for d in found) / len(truth), 3),
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    detections = [d.as_tuple() for d in found]
+    bounds = intervals(records, ev)
+    split = split_errors(
+        detections, truth, len(classes), overlap=overlap, foreground=ev.iou_threshold
+    )
+    drawn = [tuple(t[d[1] >= ev.draw_score] for t in d) for d in detections]
+    confusion = detection_confusion(drawn, truth, len(classes), ev.iou_threshold, overlap)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
     sized = ap_by_size(detections, truth, len(classes), ev.iou_threshold, overlap)
     by_size = {name: VocSummary(classes, per_class) for name, per_class in sized.items()}
+    names = [*classes, BACKGROUND]
     tables = {
         "pr_curves.json": pr_rows(voc),
         "per_class_ap.json": ap_rows(voc, by_size),
         "ap_by_size.json": size_rows(by_size),
+        "error_types.json": [
+            {"type": kind, "map_gain": round(gain, 4), "errors": split.counts[kind]}
+            for kind, gain in split.gains.items()
+        ],
+        "detection_confusion.json": confusion_rows(confusion, names),
     }
     curves = {n: (*pr_steps(c), c.ap) for n, c in zip(classes, voc.per_class, strict=True)}
     size_aps = {f"{r['size']} ({r['objects']} objects)": r["map"] for r in size_rows(by_size)}
+    errors_title = f"mAP@{ev.iou_threshold} gained by fixing each error type alone (val)"
+    confusion_title = f"Detections from score {ev.draw_score} at IoU {ev.iou_threshold} (val)"
     figures = {
         "pr_curves.png": pr_curves(curves),
         "per_class_ap.png": ap_chart(voc.per_class_ap(), f"AP@{ev.iou_threshold} per class (val)"),
         "ap_by_size.png": ap_chart(size_aps, f"mAP@{ev.iou_threshold} by object size (val)"),
+        "error_types.png": error_chart(split.gains, split.counts, errors_title),
+        "detection_confusion.png": confusion_figure(confusion, names, confusion_title),
         "nms_before_after.png": nms_grid(nms_pairs(inputs, outputs, truth, ev, sizes)),
+    }
+    errors = {
+        "map_gain": {kind: round(gain, 4) for kind, gain in split.gains.items()},
+        "errors": split.counts,
+        "foreground_iou": ev.iou_threshold,
+        "background_iou": 0.1,
     }
     m = metrics
     summary = (
-        f"val: {m['images']} images, mAP@{ev.iou_threshold} {m['map']:.3f} (11-point "
-        f"{m['map_11point']:.3f}), COCO mAP {m['coco_map']:.3f}, recall upper bound "
+        f"val: {m['images']} images, mAP@{ev.iou_threshold} "
+        f"{with_interval(m['map'], bounds['map'], ev.confidence)} (11-point "
+        f"{m['map_11point']:.3f}), COCO mAP "
+        f"{with_interval(m['coco_map'], bounds['coco_map'], ev.confidence)}, recall upper bound "
         f"{m['recall_upper_bound']:.3f}, {m['detections_per_image']:.1f} detections/image"
     )
-    return Report(metrics, tables, figures, summary)
+    more = {"intervals.json": bounds, "errors.json": errors}
+    return Report(metrics, tables, figures, summary, more, records)
+
+
+BACKGROUND = "background"  # the confusion matrix's extra class: no object, or no detection
+
+
+def confusion_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
+    """DVC plot rows of a confusion matrix: one {actual, predicted} row per count."""
+    return [
+        {"actual": names[a], "predicted": names[p]}
+        for (a, p), count in zip(
+            torch.cartesian_prod(torch.arange(len(names)), torch.arange(len(names))).tolist(),
+            matrix.flatten().tolist(),
+            strict=True,
+        )
+        for _ in range(count)
+    ]
 
 
 def pr_steps(c: ClassAP) -> tuple[list[float], list[float]]:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_area, box_iou
@@ -103,6 +104,46 @@ def single_object_metrics(
     }
 
 
+def detection_confusion(
+    detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n_classes: int,
+    iou_threshold: float = 0.5,
+    overlap: str = "voc_inclusive_pixels",
+) -> torch.Tensor:
+    """(K + 1, K + 1) int64 counts of a detector's confusion, the last row and column the
+    background: row = actual, column = predicted. Per image (arguments as
+    `voc_average_precision`'s; filter the detections by score first), detection-object pairs
+    overlapping from `iou_threshold` on are taken in order of overlap, whatever their classes,
+    each detection and object once (as Ultralytics' ConfusionMatrix): a pair counts at (object's
+    class, detection's class), an object left at (its class, background), a detection left at
+    (background, its class), unless it overlaps a difficult object from the threshold on (then
+    it counts for nothing, as difficult objects themselves)."""
+    matrix = torch.zeros(n_classes + 1, n_classes + 1, dtype=torch.int64)
+    for (boxes, _, labels), (g_boxes, g_labels, difficult) in zip(
+        detections, ground_truth, strict=True
+    ):
+        difficult = difficult.bool()
+        iou = box_overlap(g_boxes.double(), boxes.double(), overlap)  # (G, D)
+        counted = iou[~difficult]
+        actual = g_labels[~difficult].tolist()
+        pairs = torch.nonzero(counted >= iou_threshold).tolist()
+        pairs.sort(key=lambda gd: -float(counted[gd[0], gd[1]]))  # stable: ties in index order
+        left_objects, left_detections = set(range(len(actual))), set(range(len(labels)))
+        for g, d in pairs:
+            if g in left_objects and d in left_detections:
+                matrix[actual[g], labels[d]] += 1
+                left_objects.discard(g)
+                left_detections.discard(d)
+        for g in left_objects:
+            matrix[actual[g], n_classes] += 1
+        near_difficult = (iou[difficult] >= iou_threshold).any(dim=0).tolist()
+        for d in left_detections:
+            if not near_difficult[d]:
+                matrix[n_classes, labels[d]] += 1
+    return matrix
+
+
 @dataclass
 class ClassAP:
     """Average precision of one class. `ap` is None for a class with no (non-difficult) ground
@@ -173,6 +214,54 @@ def box_overlap(boxes1: torch.Tensor, boxes2: torch.Tensor, overlap: str) -> tor
     raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
 
 
+# A detection's outcome under the devkit's matching (`match_image`): it found an object, it is a
+# false positive, or it counts as neither (it matched a difficult object).
+TRUE_POSITIVE, FALSE_POSITIVE, IGNORED = 1, 0, -1
+
+
+def match_image(
+    detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    iou_threshold: float = 0.5,
+    overlap: str = "voc_inclusive_pixels",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's detections matched with its objects by the PASCAL VOC devkit's rules.
+
+    detections = (boxes (D, 4) xyxy, scores (D,), labels (D,)), truth = (boxes (G, 4) xyxy,
+    labels (G,), difficult (G,) bool), in the same pixels. Per class, the detections in score
+    order (ties keep input order) each take the object of their class they overlap most (the
+    first of equal maxima): from `iou_threshold` on, the first to take an object finds it, a
+    later one is a false positive, and one that takes a difficult object counts as neither.
+    Returns (outcome (D,) int8: TRUE_POSITIVE, FALSE_POSITIVE or IGNORED; object (D,) int64:
+    the index in `truth` of the object taken, -1 where none reaches the threshold)."""
+    boxes, scores, labels = detections
+    g_boxes, g_labels, g_difficult = truth
+    outcome = torch.full((len(scores),), FALSE_POSITIVE, dtype=torch.int8)
+    taken_by = torch.full((len(scores),), -1, dtype=torch.int64)
+    for k in labels.unique().tolist():
+        objects = torch.nonzero(g_labels == k).flatten()
+        if not len(objects):
+            continue
+        mine = torch.nonzero(labels == k).flatten()
+        mine = mine[torch.argsort(scores[mine], descending=True, stable=True)]
+        iou = box_overlap(boxes[mine].double(), g_boxes[objects].double(), overlap)
+        best = iou.argmax(dim=1)  # the first of equal maxima, as the devkit
+        reached = (iou.gather(1, best[:, None])[:, 0] >= iou_threshold).tolist()
+        chosen = objects[best].tolist()
+        difficult = g_difficult.bool().tolist()
+        taken: set[int] = set()
+        for detection, g, hit in zip(mine.tolist(), chosen, reached, strict=True):
+            if not hit:
+                continue
+            taken_by[detection] = g
+            if difficult[g]:
+                outcome[detection] = IGNORED
+            elif g not in taken:
+                outcome[detection] = TRUE_POSITIVE
+                taken.add(g)
+    return outcome, taken_by
+
+
 def voc_average_precision(
     detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -184,12 +273,10 @@ def voc_average_precision(
     """Per-class AP over a set of images, with the PASCAL VOC devkit's matching rules.
 
     detections[n] = (boxes (D, 4) xyxy, scores (D,), labels (D,)) and ground_truth[n] =
-    (boxes (G, 4) xyxy, labels (G,), difficult (G,) bool) for image n, in the same pixels.
-    Per class, detections of all images are ranked by score (ties keep input order); each is
-    matched to the ground-truth object of its image with which it has the highest overlap (the
-    first such object on ties): a true positive if that overlap >= `iou_threshold` and the object
-    was not matched before, a false positive otherwise; a match with a `difficult` object counts
-    as neither. `overlap` (see OVERLAPS) is the devkit's inclusive-pixel IoU by default.
+    (boxes (G, 4) xyxy, labels (G,), difficult (G,) bool) for image n, in the same pixels, matched
+    per image by `match_image`: a true positive, a false positive, or neither (a difficult
+    object). Per class, the detections of all images are then ranked by score (ties keep input
+    order). `overlap` (see OVERLAPS) is the devkit's inclusive-pixel IoU by default.
     `unmatched_ignored[n]` ((D,) bool, optional): those detections of image n count as neither
     when they are not a true positive (COCO's rule for detections outside an area range).
     """
@@ -197,34 +284,23 @@ def voc_average_precision(
         raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
     if unmatched_ignored is None:
         unmatched_ignored = [torch.zeros(len(d[1]), dtype=torch.bool) for d in detections]
-    results = []
-    for k in range(n_classes):
-        scores, hits, positives = [], [], 0  # hits: True for a true positive
-        for (d_boxes, d_scores, d_labels), (g_boxes, g_labels, g_difficult), ignored in zip(
-            detections, ground_truth, unmatched_ignored, strict=True
+    scores: list[list[float]] = [[] for _ in range(n_classes)]
+    hits: list[list[bool]] = [[] for _ in range(n_classes)]
+    positives = [0] * n_classes
+    for dets, truth, ignored in zip(detections, ground_truth, unmatched_ignored, strict=True):
+        outcome, _ = match_image(dets, truth, iou_threshold, overlap)
+        _, g_labels, g_difficult = truth
+        counted = torch.bincount(g_labels[~g_difficult.bool()], minlength=n_classes)
+        for k in range(n_classes):
+            positives[k] += int(counted[k])
+        hit = outcome == TRUE_POSITIVE
+        kept = (outcome != IGNORED) & (hit | ~ignored.bool())
+        for score, label, found in zip(
+            dets[1][kept].tolist(), dets[2][kept].tolist(), hit[kept].tolist(), strict=True
         ):
-            mine = g_labels == k
-            gt, difficult = g_boxes[mine].double(), g_difficult[mine].bool()
-            positives += int((~difficult).sum())
-            boxes, s = d_boxes[d_labels == k].double(), d_scores[d_labels == k]
-            order = torch.argsort(s, descending=True, stable=True)
-            iou = box_overlap(boxes[order], gt, overlap)
-            outside = ignored[d_labels == k][order].tolist()
-            taken: set[int] = set()
-            for row, score in enumerate(s[order].tolist()):
-                hit = False
-                if len(gt) and iou[row].max() >= iou_threshold:
-                    g = int(iou[row].argmax())  # the first of equal maxima, as the devkit
-                    if difficult[g]:
-                        continue  # neither a true nor a false positive
-                    hit = g not in taken
-                    taken.add(g)
-                if not hit and outside[row]:
-                    continue
-                scores.append(score)
-                hits.append(hit)
-        results.append(_class_ap(scores, hits, positives))
-    return results
+            scores[label].append(score)
+            hits[label].append(found)
+    return [_class_ap(scores[k], hits[k], positives[k]) for k in range(n_classes)]
 
 
 # Object sizes by area in the original image's pixels, COCO's ranges (VOC photos, about 500 x 375,
@@ -285,21 +361,67 @@ def mean_ap(per_class: list[ClassAP], eleven_point: bool = False) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
-def coco_map(
-    detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    ground_truth: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> float:
-    """COCO-style mAP@[.5:.95] (torchmetrics, faster-coco-eval backend), a second opinion.
+# COCO's IoU thresholds 0.5, 0.55, ..., 0.95 and recall points 0, 0.01, ..., 1, computed as
+# pycocotools computes them (np.linspace: a threshold is not always exactly k / 100, and a recall
+# that lands on one is counted as COCO counts it).
+COCO_IOUS = torch.from_numpy(np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1))
+COCO_RECALLS = torch.from_numpy(np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1))
+COCO_MAX_DETECTIONS = 100  # per image and class, COCO's maxDets for its headline mAP
 
-    Same arguments as `voc_average_precision`; `difficult` objects are passed as COCO "crowd"
-    regions, which COCO also ignores when matching.
-    """
-    from torchmetrics.detection import MeanAveragePrecision  # slow import, only when evaluating
 
-    # boxes are xyxy, torchmetrics' default
-    metric = MeanAveragePrecision(backend="faster_coco_eval")
-    metric.update(
-        [{"boxes": b.float(), "scores": s.float(), "labels": k} for b, s, k in detections],
-        [{"boxes": b.float(), "labels": k, "iscrowd": d.long()} for b, k, d in ground_truth],
-    )
-    return float(metric.compute()["map"])
+def coco_match_image(
+    detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    truth: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One image's detections matched with its objects as COCO's evaluation does (pycocotools'
+    `evaluateImg`, area range "all"), at each of COCO_IOUS: (D, 10) int8 outcomes TRUE_POSITIVE,
+    FALSE_POSITIVE or IGNORED.
+
+    Same arguments as `match_image`; `difficult` objects are COCO's crowd regions. Per class, the
+    COCO_MAX_DETECTIONS best detections in score order each take the best-overlapping object of
+    their class not taken yet (continuous IoU; the later of equal overlaps) from the threshold on;
+    a crowd region may be taken again, overlaps it by intersection over the detection's area,
+    and its detections count as neither. Detections beyond the cap are not counted (IGNORED)."""
+    boxes, scores, labels = detections
+    g_boxes, g_labels, crowd = truth
+    outcome = torch.full((len(scores), len(COCO_IOUS)), IGNORED, dtype=torch.int8)
+    for k in labels.unique().tolist():
+        mine = torch.nonzero(labels == k).flatten()
+        mine = mine[torch.argsort(scores[mine], descending=True, stable=True)]
+        mine = mine[:COCO_MAX_DETECTIONS]
+        objects = torch.nonzero(g_labels == k).flatten()
+        objects = objects[torch.argsort(crowd[objects].to(torch.uint8), stable=True)]  # crowd last
+        d, g = boxes[mine].double(), g_boxes[objects].double()
+        is_crowd = crowd[objects].bool().tolist()
+        sides = (
+            torch.minimum(d[:, None, 2:], g[None, :, 2:])
+            - torch.maximum(d[:, None, :2], g[None, :, :2])
+        ).clamp(min=0)
+        inter = sides[..., 0] * sides[..., 1]
+        own, other = box_area(d)[:, None], box_area(g)[None, :]
+        union = torch.where(crowd[objects].bool()[None, :], own, own + other - inter)
+        iou = torch.where(union > 0, inter / union, 0.0)
+        # The objects a detection may take at some threshold (overlap >= the lowest), in order:
+        # the others never pass pycocotools' `iou < best` test.
+        candidates = [
+            [(j, value) for j, value in enumerate(row) if value >= COCO_IOUS[0]]
+            for row in iou.tolist()
+        ]
+        outcome[mine] = FALSE_POSITIVE
+        for t, threshold in enumerate(COCO_IOUS.tolist()):
+            taken = [False] * len(objects)
+            for detection, options in zip(mine.tolist(), candidates, strict=True):
+                best, m = min(threshold, 1 - 1e-10), -1
+                for j, value in options:
+                    if taken[j] and not is_crowd[j]:
+                        continue
+                    if m > -1 and not is_crowd[m] and is_crowd[j]:
+                        break
+                    if value < best:
+                        continue
+                    best, m = value, j
+                if m == -1:
+                    continue
+                taken[m] = True
+                outcome[detection, t] = IGNORED if is_crowd[m] else TRUE_POSITIVE
+    return outcome

@@ -229,6 +229,8 @@ class EvalParams:
     max_detections: Annotated[Int, Field(ge=1, le=10000)]
     draw_score: Probability
     samples: Annotated[Int, Field(ge=0, le=64)]
+    bootstrap: Annotated[Int, Field(ge=100, le=100_000)]  # draws of the val images (intervals)
+    confidence: Annotated[Float, Field(ge=0.5, lt=1.0)]  # of the intervals
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -391,3 +391,52 @@ def annotate(
         ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)  # readable on light or dark
         draw.text((x + width - left, y + width - top), text, fill=ink, font=font)
     return out
+
+
+def error_chart(gains: dict[str, float], counts: dict[str, int], title: str) -> Figure:
+    """Horizontal bars: the mAP each error type would give back if fixed alone (errortypes.py),
+    each bar labelled with its gain and how many errors of the type there are."""
+    names = list(gains)
+    figure = Figure(figsize=(7, 0.3 * len(names) + 1.3), layout="constrained")
+    ax = figure.subplots()
+    bars = ax.barh(range(len(names)), [gains[n] for n in names], color="#4c72b0")
+    labels = [f"{gains[n]:.3f} ({counts[n]} errors)" for n in names]
+    ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(0.05, max(gains.values(), default=0.0) * 1.45))
+    ax.set_xlabel("mAP gained if this type alone were fixed")
+    ax.set_title(title)
+    return figure
+
+
+MISSED_COLOUR = "#ff7f0e"
+
+
+@dataclass
+class Outcomes:
+    """What a head's detections did on one image, xyxy pixels with a text each: the detections
+    that found an object, the false ones, and the objects nobody found."""
+
+    found: torch.Tensor
+    found_texts: list[str]
+    false: torch.Tensor
+    false_texts: list[str]
+    missed: torch.Tensor
+    missed_texts: list[str]
+    title: str = ""
+
+
+def outcome_pair(image: Image.Image, pair: tuple[Outcomes, Outcomes], title: str) -> Figure:
+    """One photo twice, as two revisions' detections left it: found (green), false (red) and
+    missed objects (orange, dashed)."""
+    figure = Figure(figsize=(MAX_WIDTH, 3.8), layout="constrained")
+    for ax, outcomes in zip(figure.subplots(1, 2), pair, strict=True):
+        ax.axis("off")
+        ax.imshow(image)
+        _draw_boxes(ax, outcomes.missed, outcomes.missed_texts, MISSED_COLOUR, dashed=True)
+        _draw_boxes(ax, outcomes.false, outcomes.false_texts, PREDICTED_COLOUR, below=True)
+        _draw_boxes(ax, outcomes.found, outcomes.found_texts, TRUE_COLOUR)
+        ax.set_title(outcomes.title, fontsize=8)
+    figure.suptitle(f"{title}  (green: found, red: false, orange dashed: missed)", fontsize=9)
+    return figure

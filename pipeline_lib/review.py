@@ -3,6 +3,13 @@
 The report command (stages/report.py) asks DVC for the params, metrics and plots of two revisions
 and hands them here in plain structures; this module knows nothing of DVC.
 
+- `judge` / `judged_table`: each headline figure of two groups of runs (one run or several
+  seeds a side) with the bootstrap interval of its change over the val images and a verdict
+  (better, worse, within noise), from the runs' per-image records (records.py).
+- `error_splits` / `errors_table`: where each side's detector errs (errortypes.py), and what the
+  change moved.
+- `moved_images` / `moved_table`: the val images whose detections changed most, each drawn as both
+  revisions left it (plots.outcome_pair).
 - `MetricChange` / `metrics_table`: one row per changed figure, the headline figures first.
 - `changed_revisions`: whether a Vega-Lite plot's data differ between revisions.
 - `render_vega_lite`: a Vega-Lite spec with its data inline -> PNG, without a browser (vl-convert).
@@ -13,12 +20,25 @@ and hands them here in plain structures; this module knows nothing of DVC.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline_lib.bootstrap import Change, image_weights, interval, paired_change
+from pipeline_lib.errors import PipelineError
+from pipeline_lib.errortypes import ERROR_TYPES, split_errors
+from pipeline_lib.metrics import FALSE_POSITIVE, TRUE_POSITIVE
+from pipeline_lib.plots import Outcomes, outcome_pair
+from pipeline_lib.records import BOX, MultiRecords, Records
 
 # A PR column is about 880 CSS pixels wide on GitHub, two plots to a row: a plot whose template
 # leaves its width to the page ("container") gets this size; every plot is rendered at twice its
@@ -27,6 +47,243 @@ PLOT_WIDTH = 420
 PLOT_HEIGHT = 280
 PLOT_SCALE = 2
 VEGA_LITE = "v5.21"  # DVC's plot templates declare Vega-Lite v5; the plots page carries this one
+
+
+def common_images(runs: Sequence[Records]) -> list[str]:
+    """The val images every run has, in the first run's order (a clear error if none)."""
+    ids = runs[0].images["image_id"].tolist()
+    for run in runs[1:]:
+        theirs = set(run.images["image_id"])
+        ids = [i for i in ids if i in theirs]
+    if not ids:
+        raise PipelineError(
+            "the revisions compared share no val image: compare runs on one dataset"
+        )
+    return ids
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A headline figure of two groups of runs: bootstrap.Change (each side's mean over its runs,
+    the interval of the change and its verdict) on `images` common val images."""
+
+    figure: str
+    change: Change
+    images: int
+
+
+def judge(
+    base: Sequence[Records], new: Sequence[Records], draws: int, confidence: float, seed: int = 0
+) -> list[Judged]:
+    """Each figure of the records' FIGURES between the `base` and `new` runs (records of one kind,
+    one run or several a side): the same `draws` draws of their common val images for every run
+    (paired), the runs of a side of several resampled too (bootstrap.paired_change)."""
+    ids = common_images([*base, *new])
+    weights = image_weights(len(ids), draws, seed)
+    ones = torch.ones(1, len(ids), dtype=torch.float64)
+    sides = []
+    for runs in (base, new):
+        restricted = [run.restricted(ids) for run in runs]
+        sides.append(
+            (
+                [run.figure_draws(weights) for run in restricted],
+                [run.figure_draws(ones) for run in restricted],
+            )
+        )
+    judged = []
+    for figure in base[0].FIGURES:
+        (b_draws, b_own), (n_draws, n_own) = sides
+        change = paired_change(
+            torch.stack([d[figure] for d in b_draws], 1),
+            torch.stack([d[figure] for d in n_draws], 1),
+            seed + 1,
+        )
+        low, high = interval(change, confidence)
+        old = sum(float(o[figure][0]) for o in b_own) / len(b_own)
+        mean = sum(float(o[figure][0]) for o in n_own) / len(n_own)
+        judged.append(Judged(figure, Change(old, mean, low, high, confidence), len(ids)))
+    return judged
+
+
+def judged_table(
+    rows: Sequence[tuple[str, Judged]], revs: tuple[str, str], runs: tuple[int, int]
+) -> str:
+    """Markdown table of (metrics file, Judged) rows: both sides' figures (means over `runs`
+    runs), the change, its interval and the verdict (in bold when not within noise)."""
+    sides = [f"{rev} ({n} runs)" if n > 1 else rev for rev, n in zip(revs, runs, strict=True)]
+    confidence = rows[0][1].change.confidence if rows else 0.95
+    lines = [
+        f"| file | figure | {sides[0]} | {sides[1]} | change | {confidence:.0%} interval of the "
+        "change | verdict |".replace("%", " %"),
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for path, j in rows:
+        c = j.change
+        verdict = c.verdict if c.verdict == "within noise" else f"**{c.verdict}**"
+        lines.append(
+            f"| {path} | **{j.figure}** | {c.old:.4f} | {c.new:.4f} | {c.new - c.old:+.4f} | "
+            f"{c.low:+.4f} … {c.high:+.4f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def noise_statement(runs: tuple[int, int], images: int) -> str:
+    """What the intervals cover, in one paragraph for the report."""
+    if max(runs) == 1:
+        return (
+            f"One run a side: each interval covers the resampling of the {images} val images "
+            "only, **not** the spread between training seeds (a seed alone moves VOC mAP by "
+            "about 0.03 here). Run several seeds a side (`make compare`) before calling a change "
+            "real."
+        )
+    return (
+        f"Runs compared: {runs[0]} and {runs[1]}. Each interval covers the resampling of the "
+        f"{images} val images and the spread between the runs of each side (resampled in every "
+        "draw)."
+    )
+
+
+def error_splits(runs: Sequence[MultiRecords], ids: list[str]) -> dict[str, dict[str, float]]:
+    """The mean over `runs` of TIDE's split (errortypes.split_errors at each run's judging) on
+    the images `ids`: {"map_gain": {type: mAP}, "errors": {type: count}}."""
+    gains = dict.fromkeys(ERROR_TYPES, 0.0)
+    counts = dict.fromkeys(ERROR_TYPES, 0.0)
+    for run in runs:
+        detections, truth = run.restricted(ids).pairs()
+        judging = run.judging
+        split = split_errors(
+            detections,
+            truth,
+            len(run.classes),
+            overlap=judging.overlap,
+            foreground=judging.iou_threshold,
+        )
+        for kind in ERROR_TYPES:
+            gains[kind] += split.gains[kind] / len(runs)
+            counts[kind] += split.counts[kind] / len(runs)
+    return {"map_gain": gains, "errors": counts}
+
+
+def errors_table(base: dict, new: dict, revs: tuple[str, str]) -> str:
+    """Markdown: each error type's mAP cost (the gain if fixed alone) and count on both sides,
+    the change, then one line per type that moved by 0.005 mAP or more."""
+    lines = [
+        f"| error type | {revs[0]}: mAP cost | {revs[1]}: mAP cost | change | errors |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    moved = []
+    for kind in ERROR_TYPES:
+        old, now = base["map_gain"][kind], new["map_gain"][kind]
+        counted = f"{base['errors'][kind]:.0f} → {new['errors'][kind]:.0f}"
+        lines.append(f"| {kind} | {old:.4f} | {now:.4f} | {now - old:+.4f} | {counted} |")
+        if abs(now - old) >= 0.005:
+            way = "fewer" if now < old else "more"
+            moved.append(f"- {way} {kind} errors: they cost {old:.3f} mAP before, {now:.3f} now")
+    text = "\n".join(lines)
+    if moved:
+        return text + "\n\n" + "\n".join(moved)
+    return text + "\n\nNo error type moved by 0.005 mAP or more."
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A val image's detections on both sides: objects found, false positives and objects
+    missed (from the draw score on), and what each side drew on it."""
+
+    image_id: str
+    counts: tuple[dict[str, int], dict[str, int]]
+    outcomes: tuple[Outcomes, Outcomes]
+
+
+def moved_images(base: MultiRecords, new: MultiRecords, count: int) -> list[Moved]:
+    """The `count` common val images whose found and false detections (scoring `new`'s
+    judging.draw_score or more) changed most between the sides (|change in found| + |change in
+    false|; ties in image order), those that did not change left out."""
+    ids = common_images([base, new])
+    score = new.judging.draw_score
+    tallies = [_tally(side.restricted(ids), score) for side in (base, new)]
+    moved = (tallies[1][["found", "false"]] - tallies[0][["found", "false"]]).abs().sum(axis=1)
+    order = moved[moved > 0].sort_values(ascending=False, kind="stable").index[:count]
+    return [
+        Moved(
+            image_id,
+            tuple(
+                {k: int(t.at[image_id, k]) for k in ("found", "false", "missed")} for t in tallies
+            ),
+            tuple(_outcomes(side, image_id, score) for side in (base, new)),
+        )
+        for image_id in order
+    ]
+
+
+def _tally(records: MultiRecords, score: float) -> pd.DataFrame:
+    """Per image (index image_id, in records order): found, false, missed from `score` on."""
+    d = records.detections[records.detections["score"] >= score]
+    found = d[d["outcome"] == TRUE_POSITIVE].groupby("image_id").size()
+    false = d[d["outcome"] == FALSE_POSITIVE].groupby("image_id").size()
+    objects = records.objects[~records.objects["difficult"]].groupby("image_id").size()
+    frame = pd.DataFrame(index=records.images["image_id"])
+    for name, values in (("found", found), ("false", false), ("objects", objects)):
+        frame[name] = values.reindex(frame.index, fill_value=0).astype(int)
+    frame["missed"] = frame["objects"] - frame["found"]
+    return frame
+
+
+def _outcomes(records: MultiRecords, image_id: str, score: float) -> Outcomes:
+    d = records.detections[
+        (records.detections["image_id"] == image_id) & (records.detections["score"] >= score)
+    ]
+    objects = records.objects[records.objects["image_id"] == image_id]
+    names = records.classes
+    found = d[d["outcome"] == TRUE_POSITIVE]
+    false = d[d["outcome"] == FALSE_POSITIVE]
+    missed = objects[~objects["difficult"] & ~objects["object"].isin(found["object"])]
+
+    def boxes(frame: pd.DataFrame) -> torch.Tensor:
+        return torch.tensor(frame[BOX].to_numpy(), dtype=torch.float64).reshape(-1, 4)
+
+    def texts(frame: pd.DataFrame) -> list[str]:
+        return [
+            f"{names[k]} {s:.2f}" for k, s in zip(frame["class_id"], frame["score"], strict=True)
+        ]
+
+    return Outcomes(
+        boxes(found),
+        texts(found),
+        boxes(false),
+        texts(false),
+        boxes(missed),
+        [names[k] for k in missed["class_id"]],
+    )
+
+
+def moved_figure(moved: Moved, revs: tuple[str, str], photo: Image.Image) -> Figure:
+    """Both sides' outcomes on the photo of a moved image, titled with their counts."""
+    titled = []
+    for rev, counts, outcomes in zip(revs, moved.counts, moved.outcomes, strict=True):
+        title = (
+            f"{rev}: {counts['found']} found, {counts['false']} false, {counts['missed']} missed"
+        )
+        titled.append(dataclasses.replace(outcomes, title=title))
+    return outcome_pair(photo, tuple(titled), moved.image_id)
+
+
+def moved_table(moved: Sequence[Moved], revs: tuple[str, str], link) -> str:
+    """Markdown: per moved image its counts on both sides and its figure (`link(image_id)` the
+    path of its PNG, None where the photo could not be read)."""
+    lines = [
+        f"| image | found ({revs[0]} → {revs[1]}) | false | missed |",
+        "|---|---:|---:|---:|",
+    ]
+    pictures = []
+    for m in moved:
+        old, new = m.counts
+        cells = [f"{old[k]} → {new[k]}" for k in ("found", "false", "missed")]
+        lines.append(f"| {m.image_id} | " + " | ".join(cells) + " |")
+        path = link(m.image_id)
+        if path is not None:
+            pictures.append(f"![{m.image_id}]({path})")
+    return "\n".join(lines) + ("\n\n" + "\n\n".join(pictures) if pictures else "")
 
 
 @dataclass(frozen=True)

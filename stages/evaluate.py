@@ -13,10 +13,22 @@ evaluate_multi writes reports/evaluate_multi/
   precision that AP integrates), per_class_ap.json (DVC plot: a bar per class; both APs, and the
   AP on the small, medium and large objects: ap_small, ...) and ap_by_size.json (DVC plot: mAP
   and object count per size, COCO's areas in the original pixels),
+- errors.json (DVC metrics): the errors split as TIDE does (classification, localisation, both,
+  duplicate, background, missed): the mAP each type would give back if fixed alone ("map_gain")
+  and how many there are ("errors"); error_types.json (DVC plot: a bar per type),
+- detection_confusion.json (DVC plot: classes and the background, detections scoring
+  eval.draw_score or more against the objects at eval.iou_threshold),
 - figures/pr_curves.png, figures/per_class_ap.png, figures/ap_by_size.png,
-  figures/nms_before_after.png (eval.samples val images, detections scoring eval.draw_score or
-  more before and after NMS, the truth dashed).
+  figures/error_types.png, figures/detection_confusion.png, figures/nms_before_after.png
+  (eval.samples val images, detections scoring eval.draw_score or more before and after NMS, the
+  truth dashed).
 Detections are compared with every object of the original images (in their pixels).
+
+Both stages also write
+- intervals.json (DVC metrics): the eval.confidence (95 %) bootstrap interval of each headline
+  figure (map and coco_map; accuracy and mean_iou) over eval.bootstrap draws of the val images,
+- records/ (a cached DVC output): the per-image records (pipeline_lib/records.py) that the review
+  (stages/report.py) resamples and compares.
 
 evaluate_single writes reports/evaluate_single/
 - metrics.json (DVC metrics): box_loss (the lab's SmoothL1), accuracy, mean_iou, hit_rate (IoU >=
@@ -45,6 +57,7 @@ from pipeline_lib.evaluation import (
 from pipeline_lib.files import write_json
 from pipeline_lib.params import EvalParams, load_params
 from pipeline_lib.plots import save_figure
+from pipeline_lib.records import write_records
 from stages import common
 
 app = common.command_group("Evaluate a trained head on the validation features.")
@@ -72,7 +85,10 @@ def evaluate(
         inputs = read_evaluation_inputs(model, common.PREPARED_DIR, common.VAL_FEATURES)
         report = make_report(inputs, ev)
         out = common.REPORTS_DIR / f"evaluate_{kind}"
+        write_records(report.records, out / "records")
         write_json(out / "metrics.json", report.metrics)
+        for name, content in report.more_metrics.items():
+            write_json(out / name, content)
         for name, rows in report.tables.items():
             write_json(out / name, rows)
         for name, figure in report.figures.items():

@@ -1,12 +1,24 @@
-"""Write a pull-request report: what a change does to params, metrics and plots.
+"""Write a pull-request report: what a change does to params, metrics and plots, and whether
+its headline figures moved beyond noise.
 
     python -m stages.report --base main              # -> report/report.md and its images
+    python -m stages.report --base s0,s1,s2 --new c0,c1,c2    # runs of several seeds a side
     make report BASE=main
 
-Compares the workspace (the pipeline's outputs as they are now, e.g. after `dvc repro` or
-`dvc exp apply`) with the committed outputs of `--base` and writes, under `--out`:
-- report.md: the params that changed, the metrics that changed (headline figures first:
-  accuracy, mean IoU, mAP), every Vega plot whose data changed and every PNG figure that changed;
+Compares NEW (by default the workspace: the pipeline's outputs as they are now, e.g. after `dvc
+repro` or `dvc exp apply`) with BASE, each a git revision or experiment, or several separated by
+commas (one group of runs, e.g. the seeds of `make compare`), and writes, under `--out`:
+- report.md:
+  - the params that changed,
+  - the headline figures (mAP, COCO mAP, accuracy, mean IoU) of both sides, the change, its
+    eval.confidence interval from eval.bootstrap paired draws of the val images (and of the runs
+    of a side of several) and a verdict: better, worse or within noise; read from the
+    evaluations' per-image records (a side without them gets one line saying so, and its
+    figures appear in the metrics table only),
+  - where the detector errs on both sides (TIDE's error types, errortypes.py) and the val images
+    the change moved most, both sides' detections on each photo (moved/<image>.png),
+  - every metric that changed (DVC's diff of the first run of each side, headline figures first),
+    every Vega plot whose data changed and every PNG figure that changed;
   report.html: the same as a page (for a CI artifact or a browser);
 - plots/<plot>.png: those Vega plots with both revisions (rendered by vl-convert, no browser);
 - figures/<revision>_<file>.png: the two versions of each changed figure.
@@ -25,16 +37,32 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from dvc.api import DVCFileSystem
+from dvc.exceptions import DvcException
+from dvc_data.index import DataIndexError
+from PIL import Image
 
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_dir
+from pipeline_lib.params import load_params
+from pipeline_lib.plots import save_figure
+from pipeline_lib.records import Records, read_records
 from pipeline_lib.review import (
     ImageChange,
     MetricChange,
     changed_revisions,
+    common_images,
+    error_splits,
+    errors_table,
     figure_table,
     image_rows,
+    judge,
+    judged_table,
     metrics_table,
+    moved_figure,
+    moved_images,
+    moved_table,
+    noise_statement,
     render_vega_lite,
     report_page,
     same_bytes,
@@ -53,26 +81,132 @@ HEADLINE = [
 ]
 
 
+EVALUATIONS = ("multi", "single")  # evaluate_<kind>: their records and headline figures
+MOVED_IMAGES = 4  # val images shown both ways in "Images the change moved"
+
+
 def main(
-    base: Annotated[str, typer.Option(help="The git revision to compare with.")] = "main",
+    base: Annotated[
+        str, typer.Option(help="Revision(s) to compare with, comma-separated.")
+    ] = "main",
+    new: Annotated[str, typer.Option(help="Revision(s) compared, comma-separated.")] = WORKSPACE,
     out: Annotated[Path, typer.Option(help="Folder of report.md and its images.")] = Path("report"),
 ) -> None:
-    """Compare the workspace with BASE: params, metrics, changed plots and figures."""
+    """Compare NEW with BASE: params, judged headline figures, errors, metrics, plots, figures."""
     with common.clean_errors():
-        revs = (base, WORKSPACE)
-        params = json.loads(dvc("params", "diff", base, "--json"))
-        metrics = json.loads(dvc("metrics", "diff", base, "--json"))
+        groups = (_revisions(base), _revisions(new))
+        revs = (groups[0][0], groups[1][0])
+        params = json.loads(dvc("params", "diff", *_diff_args(revs), "--json"))
+        metrics = json.loads(dvc("metrics", "diff", *_diff_args(revs), "--json"))
         with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as folder:
-            plots = json.loads(dvc("plots", "diff", base, "--json", "-o", tmp))["data"]
-            sections = [f"# Pipeline report: `{base}` → this change", params_section(params, revs)]
-            sections.append(metrics_section(metrics, revs))
-            sections.append(plots_section(plots, folder))
-            sections.append(figures_section(plots, revs, folder))
+            plots = json.loads(dvc("plots", "diff", *_diff_args(revs), "--json", "-o", tmp))
+            title = " + ".join(groups[0]) + " → " + " + ".join(groups[1])
+            sections = [f"# Pipeline report: `{title}`", params_section(params, revs)]
+            judged, shown = judged_sections(groups, Path(tmp), folder)
+            sections += judged
+            sections.append(metrics_section(metrics, revs, shown))
+            sections.append(plots_section(plots["data"], folder))
+            sections.append(figures_section(plots["data"], revs, folder))
             text = "\n\n".join(sections) + "\n"
             (folder / "report.md").write_text(text, encoding="utf-8")
-            page = report_page(text, f"Pipeline report: {base} -> {WORKSPACE}")
+            page = report_page(text, f"Pipeline report: {title}")
             (folder / "report.html").write_text(page, encoding="utf-8")
-    typer.echo(f"{out / 'report.md'}: {base} -> {WORKSPACE}")
+    typer.echo(f"{out / 'report.md'}: {title}")
+
+
+def judged_sections(
+    groups: tuple[list[str], list[str]], tmp: Path, folder: Path
+) -> tuple[list[str], set[str]]:
+    """'Headline figures' (judged), 'Where the detector errs' and 'Images the change moved',
+    from the per-image records of every run of both sides; and the metrics files they show."""
+    rows, notes, found, shown = [], [], {}, set()
+    runs = (len(groups[0]), len(groups[1]))
+    for kind in EVALUATIONS:
+        sides, missing = [], []
+        for group in groups:
+            sides.append([records_of(rev, kind, tmp, missing) for rev in group])
+        if missing:
+            notes += missing
+            continue
+        ev = load_params("params.yaml").eval  # how many draws, at which confidence
+        judged = judge(*sides, ev.bootstrap, ev.confidence)
+        rows += [(f"reports/evaluate_{kind}", j) for j in judged]
+        found[kind] = sides
+        shown.add(f"reports/evaluate_{kind}/intervals.json")
+    revs = (groups[0][0], groups[1][0])
+    text = "## Headline figures\n\n"
+    if rows:
+        text += judged_table(rows, revs, runs) + "\n\n" + noise_statement(runs, rows[0][1].images)
+    if notes:
+        text += ("\n\n" if rows else "") + "\n".join(
+            f"- {note}: its headline figures are in Metrics below, without intervals."
+            for note in notes
+        )
+    sections = [text]
+    if "multi" in found:
+        base, new = found["multi"]
+        ids = common_images([*base, *new])
+        splits = (error_splits(base, ids), error_splits(new, ids))
+        sections.append("## Where the detector errs\n\n" + errors_table(*splits, revs))
+        sections.append(moved_section(base[0], new[0], revs, folder))
+        shown.add("reports/evaluate_multi/errors.json")
+    return sections, shown
+
+
+def records_of(rev: str, kind: str, tmp: Path, missing: list[str]) -> Records | None:
+    """The per-image records of evaluate_KIND at `rev` (the workspace's: on disk), or None with
+    the reason appended to `missing`."""
+    path = f"reports/evaluate_{kind}/records"
+    folder = Path(path)
+    if rev != WORKSPACE:
+        folder = tmp / "records" / re.sub(r"[^\w.-]", "_", f"{rev}_{kind}")
+        try:
+            DVCFileSystem(".", rev=rev).get(path, str(folder), recursive=True)
+        except FileNotFoundError:
+            missing.append(f"`{rev}` has no {path} (made before the report could judge changes)")
+            return None
+        except (DvcException, DataIndexError):
+            missing.append(f"`{rev}`'s {path} is not in this DVC cache (`dvc pull` it first)")
+            return None
+    elif not folder.is_dir():
+        missing.append(f"the workspace has no {path} (`dvc repro` first)")
+        return None
+    return read_records(folder)
+
+
+def moved_section(base: Records, new: Records, revs: tuple[str, str], folder: Path) -> str:
+    """The val images whose detections changed most, each drawn both ways in folder/moved/."""
+    moved = moved_images(base, new, MOVED_IMAGES)
+    if not moved:
+        return "## Images the change moved\n\nNo val image's detections changed."
+    drawn = {}
+    for m in moved:
+        row = new.images.set_index("image_id").loc[m.image_id]
+        try:
+            with Image.open(Path(new.dataset_dir) / row["path"]) as photo:
+                figure = moved_figure(m, revs, photo.convert("RGB"))
+        except OSError:
+            continue  # the table still lists it
+        name = re.sub(r"[^\w.-]", "_", m.image_id) + ".png"
+        save_figure(figure, folder / "moved" / name)
+        drawn[m.image_id] = f"moved/{name}"
+    text = (
+        f"The {len(moved)} val images whose found and false detections (from score "
+        f"{new.judging.draw_score}) changed most; green: found, red: false, orange dashed: missed."
+    )
+    return f"## Images the change moved\n\n{text}\n\n" + moved_table(moved, revs, drawn.get)
+
+
+def _revisions(text: str) -> list[str]:
+    revs = [rev.strip() for rev in text.split(",") if rev.strip()]
+    if not revs:
+        raise PipelineError(f"no revision in {text!r}")
+    return revs
+
+
+def _diff_args(revs: tuple[str, str]) -> list[str]:
+    """DVC's diff arguments: `a` for a against the workspace, `a b` for two revisions."""
+    return [revs[0]] if revs[1] == WORKSPACE else list(revs)
 
 
 def params_section(diff: dict, revs: tuple[str, str]) -> str:
@@ -87,11 +221,13 @@ def params_section(diff: dict, revs: tuple[str, str]) -> str:
     return "## Params\n\n" + "\n".join([head, *rows])
 
 
-def metrics_section(diff: dict, revs: tuple[str, str]) -> str:
+def metrics_section(diff: dict, revs: tuple[str, str], shown: set[str]) -> str:
+    """DVC's diff of the metrics files, but those the judged sections showed (`shown`)."""
     changes = [
         MetricChange(path, key, v.get("old"), v.get("new"))
         for path, keys in diff.items()
         for key, v in keys.items()
+        if path not in shown
     ]
     if not changes:
         return "## Metrics\n\nNo metric changed."

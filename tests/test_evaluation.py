@@ -1,11 +1,25 @@
-"""Plot tables of the evaluation reports: the precision-recall steps and the per-class rows."""
+"""Plot tables of the evaluation reports: the precision-recall steps, the per-class rows, the
+confusion rows; the intervals file and the stage's line with its interval."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from test_metrics import image
+from test_records import records_of
 
-from pipeline_lib.evaluation import VocSummary, ap_rows, pr_rows, pr_steps, size_rows
+from pipeline_lib.evaluation import (
+    VocSummary,
+    ap_rows,
+    confusion_rows,
+    intervals,
+    pr_rows,
+    pr_steps,
+    size_rows,
+    with_interval,
+)
 from pipeline_lib.metrics import ClassAP
+from pipeline_lib.params import parse_params
 
 
 def step_area(recall: list[float], precision: list[float]) -> float:
@@ -49,3 +63,41 @@ def test_tables_round_and_leave_out_classes_without_objects():
     rows = pr_rows(voc)
     assert {"class": "cow", "recall": 0.0, "precision": 1.0} in rows
     assert [r["class"] for r in rows].count("cat") == 2  # the start at recall 0 and one corner
+
+
+def test_confusion_rows_repeat_each_pair_by_its_count():
+    rows = confusion_rows(torch.tensor([[1, 0], [2, 1]]), ["cat", "background"])
+    assert rows == [
+        {"actual": "cat", "predicted": "cat"},
+        {"actual": "background", "predicted": "cat"},
+        {"actual": "background", "predicted": "cat"},
+        {"actual": "background", "predicted": "background"},
+    ]
+
+
+def test_the_stage_line_gives_the_interval():
+    assert with_interval(0.28841, {"low": 0.2501, "high": 0.3302}, 0.95) == (
+        "0.288 (95 % 0.250-0.330)"
+    )
+    assert with_interval(0.5, {"low": 0.4, "high": 0.6}, 0.9) == "0.500 (90 % 0.400-0.600)"
+
+
+def test_intervals_file_from_the_records(raw_params):
+    """Four images: two found (AP 1 alone), two whose detection misses (AP 0 alone). Draws mix
+    them: the interval spans values below and above the figure (0.5 with the false positives
+    ranked after the finds); eval.bootstrap and eval.confidence are what it says it used."""
+    found = image([[0, 0, 10, 10]], [0.9], [[0, 0, 10, 10]])
+    missed = image([[50, 50, 60, 60]], [0.1], [[0, 0, 10, 10]])
+    records = records_of([found, missed, found, missed])
+    raw_params["eval"].update(bootstrap=400, confidence=0.8)
+    ev = parse_params(raw_params).eval
+    bounds = intervals(records, ev)
+    assert set(bounds) == {"map", "coco_map", "draws", "confidence", "seed"}
+    assert (bounds["draws"], bounds["confidence"], bounds["seed"]) == (400, 0.8, 0)
+    assert bounds["map"]["low"] < 0.5 < bounds["map"]["high"]
+    assert bounds == intervals(records, ev)  # seeded
+    raw_params["eval"]["confidence"] = 0.5
+    narrower = intervals(records, parse_params(raw_params).eval)["map"]
+    assert bounds["map"]["low"] <= narrower["low"] and narrower["high"] <= bounds["map"]["high"]
+    same = records_of([found] * 3)
+    assert intervals(same, ev)["map"] == {"low": 1.0, "high": 1.0}

@@ -16,9 +16,10 @@ from pipeline_lib.metrics import (
     all_point_ap,
     ap_by_size,
     box_overlap,
-    coco_map,
     confusion_matrix,
+    detection_confusion,
     eleven_point_ap,
+    match_image,
     mean_ap,
     multi_object_batch_sums,
     voc_average_precision,
@@ -372,18 +373,6 @@ def test_grid_measures_of_two_levels_and_of_anchors_add_up():
     assert anchored["iou"][0] == pytest.approx(2.0)
 
 
-def test_coco_map_by_hand():
-    # one object, one detection of IoU 0.72 (continuous): a hit at the thresholds 0.50 ... 0.70
-    # (5 of the 10), a miss at 0.75 ... 0.95 -> mAP@[.5:.95] = 5 / 10. A second image holds a
-    # difficult object, passed as a COCO crowd region: a detection on it is no false positive.
-    hit = image([[0, 0, 100, 72]], [0.9], [[0, 0, 100, 100]])
-    crowd = image([[10, 10, 50, 50]], [0.95], [[10, 10, 50, 50]], [True])
-    dets, gts = zip(hit, crowd, strict=True)
-    assert coco_map(list(dets), list(gts)) == pytest.approx(0.5)
-    perfect = image([[0, 0, 100, 100]], [0.9], [[0, 0, 100, 100]])
-    assert coco_map([perfect[0]], [perfect[1]]) == pytest.approx(1.0)
-
-
 def test_scores_are_ranked_at_full_precision_and_lists_must_pair_up():
     # a false positive of a later image scoring 1e-9 above a true positive ranks first (float32
     # would tie them and keep the image order)
@@ -550,3 +539,52 @@ def test_ap_by_size_boundaries_belong_to_the_larger_size():
     assert found["medium"][0].positives == 1 and found["medium"][0].ap == pytest.approx(0.5)
     # large: fp_m and M's hit ignored, fp_big (FP), L (TP)
     assert found["large"][0].positives == 1 and found["large"][0].ap == pytest.approx(0.5)
+
+
+# --- one image's matching, and the confusion of a detector -------------------------------------
+
+
+def test_match_image_by_hand():
+    """Objects: cats A and B, a difficult cat D, a dog G. Detections in input order: a cat on B
+    (0.5), a cat on A (0.9), another cat on A (0.8: A is taken), a cat on D (0.7: neither), a cat
+    on G (0.6: no cat there), a dog on G (0.4). Outcomes in input order, with the object each
+    took (the dog's is G; the cat on G overlaps no cat)."""
+    a, b, d, g = [0, 0, 100, 100], [200, 0, 300, 100], [0, 200, 100, 300], [400, 0, 500, 100]
+    (dets, truth) = image(
+        [b, a, a, d, g, g],
+        [0.5, 0.9, 0.8, 0.7, 0.6, 0.4],
+        [a, b, d, g],
+        [False, False, True, False],
+        det_labels=[0, 0, 0, 0, 0, 1],
+        gt_labels=[0, 0, 0, 1],
+    )
+    outcome, taken = match_image(dets, truth, 0.5, "continuous")
+    assert outcome.tolist() == [1, 1, 0, -1, 0, 1]
+    assert taken.tolist() == [1, 0, 0, 2, -1, 3]
+    assert outcome.dtype == torch.int8
+
+
+def test_detection_confusion_by_hand():
+    """Classes cat, dog (+ background). Image 1: a cat found as a cat, a dog taken for a cat (IoU
+    0.9), a dog nobody found. Image 2: a cat false positive far away, a detection on a difficult
+    cat (counts for nothing). Pairs go by overlap whatever the class, each object and detection
+    once: the better-overlapping of two detections of one cat wins."""
+    cat, dog, dog2 = [0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100]
+    image1 = image(
+        [cat, [0, 0, 100, 60], [200, 0, 300, 90]],
+        [0.9, 0.95, 0.8],
+        [cat, dog, dog2],
+        det_labels=[0, 0, 0],
+        gt_labels=[0, 1, 1],
+    )
+    image2 = image(
+        [[600, 600, 700, 700], cat], [0.5, 0.6], [cat], [True], det_labels=[0, 1], gt_labels=[0]
+    )
+    dets, truth = zip(image1, image2, strict=True)
+    matrix = detection_confusion(list(dets), list(truth), 2, 0.5, "continuous")
+    # rows actual cat, dog, background; columns predicted cat, dog, background
+    assert matrix.tolist() == [
+        [1, 0, 0],  # the cat: found by the exact box; the 0.6-IoU one is left ...
+        [1, 0, 1],  # a dog taken for a cat; the other dog missed
+        [2, 0, 0],  # ... as a false cat, and so is the far one; the dog on a difficult: nothing
+    ]

@@ -172,7 +172,8 @@ def report_probe(kind: str):
                 canvas = FigureCanvasAgg(report.figures[name])
                 canvas.draw()
                 pixels.append(np.asarray(canvas.buffer_rgba()))
-        return digest(json.dumps(metrics, sort_keys=True), report.tables, sizes, *pixels)
+        more = json.dumps(report.more_metrics, sort_keys=True)  # intervals.json, errors.json
+        return digest(json.dumps(metrics, sort_keys=True), more, report.tables, sizes, *pixels)
 
     return probe
 
@@ -445,6 +446,8 @@ PROBES = {
     "eval.iou_threshold": (EVAL_GRID, 0.5, 0.05, {}),
     "eval.max_detections": (EVAL_GRID, 100, 1, {}),
     "eval.samples": (EVAL_SINGLE, 1, 2, {}),
+    "eval.bootstrap": (EVAL_SINGLE, 1000, 200, {}),
+    "eval.confidence": (EVAL_GRID, 0.95, 0.5, {}),
     "finetune.enabled": (finetune_stage_probe, False, True, {}),
     "finetune.processes": (finetune_stage_probe, 1, 2, ENABLED),
     "finetune.seed": (finetune_probe, 0, 1, {}),

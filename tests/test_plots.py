@@ -28,12 +28,21 @@ def test_figures_fit_a_pr_column_at_100_dpi(tmp_path):
     panel = plots.Panel(photo, boxes, [0], "photo")
     comparison = plots.Comparison(photo, boxes, ["cat"], boxes, ["cat 0.9"], "photo")
     classes = [f"class{k}" for k in range(20)]
+    outcomes = plots.Outcomes(boxes, ["cat 0.9"], boxes, ["dog 0.3"], boxes, ["cow"], "main")
     figures = {
         "curves": plots.training_curves(history, 2, "grid head"),
         "samples": plots.image_grid([[panel] * 4] * 2, ["cat"], "samples"),
         "predictions": plots.comparison_grid([comparison] * 8),
         "confusion": plots.confusion_figure(torch.eye(20, dtype=torch.long), classes),
         "nms": plots.nms_grid([(comparison, comparison)]),
+        "errors": plots.error_chart(
+            dict.fromkeys(("classification", "localisation", "missed"), 0.1),
+            dict.fromkeys(("classification", "localisation", "missed"), 7),
+            "mAP gained by fixing each error type alone",
+        ),
+        "outcomes": plots.outcome_pair(
+            Image.new("RGB", (1200, 300)), (outcomes, outcomes), "a wide photo"
+        ),
     }
     for name, figure in figures.items():
         image = saved(figure, tmp_path)
@@ -68,3 +77,27 @@ def test_figures_of_photos_are_written_with_a_palette_and_charts_are_not(tmp_pat
     chart = plots.ap_chart({"cat": 0.5, "dog": None}, "AP")
     with saved(chart, tmp_path) as image:
         assert image.mode == "RGBA"
+
+
+def test_error_chart_labels_each_bar_with_its_gain_and_count():
+    gains = {"classification": 0.0213, "localisation": 0.186, "missed": 0.0}
+    figure = plots.error_chart(gains, {"classification": 3, "localisation": 12, "missed": 0}, "t")
+    [ax] = figure.axes
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["0.021 (3 errors)", "0.186 (12 errors)", "0.000 (0 errors)"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(gains)
+    assert [round(b.get_width(), 4) for b in ax.patches] == [0.0213, 0.186, 0.0]
+
+
+def test_outcomes_are_drawn_in_three_colours():
+    """Found boxes green, false ones red, missed objects orange and dashed, on both panels."""
+    box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    none = torch.zeros(0, 4)
+    left = plots.Outcomes(box, ["cat 0.9"], none, [], box + 60, ["dog"], "base")
+    right = plots.Outcomes(none, [], box, ["cat 0.4"], none, [], "change")
+    figure = plots.outcome_pair(Image.new("RGB", (120, 120)), (left, right), "im0")
+    edges = [[(p.get_edgecolor()[:3], p.get_linestyle()) for p in ax.patches] for ax in figure.axes]
+    green, red, orange = (plots.to_rgb(c) for c in ("#2ca02c", "#d62728", "#ff7f0e"))
+    assert edges[0] == [(orange, "--"), (green, "-")]  # missed drawn first, found on top
+    assert edges[1] == [(red, "-")]
+    assert [ax.get_title() for ax in figure.axes] == ["base", "change"]

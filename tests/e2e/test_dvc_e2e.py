@@ -231,3 +231,15 @@ def test_queued_experiments_run_in_the_background(project):
     assert rows["queued_a"] != rows["queued_b"]
     diff = run(project, "dvc", "metrics", "diff", "queued_a", "queued_b")
     assert "reports/evaluate_multi/metrics.json" in diff and "detections_per_image" in diff, diff
+    # the report between two experiments reads their per-image records from DVC's cache
+    run(project, "python", "-m", "stages.report", "--base", "queued_a", "--new", "queued_b")
+    text = (project / "report/report.md").read_text()
+    headline = text.split("## Headline figures")[1].split("## Where the detector errs")[0]
+    assert "| file | figure | queued_a | queued_b | change |" in headline
+    for figure in ("map", "coco_map", "accuracy", "mean_iou"):
+        assert f"| **{figure}** |" in headline
+    # only the score threshold differs: the single head's figures do not move at all
+    assert "| reports/evaluate_single | **accuracy** |" in headline
+    accuracy = next(line for line in headline.splitlines() if "**accuracy**" in line)
+    assert "+0.0000 … +0.0000 | within noise |" in accuracy
+    assert "| eval.score_threshold | 0.0 | 0.9 |" in text

@@ -1,7 +1,8 @@
 """The PR report (stages/report.py) between two commits of a tiny DVC repository: the changed
 param, both values of each changed metric (headline first), one PNG per changed plot, both
-versions of a changed figure, nothing for what did not change. And the CI workflow that posts
-it passes actionlint."""
+versions of a changed figure, nothing for what did not change; with per-image records on both
+sides (DVC-tracked), the judged headline figures, the error types and the images moved, and a
+base without records reported plainly. And the CI workflow that posts it passes actionlint."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from test_metrics import image
+from test_records import records_of
+
+from pipeline_lib.records import write_records
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -131,3 +136,72 @@ def test_the_pr_workflow_passes_actionlint():
         [actionlint, "-no-color", *map(str, workflows)], cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+BOX = [10, 10, 60, 60]
+
+
+def write_records_revision(root: Path, found: bool) -> None:
+    """Per-image records of evaluate_multi, tracked by DVC (`dvc add`) as the pipeline's are:
+    eight images, each with one object at BOX; the detections find it (`found`) or sit beside it
+    (IoU 0.36: localisation errors). The photo beside them for the moved images' figures."""
+    shifted = [10, 10, 60, 28]
+    images = [image([BOX if found else shifted], [0.9], [BOX]) for _ in range(8)]
+    records = records_of(images)
+    records.dataset_dir = "photos"
+    write_records(records, root / "reports/evaluate_multi/records")
+    (root / "photos").mkdir(exist_ok=True)
+    Image.new("RGB", (80, 80), "grey").save(root / "photos/p.jpg")
+    sh(root, "dvc", "add", "-q", "reports/evaluate_multi/records")
+
+
+def test_report_judges_headline_figures_from_records(tiny_repo):
+    """Base: every object missed by its box (mAP 0); the change finds all eight (mAP 1): better,
+    on every draw of the images; the localisation errors gone; the images moved, drawn. Only
+    one run a side: the report says the seeds' spread is not covered."""
+    sh(tiny_repo, "git", "checkout", "-q", "team/base")
+    sh(tiny_repo, "git", "checkout", "-q", "-b", "with-records")
+    write_records_revision(tiny_repo, found=False)
+    sh(tiny_repo, "git", "add", "-A")
+    sh(tiny_repo, "git", "commit", "-q", "-m", "base with records")
+    write_records_revision(tiny_repo, found=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # eval.bootstrap, confidence
+    params["train"]["lr"] = 0.2
+    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(tiny_repo, sys.executable, "-m", "stages.report", "--base", "with-records")
+    text = (tiny_repo / "report/report.md").read_text()
+    headline = text.split("## Headline figures")[1].split("## Where")[0]
+    assert "| reports/evaluate_multi | **map** | 0.0000 | 1.0000 | +1.0000 |" in headline
+    assert "+1.0000 … +1.0000 | **better** |" in headline
+    assert "**not** the spread between training seeds" in headline
+    errors = text.split("## Where the detector errs")[1].split("## Images")[0]
+    assert "| localisation | 1.0000 | 0.0000 | -1.0000 | 8 → 0 |" in errors
+    assert "- fewer localisation errors" in errors
+    moved = text.split("## Images the change moved")[1].split("## Metrics")[0]
+    assert "| im0 | 0 → 1 | 1 → 0 | 1 → 0 |" in moved and "![im0](moved/im0.png)" in moved
+    assert len(list((tiny_repo / "report/moved").glob("*.png"))) == 4  # MOVED_IMAGES
+
+
+def test_a_base_without_records_is_said_in_one_line(tiny_repo):
+    """team/base predates per-image records: no interval, one line saying so, no traceback; the
+    headline figures still in the metrics table."""
+    write_records_revision(tiny_repo, found=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.report", "--base", "team/base"],
+        cwd=tiny_repo,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    text = (tiny_repo / "report/report.md").read_text()
+    headline = text.split("## Headline figures")[1].split("## Metrics")[0].strip().splitlines()
+    said = ": its headline figures are in Metrics below, without intervals."
+    assert headline == [
+        "- `team/base` has no reports/evaluate_multi/records (made before the report could "
+        f"judge changes){said}",
+        "- `team/base` has no reports/evaluate_single/records (made before the report could "
+        f"judge changes){said}",
+        f"- the workspace has no reports/evaluate_single/records (`dvc repro` first){said}",
+    ]
+    assert "| **map** | 0.25 | 0.5 | +0.25 |" in text
