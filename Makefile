@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test lint install clean-venv mutation report gpu-check
+.PHONY: repro test lint install clean-venv mutation report compare gpu-check
 
 install: $(STAMP)
 
@@ -36,11 +36,20 @@ TEST_WORKERS ?= 2
 test: lint
 	pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
-# The pull-request report: this workspace's params, metrics, plots and figures against BASE's
-# (report/report.md; stages/report.py). The CI workflow .github/workflows/pr-report.yaml posts it.
+# The pull-request report: NEW's (the workspace's) params, judged headline figures, errors, metrics,
+# plots and figures against BASE's (report/report.md; stages/report.py; comma-separated groups of
+# runs too). The CI workflow .github/workflows/pr-report.yaml posts it.
 BASE ?= main
+NEW ?= workspace
 report: $(STAMP)
-	python -m stages.report --base $(BASE) --out report
+	python -m stages.report --base $(BASE) --new $(NEW) --out report
+
+# A param change over SEEDS seeds against the base over as many (stages/compare.py: queued DVC
+# experiments, then the report), e.g. make compare SET="head.grid_kind=fcos backbone.fine_layer=blocks.4"
+SEEDS ?= 3
+SET ?=
+compare: $(STAMP)
+	python -m stages.compare $(foreach s,$(SET),-S $(s)) --seeds $(SEEDS) --out report
 
 # The GPU check (benchmarks/gpu_check.py): the default chain on the VOC subset beside the clone and
 # extraction's speed, on this machine's GPU (a few minutes); its tables land in gpu_check.md.

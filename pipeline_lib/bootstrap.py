@@ -20,17 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows of (draws x detections) computed at once: about 160 MB of float64 per array.
-_CHUNK_ELEMENTS = 20_000_000
-
 
 def image_weights(n_images: int, draws: int, seed: int) -> torch.Tensor:
-    """(draws, n_images) float64: how often each image is drawn, each draw n_images images with
-    replacement (every row sums to n_images). The same arguments give the same weights."""
+    """(draws, n_images) float32: how often each image is drawn, each draw n_images images with
+    replacement (every row sums to n_images; float32 counts are exact to 2^24, and halve the
+    memory the figures on them move). The same arguments give the same weights."""
     generator = torch.Generator().manual_seed(seed)
     drawn = torch.randint(n_images, (draws, n_images), generator=generator)
-    weights = torch.zeros(draws, n_images, dtype=torch.float64)
-    return weights.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+    weights = torch.zeros(draws, n_images, dtype=torch.float32)
+    return weights.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float32))
 
 
 # A ranked detection's outcome (metrics.py's codes: found an object, false positive, neither).
@@ -71,51 +69,63 @@ def ranked_classes(
 def class_ap_draws(
     ranked: RankedClass, weights: torch.Tensor, recall_points: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(T, D) AP of the class under each matching on each draw of `weights` (D, I); NaN on a
-    draw without any of its objects. `recall_points` None: the devkit's all-point AP (the area
-    under the precision envelope); (R,): the mean of the envelope at the first rank reaching
-    each recall point, 0 if none does (COCO's 101 points, with COCO's precision tp / (tp + fp +
-    eps)).
+    """(T, D) AP of the class under each matching on each draw of `weights` (D, I), in the
+    weights' dtype; NaN on a draw without any of its objects. `recall_points` None: the devkit's
+    all-point AP (the area under the precision envelope); (R,): the mean of the envelope at the
+    first rank reaching each recall point, 0 if none does (COCO's 101 points, with COCO's
+    precision tp / (tp + fp + eps)).
 
     A detection of an image drawn w times stands for w detections in a row: between those the
     envelope is set by the last of a run of true positives and the first of a run of false
     positives, so the weighted curve gives the AP of the drawn list exactly (up to ties in score
     across images, whose order the drawn list would not fix either). Only the true positives'
-    ranks are needed: the envelope's maxima lie there, and the false positives before each are
-    the weight before it less the true positives' and the left-out ones'."""
-    weights = weights.double()
+    ranks are needed: the envelope's maxima lie there. The weight ranked before each is summed
+    segment by segment, the detections between two such ranks at once, less the weight of
+    those left out. (Arrays are ranks x draws: a rank's weights are a row of weights.T.)"""
+    return _class_ap(ranked, weights.T.contiguous(), recall_points)
+
+
+def _class_ap(
+    ranked: RankedClass, by_image: torch.Tensor, recall_points: torch.Tensor | None
+) -> torch.Tensor:
+    """class_ap_draws with the weights as (I, D): a rank's weights are the row of its image."""
     n, matchings = ranked.outcome.shape
-    positives = weights @ ranked.positives.double()  # (D,)
-    out = torch.full((matchings, len(weights)), float("nan"), dtype=torch.float64)
+    draws, dtype = by_image.shape[1], by_image.dtype
+    positives = ranked.positives.to(dtype) @ by_image  # (D,)
+    out = torch.full((matchings, draws), float("nan"), dtype=dtype)
+    anchors = torch.nonzero((ranked.outcome == _FOUND).any(1)).flatten()  # ranks found by any
+    segment = torch.searchsorted(anchors, torch.arange(n), right=True)  # anchors at or before
+    kept = segment < len(anchors)  # detections after the last anchor come before none
+    sums = by_image.new_zeros(len(anchors), draws)
+    sums.index_add_(0, segment[kept], by_image[ranked.image[kept]])
+    before = torch.cumsum(sums, 0)  # (anchors, D): the weight ranked before each anchor
     eps = 0.0 if recall_points is None else torch.finfo(torch.float64).eps  # COCO's np.spacing(1)
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, len(weights), step):
-        rows = slice(start, start + step)
-        w = weights[rows][:, ranked.image]  # (d, N)
-        before = torch.cumsum(w, 1) - w  # the weight ranked before each detection
-        p = positives[rows]
-        for t in range(matchings):
-            found = torch.nonzero(ranked.outcome[:, t] == _FOUND).flatten()
-            left_out = torch.nonzero(ranked.outcome[:, t] == _IGNORED).flatten()
-            w_found = w[:, found]
-            tp = torch.cumsum(w_found, 1)
-            skipped = torch.cat([w.new_zeros(len(w), 1), torch.cumsum(w[:, left_out], 1)], 1)
-            skipped = skipped[:, torch.searchsorted(left_out, found)]
-            fp = before[:, found] - (tp - w_found) - skipped
-            total = tp + fp + eps
-            precision = torch.where(total > 0, tp / total, 0.0)
-            envelope = torch.flip(torch.cummax(torch.flip(precision, [1]), 1).values, [1])
-            if recall_points is None:
-                ap = (w_found * envelope).sum(1) / p
-            elif len(found):
-                recall = (tp / p[:, None]).contiguous()
-                points = recall_points.double().expand(len(w), -1).contiguous()
-                first = torch.searchsorted(recall, points)  # the first rank reaching the point
-                values = envelope.gather(1, first.clamp(max=len(found) - 1))
-                ap = torch.where(first < len(found), values, 0.0).mean(1)
-            else:
-                ap = torch.zeros(len(w), dtype=torch.float64)
-            out[t, rows] = torch.where(p > 0, ap, float("nan"))
+    if recall_points is not None:
+        points = recall_points.to(dtype).expand(draws, -1).contiguous()
+    for t in range(matchings):
+        found = torch.nonzero(ranked.outcome[:, t] == _FOUND).flatten()
+        left_out = torch.nonzero(ranked.outcome[:, t] == _IGNORED).flatten()
+        w_found = by_image[ranked.image[found]]  # (m, D)
+        tp = torch.cumsum(w_found, 0)
+        skipped = torch.cumsum(by_image[ranked.image[left_out]], 0)
+        skipped = torch.cat([skipped.new_zeros(1, draws), skipped])
+        total = (
+            before[torch.searchsorted(anchors, found)]
+            + w_found
+            - skipped[torch.searchsorted(left_out, found)]
+        )  # the weight counted up to each true positive, itself included
+        precision = torch.where(total > 0, tp / (total + eps), 0.0)
+        envelope = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
+        if recall_points is None:
+            ap = (w_found * envelope).sum(0) / positives
+        elif len(found):
+            recall = (tp / positives).T.contiguous()  # (D, m), sorted along m
+            first = torch.searchsorted(recall, points)  # the first rank reaching the point
+            values = envelope.T.gather(1, first.clamp(max=len(found) - 1))
+            ap = torch.where(first < len(found), values, 0.0).mean(1)
+        else:
+            ap = torch.zeros(draws, dtype=dtype)
+        out[t] = torch.where(positives > 0, ap, float("nan"))
     return out
 
 
@@ -127,7 +137,8 @@ def map_draws(
     @[.5:.95] with ten); 0 where no class has objects, as metrics.mean_ap."""
     if not classes:
         return torch.zeros(len(weights), dtype=torch.float64)
-    per_class = torch.stack([class_ap_draws(c, weights, recall_points).mean(0) for c in classes])
+    by_image = weights.T.contiguous()
+    per_class = torch.stack([_class_ap(c, by_image, recall_points).mean(0) for c in classes])
     present = ~per_class.isnan()
     total = torch.where(present, per_class, 0.0).sum(0)
     count = present.sum(0)

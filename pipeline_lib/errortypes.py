@@ -35,6 +35,16 @@ from pipeline_lib.metrics import (
 )
 
 ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
+BACKGROUND_IOU = 0.1  # TIDE's: below this overlap with every object, a detection is background
+# How a review names the errors of each type, in a sentence ("fewer localisation errors").
+ERROR_NAMES = {
+    "classification": "classification errors",
+    "localisation": "localisation errors",
+    "both": "errors of class and box at once",
+    "duplicate": "duplicate detections",
+    "background": "detections on the background",
+    "missed": "missed objects",
+}
 Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -131,7 +141,7 @@ def split_errors(
     scoring: Scoring = DEVKIT,
     overlap: str = "voc_inclusive_pixels",
     foreground: float = 0.5,
-    background: float = 0.1,
+    background: float = BACKGROUND_IOU,
 ) -> ErrorSplit:
     """TIDE's error split (see the module docstring) of `detections` against `truth`, per image
     as metrics.voc_average_precision takes them."""

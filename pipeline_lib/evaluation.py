@@ -27,7 +27,7 @@ from pipeline_lib.bootstrap import image_weights, interval
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering, head_detections
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.errortypes import split_errors
+from pipeline_lib.errortypes import BACKGROUND_IOU, split_errors
 from pipeline_lib.fcos import FcosHead, fcos_targets
 from pipeline_lib.features import Features, read_features
 from pipeline_lib.geometry import encoded_to_image
@@ -342,7 +342,7 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
         "map_gain": {kind: round(gain, 4) for kind, gain in split.gains.items()},
         "errors": split.counts,
         "foreground_iou": ev.iou_threshold,
-        "background_iou": 0.1,
+        "background_iou": BACKGROUND_IOU,
     }
     m = metrics
     summary = (

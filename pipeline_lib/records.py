@@ -190,7 +190,8 @@ def multi_records(
             "object": _joined([j[1] for j in judged], torch.int32),
         }
     )
-    detections["coco"] = list(_joined([j[2] for j in judged], torch.int8, len(COCO_IOUS)))
+    coco = _joined([j[2] for j in judged], torch.int8, len(COCO_IOUS))
+    detections["coco"] = pd.Series(list(coco), index=detections.index, dtype=object)
     objects = pd.DataFrame(
         {
             "image_id": np.repeat(ids, [len(g[1]) for g in truth]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ from PIL import Image
 
 from pipeline_lib.bootstrap import Change, image_weights, interval, paired_change
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.errortypes import ERROR_TYPES, split_errors
+from pipeline_lib.errortypes import ERROR_NAMES, ERROR_TYPES, ErrorSplit, split_errors
 from pipeline_lib.metrics import FALSE_POSITIVE, TRUE_POSITIVE
-from pipeline_lib.plots import Outcomes, outcome_pair
+from pipeline_lib.plots import Outcomes, outcome_pair, save_figure
 from pipeline_lib.records import BOX, MultiRecords, Records
 
 # A PR column is about 880 CSS pixels wide on GitHub, two plots to a row: a plot whose template
@@ -143,46 +144,115 @@ def noise_statement(runs: tuple[int, int], images: int) -> str:
     )
 
 
-def error_splits(runs: Sequence[MultiRecords], ids: list[str]) -> dict[str, dict[str, float]]:
-    """The mean over `runs` of TIDE's split (errortypes.split_errors at each run's judging) on
-    the images `ids`: {"map_gain": {type: mAP}, "errors": {type: count}}."""
-    gains = dict.fromkeys(ERROR_TYPES, 0.0)
-    counts = dict.fromkeys(ERROR_TYPES, 0.0)
+def headline_section(
+    rows: Sequence[tuple[str, Judged]], notes: Sequence[str], revs: tuple[str, str], runs
+) -> str:
+    """'## Headline figures': the judged table and what its intervals cover, then one line per
+    note (a side without records: its figures stay in the metrics table)."""
+    text = "## Headline figures\n\n"
+    if rows:
+        text += judged_table(rows, revs, runs) + "\n\n" + noise_statement(runs, rows[0][1].images)
+    lines = [
+        f"- {note}: its headline figures are in Metrics below, without intervals." for note in notes
+    ]
+    return text + ("\n\n" if rows and lines else "") + "\n".join(lines)
+
+
+def errors_section(base: Sequence[MultiRecords], new: Sequence[MultiRecords], revs) -> str:
+    """'## Where the detector errs': both sides' error types on their common images."""
+    ids = common_images([*base, *new])
+    return "## Where the detector errs\n\n" + errors_table(
+        error_splits(base, ids), error_splits(new, ids), revs
+    )
+
+
+MOVED_IMAGES = 4  # val images shown both ways in "Images the change moved"
+
+
+def moved_section(
+    base: MultiRecords, new: MultiRecords, revs: tuple[str, str], folder: Path
+) -> str:
+    """'## Images the change moved': the MOVED_IMAGES val images whose detections changed most,
+    each drawn both ways into folder/moved/ (the photos from `new`'s dataset folder; one that
+    cannot be read is listed without its picture)."""
+    moved = moved_images(base, new, MOVED_IMAGES)
+    if not moved:
+        return "## Images the change moved\n\nNo val image's detections changed."
+    drawn = {}
+    paths = new.images.set_index("image_id")["path"]
+    for m in moved:
+        try:
+            with Image.open(Path(new.dataset_dir) / paths[m.image_id]) as photo:
+                figure = moved_figure(m, revs, photo.convert("RGB"))
+        except OSError:
+            continue
+        name = re.sub(r"[^\w.-]", "_", m.image_id) + ".png"
+        save_figure(figure, folder / "moved" / name)
+        drawn[m.image_id] = f"moved/{name}"
+    text = (
+        f"The {len(moved)} val images whose found and false detections (from score "
+        f"{new.judging.draw_score}) changed most; green: found, red: false, orange dashed: missed."
+    )
+    return f"## Images the change moved\n\n{text}\n\n" + moved_table(moved, revs, drawn.get)
+
+
+def error_splits(runs: Sequence[MultiRecords], ids: list[str]) -> list[ErrorSplit]:
+    """TIDE's split (errortypes.split_errors at each run's judging) of each run on the images
+    `ids`."""
+    splits = []
     for run in runs:
         detections, truth = run.restricted(ids).pairs()
-        judging = run.judging
-        split = split_errors(
-            detections,
-            truth,
-            len(run.classes),
-            overlap=judging.overlap,
-            foreground=judging.iou_threshold,
+        j = run.judging
+        classes = len(run.classes)
+        splits.append(
+            split_errors(detections, truth, classes, overlap=j.overlap, foreground=j.iou_threshold)
         )
-        for kind in ERROR_TYPES:
-            gains[kind] += split.gains[kind] / len(runs)
-            counts[kind] += split.counts[kind] / len(runs)
-    return {"map_gain": gains, "errors": counts}
+    return splits
 
 
-def errors_table(base: dict, new: dict, revs: tuple[str, str]) -> str:
-    """Markdown: each error type's mAP cost (the gain if fixed alone) and count on both sides,
-    the change, then one line per type that moved by 0.005 mAP or more."""
+ONE_RUN_LINE = 0.005  # one run a side: an error type's cost moving this much is named
+
+
+def errors_table(base: Sequence[ErrorSplit], new: Sequence[ErrorSplit], revs) -> str:
+    """Markdown: each error type's mAP cost (its gain if fixed alone) and count on both sides
+    (means over the runs, and their range when a side has several), the change; then a line per
+    type that moved: with several runs a side, when the two sides' ranges do not meet; with one
+    run a side, by ONE_RUN_LINE mAP or more (a seed moves these too: no interval here)."""
     lines = [
         f"| error type | {revs[0]}: mAP cost | {revs[1]}: mAP cost | change | errors |",
         "|---|---:|---:|---:|---:|",
     ]
+    several = len(base) > 1 and len(new) > 1
     moved = []
     for kind in ERROR_TYPES:
-        old, now = base["map_gain"][kind], new["map_gain"][kind]
-        counted = f"{base['errors'][kind]:.0f} → {new['errors'][kind]:.0f}"
-        lines.append(f"| {kind} | {old:.4f} | {now:.4f} | {now - old:+.4f} | {counted} |")
-        if abs(now - old) >= 0.005:
+        sides = [[split.gains[kind] for split in runs] for runs in (base, new)]
+        old, now = (sum(values) / len(values) for values in sides)
+        counted = " → ".join(
+            f"{sum(s.counts[kind] for s in runs) / len(runs):.0f}" for runs in (base, new)
+        )
+        cells = [_spread(values) for values in sides]
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} | {now - old:+.4f} | {counted} |")
+        apart = max(sides[1]) < min(sides[0]) or min(sides[1]) > max(sides[0])
+        if (several and apart) or (not several and abs(now - old) >= ONE_RUN_LINE):
             way = "fewer" if now < old else "more"
-            moved.append(f"- {way} {kind} errors: they cost {old:.3f} mAP before, {now:.3f} now")
-    text = "\n".join(lines)
-    if moved:
-        return text + "\n\n" + "\n".join(moved)
-    return text + "\n\nNo error type moved by 0.005 mAP or more."
+            named = ERROR_NAMES[kind]
+            moved.append(f"- {way} {named}: they cost {cells[0]} mAP before, {cells[1]} now")
+    text = "\n".join(lines) + "\n\n"
+    if several:
+        rule = "the runs' ranges of the two sides apart"
+    else:
+        rule = f"a change of {ONE_RUN_LINE} mAP or more, one run a side: a seed moves these too"
+    if not moved:
+        return text + f"No error type moved ({rule})."
+    return text + "\n".join(moved) + f"\n\n(Named: {rule}.)"
+
+
+def _spread(values: Sequence[float]) -> str:
+    """'0.3484' for one run, '0.3484 (0.3312-0.3602)' for several: the mean and the range."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from --change-seed on (the same seeds by default; `--change-seed 3` without -S c
 with seeds 3-5 of the same params, a check of the noise itself). They are named
 cmp-<HEAD>-<base or the change's hash>-s<seed>: experiments of a former call with the same HEAD
 are not run again (the base is shared by every change). Then runs the queue (`dvc exp run
---run-all`, one at a time; DVC's run cache restores stages already run) and writes the report of
-the change's runs against the base's (stages/report.py): each headline figure's interval covers
-the val images and the spread between the seeds.
+--run-all`, one at a time, each experiment re-running what its params change) and writes the
+report of the change's runs against the base's (stages/report.py): each headline figure's
+interval covers the val images and the spread between the seeds.
 """
 
 from __future__ import annotations

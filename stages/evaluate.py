@@ -6,9 +6,9 @@
 evaluate_multi writes reports/evaluate_multi/
 - metrics.json (DVC metrics): PASCAL VOC mAP at eval.iou_threshold (all-point, "map", and 11-point,
   "map_11point"; difficult objects ignored; box overlap as the devkit measures it on VOC's
-  inclusive pixels, or continuous for COCO-format data: "overlap"), COCO mAP@[.5:.95] from
-  torchmetrics, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left by grid
-  collisions (and by crop), detections per image, evaluation seconds,
+  inclusive pixels, or continuous for COCO-format data: "overlap"), COCO mAP@[.5:.95] as
+  pycocotools computes it, VOC mAP at IoU 0.3 and 0.1 (diagnostics), the recall upper bound left
+  by grid collisions (and by crop), detections per image, evaluation seconds,
 - pr_curves.json (DVC plot, x = recall, y = precision, one curve per class: the interpolated
   precision that AP integrates), per_class_ap.json (DVC plot: a bar per class; both APs, and the
   AP on the small, medium and large objects: ap_small, ...) and ap_by_size.json (DVC plot: mAP

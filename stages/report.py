@@ -40,29 +40,22 @@ import typer
 from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index import DataIndexError
-from PIL import Image
 
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.files import atomic_dir
 from pipeline_lib.params import load_params
-from pipeline_lib.plots import save_figure
 from pipeline_lib.records import Records, read_records
 from pipeline_lib.review import (
     ImageChange,
     MetricChange,
     changed_revisions,
-    common_images,
-    error_splits,
-    errors_table,
+    errors_section,
     figure_table,
+    headline_section,
     image_rows,
     judge,
-    judged_table,
     metrics_table,
-    moved_figure,
-    moved_images,
-    moved_table,
-    noise_statement,
+    moved_section,
     render_vega_lite,
     report_page,
     same_bytes,
@@ -82,7 +75,6 @@ HEADLINE = [
 
 
 EVALUATIONS = ("multi", "single")  # evaluate_<kind>: their records and headline figures
-MOVED_IMAGES = 4  # val images shown both ways in "Images the change moved"
 
 
 def main(
@@ -120,35 +112,23 @@ def judged_sections(
     """'Headline figures' (judged), 'Where the detector errs' and 'Images the change moved',
     from the per-image records of every run of both sides; and the metrics files they show."""
     rows, notes, found, shown = [], [], {}, set()
-    runs = (len(groups[0]), len(groups[1]))
     for kind in EVALUATIONS:
-        sides, missing = [], []
-        for group in groups:
-            sides.append([records_of(rev, kind, tmp, missing) for rev in group])
+        missing: list[str] = []
+        sides = [[records_of(rev, kind, tmp, missing) for rev in group] for group in groups]
         if missing:
             notes += missing
             continue
         ev = load_params("params.yaml").eval  # how many draws, at which confidence
-        judged = judge(*sides, ev.bootstrap, ev.confidence)
-        rows += [(f"reports/evaluate_{kind}", j) for j in judged]
+        rows += [
+            (f"reports/evaluate_{kind}", j) for j in judge(*sides, ev.bootstrap, ev.confidence)
+        ]
         found[kind] = sides
         shown.add(f"reports/evaluate_{kind}/intervals.json")
     revs = (groups[0][0], groups[1][0])
-    text = "## Headline figures\n\n"
-    if rows:
-        text += judged_table(rows, revs, runs) + "\n\n" + noise_statement(runs, rows[0][1].images)
-    if notes:
-        text += ("\n\n" if rows else "") + "\n".join(
-            f"- {note}: its headline figures are in Metrics below, without intervals."
-            for note in notes
-        )
-    sections = [text]
+    sections = [headline_section(rows, notes, revs, (len(groups[0]), len(groups[1])))]
     if "multi" in found:
-        base, new = found["multi"]
-        ids = common_images([*base, *new])
-        splits = (error_splits(base, ids), error_splits(new, ids))
-        sections.append("## Where the detector errs\n\n" + errors_table(*splits, revs))
-        sections.append(moved_section(base[0], new[0], revs, folder))
+        sections.append(errors_section(*found["multi"], revs))
+        sections.append(moved_section(*(side[0] for side in found["multi"]), revs, folder))
         shown.add("reports/evaluate_multi/errors.json")
     return sections, shown
 
@@ -172,29 +152,6 @@ def records_of(rev: str, kind: str, tmp: Path, missing: list[str]) -> Records | 
         missing.append(f"the workspace has no {path} (`dvc repro` first)")
         return None
     return read_records(folder)
-
-
-def moved_section(base: Records, new: Records, revs: tuple[str, str], folder: Path) -> str:
-    """The val images whose detections changed most, each drawn both ways in folder/moved/."""
-    moved = moved_images(base, new, MOVED_IMAGES)
-    if not moved:
-        return "## Images the change moved\n\nNo val image's detections changed."
-    drawn = {}
-    for m in moved:
-        row = new.images.set_index("image_id").loc[m.image_id]
-        try:
-            with Image.open(Path(new.dataset_dir) / row["path"]) as photo:
-                figure = moved_figure(m, revs, photo.convert("RGB"))
-        except OSError:
-            continue  # the table still lists it
-        name = re.sub(r"[^\w.-]", "_", m.image_id) + ".png"
-        save_figure(figure, folder / "moved" / name)
-        drawn[m.image_id] = f"moved/{name}"
-    text = (
-        f"The {len(moved)} val images whose found and false detections (from score "
-        f"{new.judging.draw_score}) changed most; green: found, red: false, orange dashed: missed."
-    )
-    return f"## Images the change moved\n\n{text}\n\n" + moved_table(moved, revs, drawn.get)
 
 
 def _revisions(text: str) -> list[str]:

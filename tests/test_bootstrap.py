@@ -31,7 +31,7 @@ from pipeline_lib.review import judge
 
 def test_weights_count_each_draw_of_n_images_and_repeat_with_the_seed():
     weights = image_weights(5, 400, seed=3)
-    assert weights.shape == (400, 5) and weights.dtype == torch.float64
+    assert weights.shape == (400, 5) and weights.dtype == torch.float32
     assert (weights.sum(1) == 5).all() and (weights == weights.round()).all()
     assert torch.equal(weights, image_weights(5, 400, seed=3))
     assert not torch.equal(weights, image_weights(5, 400, seed=4))
@@ -54,7 +54,7 @@ def test_class_ap_by_hand_on_two_draws():
     Image 1 drawn twice, image 0 not: hits (weight 2) at rank 3 only, behind the false positive
     (weight 2): precision 2/4 at recall 1 -> AP 1/2. Image 0 alone: AP 1."""
     c = ranked([0, 1, 1], [1, 0, 1], [1, 1])
-    weights = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]])
+    weights = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]], dtype=torch.float64)
     assert class_ap_draws(c, weights)[0].tolist() == pytest.approx([5 / 6, 0.5, 1.0])
     # COCO's 101 points on all images: envelope 1 up to recall 1/2, 2/3 beyond: (51 + 50 * 2/3)
     # / 101 (the eps in COCO's precision moves it by 1e-16)
@@ -65,7 +65,7 @@ def test_class_ap_by_hand_on_two_draws():
 def test_a_draw_without_the_class_s_objects_is_nan_and_left_out_of_the_mean():
     cat = ranked([0], [1], [1, 0])  # one object, in image 0
     dog = ranked([1], [0], [0, 1])  # one object in image 1, a false positive on it
-    weights = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]])
+    weights = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]], dtype=torch.float64)
     ap = class_ap_draws(cat, weights)[0]
     assert ap[0] == 1.0 and ap[1].isnan() and ap[2] == 1.0
     # draw 0: (1 + 0) / 2; draw 1: dog alone, 0; draw 2: cat alone, 1
@@ -122,8 +122,11 @@ def test_weighted_ap_equals_the_ap_of_the_drawn_list_built_explicitly():
     metrics.voc_average_precision, the devkit-checked code: the same mAP as the weighted one.
     And COCO's: the drawn list's (matched again, every weight 1) equals the weighted one."""
     detections, truth = random_images(seed=1)
-    voc = lambda d, t: match_image(d, t, 0.5, "continuous")[0]  # noqa: E731
-    weights = image_weights(len(truth), 30, seed=5)
+
+    def voc(detections, truth):
+        return match_image(detections, truth, 0.5, "continuous")[0]
+
+    weights = image_weights(len(truth), 30, seed=5).double()  # float64: equal to 1e-12
     ours = map_draws(ranked_images(detections, truth, voc), weights)
     coco = map_draws(ranked_images(detections, truth, coco_match_image), weights, COCO_RECALLS)
     for k, row in enumerate(weights.long().tolist()):
@@ -135,6 +138,10 @@ def test_weighted_ap_equals_the_ap_of_the_drawn_list_built_explicitly():
         ones = torch.ones(1, len(drawn), dtype=torch.float64)
         assert float(coco[k]) == pytest.approx(float(map_draws(explicit, ones, COCO_RECALLS)[0]))
     assert len(set(ours.tolist())) > 20  # the draws differ
+    # the intervals' float32 weights give the same figures to float32's precision
+    assert torch.allclose(
+        map_draws(ranked_images(detections, truth, voc), weights.float()).double(), ours, atol=1e-5
+    )
 
 
 def test_interval_holds_the_middle_share_by_linear_interpolation():

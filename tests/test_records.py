@@ -215,3 +215,13 @@ def test_unreadable_records_are_refused_naming_the_file(tmp_path):
     (folder / "records.json").write_text("{")
     with pytest.raises(PipelineError, match="not valid JSON"):
         read_records(folder)
+
+
+def test_an_evaluation_without_any_detection_is_written_and_scores_zero(tmp_path):
+    """A head that scores nothing above the threshold: empty tables of the right types, mAP 0."""
+    records = records_of([image([], [], [[0, 0, 10, 10]]), image([], [], [])])
+    assert len(records.detections) == 0 and len(records.objects) == 1
+    write_records(records, tmp_path / "records")
+    again = read_records(tmp_path / "records")
+    assert len(again.detections) == 0 and list(again.detections) == list(records.detections)
+    assert own(again) == {"map": 0.0, "coco_map": 0.0}

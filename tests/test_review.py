@@ -10,6 +10,7 @@ from test_records import records_of
 
 from pipeline_lib.bootstrap import Change
 from pipeline_lib.errors import PipelineError
+from pipeline_lib.errortypes import ERROR_TYPES, ErrorSplit
 from pipeline_lib.plots import MAX_WIDTH
 from pipeline_lib.records import Judging
 from pipeline_lib.review import (
@@ -54,28 +55,48 @@ def test_what_the_intervals_cover_is_said_plainly():
     assert "Runs compared: 3 and 3" in several and "spread between the runs" in several
 
 
-def test_errors_table_says_which_types_moved():
-    base = {"map_gain": dict.fromkeys(["classification", "localisation"], 0.1), "errors": {}}
-    base["map_gain"] |= {"both": 0.0, "duplicate": 0.01, "background": 0.02, "missed": 0.05}
-    base["errors"] = dict.fromkeys(base["map_gain"], 10)
-    new = {"map_gain": dict(base["map_gain"], localisation=0.06, missed=0.054), "errors": {}}
-    new["errors"] = dict(base["errors"], localisation=4)
+def splits(*gains: dict[str, float]) -> list[ErrorSplit]:
+    """An ErrorSplit per run, each type's gain as given (0 by default), 10 errors of each."""
+    return [
+        ErrorSplit(0.5, dict.fromkeys(ERROR_TYPES, 0.0) | g, dict.fromkeys(ERROR_TYPES, 10))
+        for g in gains
+    ]
+
+
+def test_errors_table_of_one_run_a_side_names_changes_from_0_005():
+    base = splits({"localisation": 0.1, "missed": 0.05})
+    new = splits({"localisation": 0.06, "missed": 0.054})
     text = errors_table(base, new, ("main", "workspace"))
-    assert "| localisation | 0.1000 | 0.0600 | -0.0400 | 10 → 4 |" in text
-    assert "- fewer localisation errors: they cost 0.100 mAP before, 0.060 now" in text
-    assert "missed errors" not in text  # 0.004: below the 0.005 line
+    assert "| localisation | 0.1000 | 0.0600 | -0.0400 | 10 → 10 |" in text
+    assert "- fewer localisation errors: they cost 0.1000 mAP before, 0.0600 now" in text
+    assert "missed objects" not in text  # 0.004: below the line
+    assert text.endswith(
+        "(Named: a change of 0.005 mAP or more, one run a side: a seed moves these too.)"
+    )
     unchanged = errors_table(base, base, ("main", "workspace"))
-    assert unchanged.endswith("No error type moved by 0.005 mAP or more.")
+    assert "No error type moved (a change of 0.005 mAP or more" in unchanged
 
 
-def test_error_splits_average_the_runs():
+def test_errors_table_of_several_runs_names_changes_beyond_their_ranges():
+    """Localisation 0.30-0.34 against 0.20-0.22: apart, named; missed 0.03-0.05 against
+    0.045-0.06: the ranges meet, not named though the means moved by 0.0125."""
+    base = splits({"localisation": 0.30, "missed": 0.03}, {"localisation": 0.34, "missed": 0.05})
+    new = splits({"localisation": 0.22, "missed": 0.06}, {"localisation": 0.20, "missed": 0.045})
+    text = errors_table(base, new, ("a", "b"))
+    assert "| localisation | 0.3200 (0.3000-0.3400) | 0.2100 (0.2000-0.2200) | -0.1100 |" in text
+    assert "- fewer localisation errors: they cost 0.3200 (0.3000-0.3400) mAP before" in text
+    assert "missed objects" not in text
+    assert text.endswith("(Named: the runs' ranges of the two sides apart.)")
+
+
+def test_error_splits_of_each_run():
     """One image, one cat: a run finds it (no error), another puts its box beside it (IoU 0.4,
-    localisation: gain 1). The mean of the two runs: gain 0.5, half an error."""
+    localisation: gain 1)."""
     good = records_of([image([A], [0.9], [A])])
     poor = records_of([image([[0, 0, 100, 40]], [0.9], [A])])
-    split = error_splits([good, poor], ["im0"])
-    assert split["map_gain"]["localisation"] == pytest.approx(0.5)
-    assert split["errors"]["localisation"] == pytest.approx(0.5)
+    found = error_splits([good, poor], ["im0"])
+    assert [s.gains["localisation"] for s in found] == pytest.approx([0.0, 1.0])
+    assert [s.counts["localisation"] for s in found] == [0, 1]
 
 
 def test_judging_identical_multi_records_gives_zero_intervals():
