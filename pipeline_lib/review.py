@@ -210,19 +210,16 @@ def error_splits(runs: Sequence[MultiRecords], ids: list[str]) -> list[ErrorSpli
     return splits
 
 
-ONE_RUN_LINE = 0.005  # one run a side: an error type's cost moving this much is named
-
-
 def errors_table(base: Sequence[ErrorSplit], new: Sequence[ErrorSplit], revs) -> str:
     """Markdown: each error type's mAP cost (its gain if fixed alone) and count on both sides
-    (means over the runs, and their range when a side has several), the change; then a line per
-    type that moved: with several runs a side, when the two sides' ranges do not meet; with one
-    run a side, by ONE_RUN_LINE mAP or more (a seed moves these too: no interval here)."""
+    (means over the runs, and their range when a side has several), the change; then, with
+    several runs a side, a line per type that moved beyond the runs' spread: the two sides'
+    ranges apart, and the change at least as large as the wider range. (With one run a side
+    nothing is named: a seed alone moves these costs a lot.)"""
     lines = [
         f"| error type | {revs[0]}: mAP cost | {revs[1]}: mAP cost | change | errors |",
         "|---|---:|---:|---:|---:|",
     ]
-    several = len(base) > 1 and len(new) > 1
     moved = []
     for kind in ERROR_TYPES:
         sides = [[split.gains[kind] for split in runs] for runs in (base, new)]
@@ -233,17 +230,20 @@ def errors_table(base: Sequence[ErrorSplit], new: Sequence[ErrorSplit], revs) ->
         cells = [_spread(values) for values in sides]
         lines.append(f"| {kind} | {cells[0]} | {cells[1]} | {now - old:+.4f} | {counted} |")
         apart = max(sides[1]) < min(sides[0]) or min(sides[1]) > max(sides[0])
-        if (several and apart) or (not several and abs(now - old) >= ONE_RUN_LINE):
+        wider = max(max(values) - min(values) for values in sides)
+        if apart and abs(now - old) >= wider:
             way = "fewer" if now < old else "more"
             named = ERROR_NAMES[kind]
             moved.append(f"- {way} {named}: they cost {cells[0]} mAP before, {cells[1]} now")
     text = "\n".join(lines) + "\n\n"
-    if several:
-        rule = "the runs' ranges of the two sides apart"
-    else:
-        rule = f"a change of {ONE_RUN_LINE} mAP or more, one run a side: a seed moves these too"
+    if len(base) < 2 or len(new) < 2:
+        return text + (
+            "One run a side: these costs move with the training seed too, so no type is named "
+            "here; `make compare` names those that moved beyond the spread of several seeds."
+        )
+    rule = "the two sides' ranges apart, and the change at least the wider range"
     if not moved:
-        return text + f"No error type moved ({rule})."
+        return text + f"No error type moved beyond the runs' spread ({rule})."
     return text + "\n".join(moved) + f"\n\n(Named: {rule}.)"
 
 

@@ -63,30 +63,45 @@ def splits(*gains: dict[str, float]) -> list[ErrorSplit]:
     ]
 
 
-def test_errors_table_of_one_run_a_side_names_changes_from_0_005():
+def test_errors_table_of_one_run_a_side_names_nothing():
     base = splits({"localisation": 0.1, "missed": 0.05})
     new = splits({"localisation": 0.06, "missed": 0.054})
     text = errors_table(base, new, ("main", "workspace"))
     assert "| localisation | 0.1000 | 0.0600 | -0.0400 | 10 → 10 |" in text
-    assert "- fewer localisation errors: they cost 0.1000 mAP before, 0.0600 now" in text
-    assert "missed objects" not in text  # 0.004: below the line
+    assert "fewer" not in text and "more " not in text
     assert text.endswith(
-        "(Named: a change of 0.005 mAP or more, one run a side: a seed moves these too.)"
+        "so no type is named here; `make compare` names those that moved beyond "
+        "the spread of several seeds."
     )
-    unchanged = errors_table(base, base, ("main", "workspace"))
-    assert "No error type moved (a change of 0.005 mAP or more" in unchanged
 
 
-def test_errors_table_of_several_runs_names_changes_beyond_their_ranges():
-    """Localisation 0.30-0.34 against 0.20-0.22: apart, named; missed 0.03-0.05 against
-    0.045-0.06: the ranges meet, not named though the means moved by 0.0125."""
-    base = splits({"localisation": 0.30, "missed": 0.03}, {"localisation": 0.34, "missed": 0.05})
-    new = splits({"localisation": 0.22, "missed": 0.06}, {"localisation": 0.20, "missed": 0.045})
+def test_errors_table_of_several_runs_names_changes_beyond_their_spread():
+    """Localisation 0.30-0.34 against 0.20-0.22: apart, the change 0.11 beyond both ranges'
+    widths: named. Background 0.010-0.012 against 0.020-0.030: apart, the change 0.014 beyond
+    the wider range (0.010): named. Missed 0.03-0.05 against 0.045-0.06: the ranges meet.
+    Duplicate 0.01-0.02 against 0.025-0.05: apart, but the change 0.0225 is below the wider
+    range 0.025: not named."""
+    base = splits(
+        {"localisation": 0.30, "missed": 0.03, "background": 0.010, "duplicate": 0.01},
+        {"localisation": 0.34, "missed": 0.05, "background": 0.012, "duplicate": 0.02},
+    )
+    new = splits(
+        {"localisation": 0.22, "missed": 0.06, "background": 0.020, "duplicate": 0.025},
+        {"localisation": 0.20, "missed": 0.045, "background": 0.030, "duplicate": 0.05},
+    )
     text = errors_table(base, new, ("a", "b"))
     assert "| localisation | 0.3200 (0.3000-0.3400) | 0.2100 (0.2000-0.2200) | -0.1100 |" in text
     assert "- fewer localisation errors: they cost 0.3200 (0.3000-0.3400) mAP before" in text
-    assert "missed objects" not in text
-    assert text.endswith("(Named: the runs' ranges of the two sides apart.)")
+    assert "- more detections on the background: they cost 0.0110 (0.0100-0.0120)" in text
+    assert "missed objects" not in text and "duplicate detections" not in text
+    assert text.endswith(
+        "(Named: the two sides' ranges apart, and the change at least the wider range.)"
+    )
+    quiet = errors_table(base, base, ("a", "b"))
+    assert quiet.endswith(
+        "No error type moved beyond the runs' spread (the two sides' ranges "
+        "apart, and the change at least the wider range)."
+    )
 
 
 def test_error_splits_of_each_run():
