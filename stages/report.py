@@ -92,7 +92,7 @@ def main(
         metrics = json.loads(dvc("metrics", "diff", *_diff_args(revs), "--json"))
         with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as folder:
             plots = json.loads(dvc("plots", "diff", *_diff_args(revs), "--json", "-o", tmp))
-            title = " + ".join(groups[0]) + " → " + " + ".join(groups[1])
+            title = " → ".join(_group_name(group) for group in groups)
             sections = [f"# Pipeline report: `{title}`", params_section(params, revs)]
             judged, shown = judged_sections(groups, Path(tmp), folder)
             sections += judged
@@ -152,6 +152,12 @@ def records_of(rev: str, kind: str, tmp: Path, missing: list[str]) -> Records | 
         missing.append(f"the workspace has no {path} (`dvc repro` first)")
         return None
     return read_records(folder)
+
+
+def _group_name(group: list[str]) -> str:
+    """'main', or 'cmp-abc-base-s0 and 2 more runs' for a group."""
+    more = len(group) - 1
+    return group[0] + (f" and {more} more run{'s' if more > 1 else ''}" if more else "")
 
 
 def _revisions(text: str) -> list[str]:
