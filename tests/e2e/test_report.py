@@ -45,6 +45,12 @@ def sh(cwd: Path, *args: str) -> str:
     return done.stdout
 
 
+def report(cwd: Path, base: str) -> subprocess.CompletedProcess:
+    """`python -m stages.report --base BASE` in `cwd`, whatever its exit status."""
+    command = [sys.executable, "-m", "stages.report", "--base", base]
+    return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True)
+
+
 def write_revision(root: Path, lr: float, metrics: dict, losses: list[float], colour: str):
     (root / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": lr, "epochs": 3}}))
     (root / "reports/evaluate_multi").mkdir(parents=True, exist_ok=True)
@@ -115,13 +121,7 @@ def test_report_of_an_unchanged_workspace_says_so(tiny_repo):
 
 
 def test_report_names_an_unknown_base_revision(tiny_repo):
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--base", "no-such-branch"],
-        cwd=tiny_repo,
-        env=env(),
-        capture_output=True,
-        text=True,
-    )
+    done = report(tiny_repo, "no-such-branch")
     assert done.returncode != 0
     assert "no-such-branch" in done.stderr and "Traceback" not in done.stderr
     assert not (tiny_repo / "report").exists()  # nothing half-written
@@ -186,13 +186,7 @@ def test_a_base_without_records_is_said_in_one_line(tiny_repo):
     """team/base predates per-image records: no interval, one line saying so, no traceback; the
     headline figures still in the metrics table."""
     write_records_revision(tiny_repo, found=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--base", "team/base"],
-        cwd=tiny_repo,
-        env=env(),
-        capture_output=True,
-        text=True,
-    )
+    done = report(tiny_repo, "team/base")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     text = (tiny_repo / "report/report.md").read_text()
     headline = text.split("## Headline figures")[1].split("## Metrics")[0].strip().splitlines()
