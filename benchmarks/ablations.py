@@ -216,7 +216,7 @@ def continuous_map(folder: Path) -> float:
     on the same detections as the evaluate stage."""
     from pipeline_lib.detection import Filtering, head_detections
     from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary
-    from pipeline_lib.params import load_params
+    from pipeline_lib.params import by_name, load_params
     from pipeline_lib.targets import ground_truth
     from pipeline_lib.training import predict
 
@@ -227,7 +227,7 @@ def continuous_map(folder: Path) -> float:
         folder / "data/features/val.safetensors",
     )
     outputs = predict(inputs.checkpoint.head, inputs.features.features)
-    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    keep = by_name(Filtering, ev)
     spec = inputs.checkpoint.card.image
     head = inputs.checkpoint.head
     found = head_detections(head, outputs, inputs.image_sizes(), spec, keep)

@@ -413,7 +413,7 @@ def main(
         return
 
     torch.set_num_threads(os.cpu_count() or 1)
-    device = pick_device("auto")
+    device = pick_device("auto", "--device")
     auto = pick_precision("auto", device)
     print(
         f"machine: {os.cpu_count()} CPU cores, flags {cpu_flags()}, torch {torch.__version__}, "

@@ -281,7 +281,7 @@ def main(
     out: Path = Path("gpu_check.md"),
 ) -> None:
     """Run the chain and the extraction benchmark on this machine's GPU (see the docstring)."""
-    chosen = pick_device(device)
+    chosen = pick_device(device, "--device")
     if not (voc / "Annotations").is_dir():
         raise SystemExit(f"no VOC2007 folder at {voc} (--voc)")
     folder = Path(work or tempfile.mkdtemp(prefix="gpu_check_"))

@@ -43,7 +43,7 @@ from pipeline_lib.metrics import (
     single_object_metrics,
     voc_average_precision,
 )
-from pipeline_lib.params import EvalParams
+from pipeline_lib.params import EvalParams, by_name
 from pipeline_lib.plots import (
     Comparison,
     ap_chart,
@@ -280,7 +280,7 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     head = inputs.checkpoint.head
     outputs = predict(head, inputs.features.features)
     sizes = inputs.image_sizes()
-    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    keep = by_name(Filtering, ev)
     found = head_detections(head, outputs, sizes, card.image, keep)
     truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
     overlap = OVERLAP_OF_SOURCE[inputs.prepared.info["source"]]
@@ -437,7 +437,7 @@ def nms_pairs(
         texts = [classes[k] for k in gt_labels.tolist()]
         pair = []
         for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
-            keep = Filtering(ev.draw_score, nms, ev.max_detections)
+            keep = by_name(Filtering, ev, score_threshold=ev.draw_score, nms_iou=nms)
             mine = [t[n : n + 1] for t in outputs]
             (d,) = head_detections(head, mine, [sizes[n]], spec, keep)
             scored = zip(d.labels.tolist(), d.scores.tolist(), strict=True)

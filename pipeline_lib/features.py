@@ -157,12 +157,14 @@ def pick_workers(workers: int | str, device: torch.device) -> int:
     return int(workers)
 
 
-def pick_device(device: str) -> torch.device:
-    """`auto` takes the GPU when there is one."""
+def pick_device(device: str, key: str) -> torch.device:
+    """`device` (auto | cpu | cuda) as torch's: `auto` takes the GPU when there is one. `key`
+    names where the value came from (`train.device`, `--device`) in the error for a GPU that is
+    not there."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("backbone.device: cuda, but torch sees no GPU (use auto or cpu)")
+        raise ParamsError(f"{key}: cuda, but torch sees no GPU (use auto or cpu)")
     return torch.device(device)
 
 
@@ -263,10 +265,11 @@ class ExtractSettings:
 
     @classmethod
     def from_params(cls, bb: BackboneParams, on_error: str) -> ExtractSettings:
-        """The params' settings, backbone.precision resolved for backbone.device."""
-        precision = pick_precision(bb.precision, pick_device(bb.device))
+        """The params' settings, backbone.device and backbone.precision resolved."""
+        device = pick_device(bb.device, "backbone.device")
+        precision = pick_precision(bb.precision, device)
         return cls(
-            bb.store_dtype, bb.batch_size, bb.device, precision, bb.compile, bb.workers, on_error
+            bb.store_dtype, bb.batch_size, device.type, precision, bb.compile, bb.workers, on_error
         )
 
 
@@ -293,7 +296,7 @@ def extract_features(
     0, which alone writes `out_path`: the same file as one process writes. Every rank returns the
     whole job's result.
     """
-    device = pick_device(settings.device)
+    device = pick_device(settings.device, "backbone.device")
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
     if device.type == "cpu":

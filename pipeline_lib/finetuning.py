@@ -40,10 +40,10 @@ from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
 from pipeline_lib.losses import grid_loss
 from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
 from pipeline_lib.modelcard import ModelCard
-from pipeline_lib.params import EvalParams, FinetuneParams, Params
+from pipeline_lib.params import EvalParams, FinetuneParams, Params, by_name
 from pipeline_lib.tables import Prepared, read_prepared
 from pipeline_lib.targets import GridLevel, encoded_objects, ground_truth
-from pipeline_lib.tasks import SPLITS, loss_weights
+from pipeline_lib.tasks import SPLITS, loss_weights, train_config
 from pipeline_lib.training import FitResult, Objective, TrainConfig, best_epoch_stats
 
 
@@ -196,7 +196,7 @@ class FineTuner(nn.Module):
 def training_device(device: str, ranks: Ranks = ONE_PROCESS) -> torch.device:
     """finetune.device resolved (`features.pick_device`); under torchrun, this process's own GPU
     (cuda:LOCAL_RANK), or on CPU the cores shared by the machine's processes."""
-    chosen = pick_device(device)
+    chosen = pick_device(device, "finetune.device")
     if chosen.type == "cuda" and ranks.world > 1:
         chosen = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(chosen)
@@ -309,7 +309,7 @@ def compare_models(
     sizes = [(int(w), int(h)) for w, h in zip(val["width"], val["height"], strict=True)]
     truth = ground_truth(prepared.objects, val["image_id"].tolist())
     overlap = OVERLAP_OF_SOURCE[prepared.info["source"]]
-    keep = Filtering(ev.score_threshold, ev.nms_iou, ev.max_detections)
+    keep = by_name(Filtering, ev)
     results = {}
     for name, checkpoint in models.items():
         _, model = rebuild(checkpoint)
@@ -374,20 +374,6 @@ class FinetuneJob:
         return replace(frozen, feature_dtype="float32", backbone=backbone, finetuned=summary)
 
 
-def finetune_config(ft: FinetuneParams, device: torch.device) -> TrainConfig:
-    """The training loop's settings from params finetune.* (on `device`, already resolved)."""
-    return TrainConfig(
-        ft.epochs,
-        ft.batch_size,
-        ft.lr,
-        ft.weight_decay,
-        ft.lr_schedule,
-        ft.seed,
-        ft.monitor,
-        str(device),
-    )
-
-
 def finetune_job(
     checkpoint: Checkpoint,
     prepared: Prepared,
@@ -411,7 +397,7 @@ def finetune_job(
         parallel = DistributedDataParallel(model, device_ids=ids)
     loss = partial(grid_loss, weights=loss_weights(params.train))
     objective = Objective(loss, multi_object_batch_sums)
-    config = finetune_config(ft, device)
+    config = train_config(ft, str(device))
     train, val = (ImageBatches(loaders[split]) for split in SPLITS)
     return FinetuneJob(backbone, model, train, val, objective, config, parallel)
 

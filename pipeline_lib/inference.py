@@ -81,7 +81,7 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
             f"{model_path}: trained with normalisation mean {spec['mean']} std {spec['std']}, "
             f"but {spec['name']} here uses {list(backbone.mean)} / {list(backbone.std)}"
         )
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, "--device")
     checkpoint.head.to(torch_device)
     # As extract ran it (models from before backbone.precision existed were made in float32).
     precision = spec.get("precision", "float32")

@@ -7,7 +7,11 @@ bool), unknown and missing keys are refused, and every problem is reported with 
     params.yaml: head.dropout: Input should be less than 1 (got 1.5)
     params.yaml: image.mode: Input should be 'none', 'shrink' or 'crop' (got 'zoom')
 
-so that a stage fails before it does any work.
+so that a stage fails before it does any work. Rules that combine keys of several groups
+(`combined_problems`: a second feature level and the image size, FCOS and anchors, ...) are
+checked here too, each line naming the keys:
+
+    params.yaml: grid.anchors: 2: head.grid_kind fcos predicts one box per location, ...
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
@@ -25,6 +29,7 @@ from pydantic.dataclasses import dataclass
 from pipeline_lib.errors import PipelineError
 
 _STRICT = ConfigDict(extra="forbid")
+T = TypeVar("T")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # class and split names: no paths, no spaces
 
 # Strict scalars: YAML's `0.3` is no int, `"yes"` no bool (an int is still a valid float).
@@ -265,6 +270,58 @@ class Params:
     eval: EvalParams
     finetune: FinetuneParams
 
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        problems = combined_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def combined_problems(p: Params) -> list[str]:
+    """What breaks the rules that combine keys of several groups, a line each, each starting with
+    the key at fault and naming the others: checked when params.yaml is read, before any stage
+    reads data."""
+    two_levels, fcos = p.backbone.fine_layer != "none", p.head.grid_kind == "fcos"
+    problems = []
+    if two_levels and p.image.size % 32:
+        problems.append(
+            f"image.size: {p.image.size}: backbone.fine_layer {p.backbone.fine_layer} needs a "
+            "multiple of 32 (the two levels' strides, 32 and 16, must divide it)"
+        )
+    if fcos and p.grid.anchors:
+        problems.append(
+            f"grid.anchors: {p.grid.anchors}: head.grid_kind fcos predicts one box per location, "
+            "without anchor boxes; set grid.anchors: 0"
+        )
+    if two_levels and p.grid.anchors and not fcos:
+        problems.append(
+            f"grid.anchors: {p.grid.anchors} with a second feature level (backbone.fine_layer "
+            f"{p.backbone.fine_layer}) is not supported: set grid.anchors: 0 or "
+            "backbone.fine_layer: none"
+        )
+    if fcos and p.head.conv_width % 32:
+        problems.append(
+            f"head.conv_width: {p.head.conv_width}: head.grid_kind fcos normalises its towers in "
+            "32 groups (torchvision's FCOSHead); use a multiple of 32"
+        )
+    if p.grid.assign == "neighbours" and p.head.grid_kind == "lab":
+        problems.append(
+            "grid.assign: neighbours needs head.grid_kind conv (the lab's head cannot reach a "
+            "centre outside its cell); set grid.assign: centre or head.grid_kind: conv"
+        )
+    return problems
+
+
+def by_name(cls: type[T], group: Any, **given: Any) -> T:
+    """An instance of the dataclass `cls` (a library's settings: training.TrainConfig,
+    losses.LossWeights, detection.Filtering) whose fields take the values of the params group's
+    keys of the same names; `given` sets the others (or overrides), the rest keep cls's defaults.
+    By name, so that a key added to a group and to a settings class reaches every user of both."""
+    keys = {f.name for f in dataclasses.fields(group)}
+    values = {f.name: getattr(group, f.name) for f in dataclasses.fields(cls) if f.name in keys}
+    return cls(**(values | given))
+
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a params mapping (as read from YAML) into `Params`, or raise `ParamsError`."""
@@ -273,7 +330,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return TypeAdapter(Params).validate_python(raw)
     except ValidationError as exc:
-        lines = [_describe(error) for error in exc.errors()]
+        lines = [line for error in exc.errors() for line in _describe(error).splitlines()]
         raise ParamsError("\n".join(f"{source}: {line}" for line in lines)) from None
 
 
@@ -314,6 +371,8 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
         message = "must be a plain name of letters, digits, '_' or '-' (no paths or spaces)"
+    if kind == "value_error" and not loc:  # rules across groups: their lines name their keys
+        return message
     if kind == "value_error":  # a rule across fields: "field: ..." names the field at fault
         field, _, rest = message.partition(": ")
         if field in _field_names(loc):

@@ -26,7 +26,7 @@ from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
 from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.params import HeadParams, Params, TrainParams
+from pipeline_lib.params import FinetuneParams, HeadParams, Params, TrainParams, by_name
 from pipeline_lib.tables import Prepared, read_prepared
 from pipeline_lib.targets import (
     GridLevel,
@@ -86,16 +86,8 @@ class Task:
 
 
 def loss_weights(train: TrainParams) -> LossWeights:
-    return LossWeights(
-        train.box_weight,
-        train.class_weight,
-        train.obj_weight,
-        train.obj_loss,
-        train.focal_gamma,
-        train.focal_alpha,
-        train.box_loss,
-        train.obj_target,
-    )
+    """How the loss parts add up, from params train.* (by name)."""
+    return by_name(LossWeights, train)
 
 
 def single_task(inputs: TrainingInputs, params: Params) -> Task:
@@ -186,16 +178,6 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
     fine_channels = int(inputs.features["train"].metadata["backbone"].get("fine_channels", 0))
     if hp.grid_kind == "fcos":
         return fcos_task(inputs, params, fine_channels)
-    if fine_channels and grid.anchors:
-        raise PipelineError(
-            "grid.anchors with a second feature level (backbone.fine_layer) is not supported "
-            "yet: set grid.anchors: 0 or backbone.fine_layer: none"
-        )
-    if grid.assign == "neighbours" and hp.grid_kind != "conv":
-        raise PipelineError(
-            "grid.assign: neighbours needs head.grid_kind: conv (the lab's head cannot reach a "
-            "centre outside its cell); set grid.assign: centre or head.grid_kind: conv"
-        )
     notes: list[str] = []
     anchors = fit_anchors(grid.anchors, inputs, notes)
     fine_below = grid.fine_below if fine_channels else None
@@ -232,16 +214,6 @@ def fcos_task(inputs: TrainingInputs, params: Params, fine_channels: int) -> Tas
     targets (each image's boxes), assignment and losses; head.conv_width and head.conv_depth size
     its pyramid and towers. train.box_loss, obj_loss, obj_target and grid.* other than the fine
     level do not apply."""
-    if params.grid.anchors:
-        raise PipelineError(
-            "grid.anchors: head.grid_kind fcos predicts one box per location, without anchor "
-            "boxes; set grid.anchors: 0"
-        )
-    if params.head.conv_width % 32:
-        raise PipelineError(
-            f"head.conv_width {params.head.conv_width}: head.grid_kind fcos normalises its "
-            "towers in 32 groups (torchvision's FCOSHead); use a multiple of 32"
-        )
     data = {}
     for split in SPLITS:
         targets = fcos_targets(inputs.prepared, inputs.ids(split), inputs.spec)
@@ -306,20 +278,10 @@ def fit_anchors(k: int, inputs: TrainingInputs, notes: list[str]) -> torch.Tenso
     return anchors.float()
 
 
-def train_config(train: TrainParams, device: str) -> TrainConfig:
-    """The training loop's settings from params train.* (on `device`, already resolved)."""
-    return TrainConfig(
-        train.epochs,
-        train.batch_size,
-        train.lr,
-        train.weight_decay,
-        train.lr_schedule,
-        train.seed,
-        train.monitor,
-        device,
-        train.ema_decay,
-        train.warmup_epochs,
-    )
+def train_config(group: TrainParams | FinetuneParams, device: str) -> TrainConfig:
+    """The training loop's settings from params train.* or finetune.* (by name; fine-tuning has
+    no ema_decay or warmup_epochs: off), on `device`, already resolved."""
+    return by_name(TrainConfig, group, device=device)
 
 
 def training_metrics(task: Task, result: FitResult, config: TrainConfig) -> dict:

@@ -30,10 +30,10 @@ import typer
 
 from pipeline_lib import distributed
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, check_stackable, extract_features, pick_device
+from pipeline_lib.features import ExtractSettings, check_stackable, extract_features
 from pipeline_lib.files import atomic_dir, write_json
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.params import Params, ParamsError, load_params
+from pipeline_lib.params import Params, load_params
 from pipeline_lib.tables import read_prepared
 from stages.common import (
     EXTRACT_REPORTS,
@@ -55,11 +55,6 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         params = load_params(params_file)
         bb, spec = params.backbone, ImageSpec(params.image.mode, params.image.size)
         check_stackable(spec.mode)
-        if bb.fine_layer != "none" and spec.size % 32:
-            raise ParamsError(
-                f"backbone.fine_layer: {bb.fine_layer} needs image.size to be a multiple of 32 "
-                f"(got {spec.size})"
-            )
         restart_under_torchrun(bb.processes, "stages.extract", "--params", str(params_file))
         ranks = distributed.start()
         try:
@@ -71,8 +66,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
 def extract(params: Params, spec: ImageSpec, ranks: distributed.Ranks) -> None:
     """Every split's features into data/features (rank 0 writes; other ranks send their rows)."""
     bb = params.backbone
-    device = pick_device(bb.device)
-    settings = ExtractSettings.from_params(bb, params.data.on_error)
+    settings = ExtractSettings.from_params(bb, params.data.on_error)  # the device resolved
+    device = settings.device
     precision = settings.precision  # resolved: float32 | bfloat16
     prepared = read_prepared(PREPARED_DIR)
     backbone = load_backbone(bb.name, bb.layer, bb.weights, bb.fine_layer)

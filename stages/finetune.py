@@ -154,7 +154,7 @@ def compare(params: Params) -> None:
             f"{MODEL_DIR / 'model.safetensors'} is not a fine-tuned {FROZEN_MODEL}: "
             "run dvc repro finetune"
         )
-    device = pick_device(params.finetune.device)
+    device = pick_device(params.finetune.device, "finetune.device")
     loader = image_loader(params.finetune, frozen, prepared, "val", device)
     results = compare_models({"frozen": frozen, "finetuned": tuned}, prepared, loader, ev, device)
     overlap = OVERLAP_OF_SOURCE[prepared.info["source"]]

@@ -74,9 +74,9 @@ def main(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     model: Annotated[Path, typer.Option(help="A trained model file.")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the table.")] = DEFAULT_OUT,
-    score: Score = 0.2,
-    nms_iou: NmsIou = 0.5,
-    max_detections: MaxDetections = 100,
+    score: Score = Filtering.score_threshold,  # the library's defaults, one owner
+    nms_iou: NmsIou = Filtering.nms_iou,
+    max_detections: MaxDetections = Filtering.max_detections,
     format: Annotated[
         Format, typer.Option(help="Format of the detections table.")
     ] = Format.parquet,

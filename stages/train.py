@@ -88,7 +88,7 @@ def train(task: Task, params: Params, progress: bool) -> None:
     for line in task.notes:
         typer.echo(line)
     p = params.train
-    config = train_config(p, str(pick_device(p.device)))
+    config = train_config(p, str(pick_device(p.device, "train.device")))
     kind = task.card.kind
     reports = common.REPORTS_DIR / f"train_{kind}"
     with open_live(reports) as live:

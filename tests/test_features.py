@@ -719,7 +719,7 @@ def test_extraction_hands_its_settings_to_the_loader_and_the_model(
         raise Recorded
 
     monkeypatch.setattr(features_lib, "prepare_model", stop)
-    monkeypatch.setattr(features_lib, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(features_lib, "pick_device", lambda device, key: torch.device("cuda"))
     monkeypatch.setattr(features_lib, "pick_precision", lambda precision, device: precision)
     ranks = Ranks(rank=1, world=2, local_rank=1, local_world=2)
     for world in (ranks, ONE_PROCESS):
@@ -885,10 +885,16 @@ def test_the_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):
     for available in (True, False):
         monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda a=available: a)
         expected = "cuda" if available else "cpu"
-        assert features_lib.pick_device("auto") == torch.device(expected)
-        assert features_lib.pick_device("cpu") == torch.device("cpu")
-    with pytest.raises(ParamsError) as raised:
-        features_lib.pick_device("cuda")
-    assert str(raised.value) == "backbone.device: cuda, but torch sees no GPU (use auto or cpu)"
+        assert features_lib.pick_device("auto", "train.device") == torch.device(expected)
+        assert features_lib.pick_device("cpu", "train.device") == torch.device("cpu")
+    for key in ("train.device", "finetune.device", "--device"):  # the key at fault is named
+        with pytest.raises(ParamsError) as raised:
+            features_lib.pick_device("cuda", key)
+        assert str(raised.value) == f"{key}: cuda, but torch sees no GPU (use auto or cpu)"
+    bb = load_params(REPO / "params.yaml").backbone
+    with pytest.raises(ParamsError, match=r"^backbone.device: cuda, but torch sees no GPU"):
+        ExtractSettings.from_params(replace(bb, device="cuda"), "raise")
+    settings = ExtractSettings.from_params(replace(bb, device="auto"), "raise")
+    assert settings.device == "cpu"  # resolved once, for the stage and the loop alike
     monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda: True)
-    assert features_lib.pick_device("cuda") == torch.device("cuda")
+    assert features_lib.pick_device("cuda", "train.device") == torch.device("cuda")

@@ -18,9 +18,10 @@ from torchvision.transforms import v2
 from pipeline_lib.backbones import backbone_units, load_backbone
 from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.features import prepare_model
-from pipeline_lib.finetuning import FineTuner, augment, augmentation, finetune_config
+from pipeline_lib.finetuning import FineTuner, augment, augmentation
 from pipeline_lib.heads import MultiObjectHead
 from pipeline_lib.params import parse_params
+from pipeline_lib.tasks import train_config
 from pipeline_lib.training import Dataset, Objective, fit
 
 
@@ -135,7 +136,7 @@ def test_finetune_params_reach_the_training_loop(raw_params):
     changes = {"epochs": 3, "batch_size": 8, "lr": 0.05, "weight_decay": 0.25, "seed": 7}
     changes |= {"lr_schedule": "cosine", "monitor": "last"}
     raw_params["finetune"].update(changes)
-    config = finetune_config(parse_params(raw_params).finetune, torch.device("cpu"))
+    config = train_config(parse_params(raw_params).finetune, "cpu")
     assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (3, 8, 0.05, 0.25)
     assert (config.seed, config.lr_schedule, config.monitor) == (7, "cosine", "last")
     assert config.device == "cpu"
@@ -152,7 +153,7 @@ def test_finetune_params_reach_the_training_loop(raw_params):
     objective = Objective(lambda o, t: rising((o,), t), lambda o, t: {})
     for monitor, schedule, kept in [("last", "cosine", 3), ("loss", "constant", 1)]:
         raw_params["finetune"].update(monitor=monitor, lr_schedule=schedule)
-        config = finetune_config(parse_params(raw_params).finetune, torch.device("cpu"))
+        config = train_config(parse_params(raw_params).finetune, "cpu")
         result = fit(head, data, data, objective, config, progress=False)
         assert result.best_epoch == kept
         lrs = [epoch["lr"] for epoch in result.history]

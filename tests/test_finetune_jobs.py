@@ -27,7 +27,7 @@ from pipeline_lib.losses import grid_loss
 from pipeline_lib.modelcard import GridSpec
 from pipeline_lib.params import load_params
 from pipeline_lib.tables import write_prepared
-from pipeline_lib.tasks import loss_weights
+from pipeline_lib.tasks import loss_weights, train_config
 from pipeline_lib.training import TrainConfig, fit
 from pipeline_lib.voc import VOC_CLASSES, read_voc
 
@@ -296,8 +296,10 @@ def test_comparison_metrics_round_to_four_digits():
 
 def test_the_config_names_the_device_it_was_given():
     ft = finetune_params().finetune
-    assert finetuning.finetune_config(ft, torch.device("cuda", 1)).device == "cuda:1"
-    assert finetuning.finetune_config(ft, torch.device("meta")).device == "meta"
+    assert train_config(ft, str(torch.device("cuda", 1))).device == "cuda:1"
+    assert train_config(ft, "meta").device == "meta"
+    # fine-tuning has no moving average or warm-up: the loop's own defaults (off)
+    assert (train_config(ft, "cpu").ema_decay, train_config(ft, "cpu").warmup_epochs) == (0, 0)
 
 
 def test_under_torchrun_the_job_trains_in_distributed_data_parallel(folder, monkeypatch):
@@ -399,7 +401,7 @@ def test_the_training_device_on_cpu_shares_the_cores_between_processes(monkeypat
 
 def test_under_torchrun_each_process_takes_its_own_gpu(monkeypatch):
     chosen = []
-    monkeypatch.setattr(finetuning, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(finetuning, "pick_device", lambda device, key: torch.device("cuda"))
     monkeypatch.setattr(finetuning.torch.cuda, "set_device", chosen.append)
     two = Ranks(rank=1, world=2, local_rank=1, local_world=2)
     assert finetuning.training_device("auto", two) == torch.device("cuda", 1)

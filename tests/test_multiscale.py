@@ -180,8 +180,8 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     params["grid"]["anchors"] = 2
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(train.app, ["multi", "--no-progress"])
-    assert result.exit_code == 1 and "not supported yet" in result.output
+    assert result.exit_code == 1 and "params.yaml: grid.anchors: 2 with a second" in result.output
     params["grid"]["anchors"], params["image"]["size"] = 0, 200
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(extract.app, [])
-    assert result.exit_code == 1 and "needs image.size to be a multiple of 32" in result.output
+    assert result.exit_code == 1 and "params.yaml: image.size: 200: backbone" in result.output

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import yaml
 
-from pipeline_lib.params import ParamsError, _field_names, load_params, parse_params
+from pipeline_lib.detection import Filtering
+from pipeline_lib.losses import LossWeights
+from pipeline_lib.params import (
+    EvalParams,
+    FinetuneParams,
+    ParamsError,
+    TrainParams,
+    _field_names,
+    by_name,
+    load_params,
+    parse_params,
+)
+from pipeline_lib.training import TrainConfig
+
+REPOSITORY_PARAMS = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
 
 
 def error_for(raw) -> str:
@@ -90,6 +107,57 @@ def test_cross_field_rules(raw_params):
     assert "train_split and val_split are both 'train'" in error_for(raw_params)
 
 
+# Rules that combine groups: (changes to the repository's params, the whole error line); each
+# combination is one that fails (or trains nonsense) only after data has been read otherwise.
+COMBINED = [
+    (
+        {"backbone": {"fine_layer": "blocks.4"}, "image": {"size": 200}},
+        "params.yaml: image.size: 200: backbone.fine_layer blocks.4 needs a multiple of 32 (the "
+        "two levels' strides, 32 and 16, must divide it)",
+    ),
+    (
+        {"head": {"grid_kind": "fcos", "conv_width": 64}, "grid": {"anchors": 3}},
+        "params.yaml: grid.anchors: 3: head.grid_kind fcos predicts one box per location, without "
+        "anchor boxes; set grid.anchors: 0",
+    ),
+    (
+        {"backbone": {"fine_layer": "blocks.4"}, "grid": {"anchors": 2}},
+        "params.yaml: grid.anchors: 2 with a second feature level (backbone.fine_layer blocks.4) "
+        "is not supported: set grid.anchors: 0 or backbone.fine_layer: none",
+    ),
+    (
+        {"head": {"grid_kind": "fcos", "conv_width": 48}},
+        "params.yaml: head.conv_width: 48: head.grid_kind fcos normalises its towers in 32 groups "
+        "(torchvision's FCOSHead); use a multiple of 32",
+    ),
+    (
+        {"head": {"grid_kind": "lab"}, "grid": {"assign": "neighbours"}},
+        "params.yaml: grid.assign: neighbours needs head.grid_kind conv (the lab's head cannot "
+        "reach a centre outside its cell); set grid.assign: centre or head.grid_kind: conv",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "line"), COMBINED, ids=lambda v: str(v)[:40])
+def test_each_rule_combining_groups_fails_at_load_naming_the_keys(raw_params, changes, line):
+    for group, values in changes.items():
+        raw_params[group].update(values)
+    assert error_for(raw_params) == line
+    # one key of the combination set back and the params are valid: the rule needs both
+    first_group, first_values = next(iter(changes.items()))
+    for key in first_values:
+        raw_params[first_group][key] = yaml.safe_load(REPOSITORY_PARAMS)[first_group][key]
+    parse_params(raw_params)
+
+
+def test_every_broken_combination_is_listed_at_once(raw_params):
+    raw_params["head"].update(grid_kind="fcos", conv_width=48)
+    raw_params["grid"]["anchors"] = 3
+    lines = error_for(raw_params).splitlines()
+    assert [line.split(":")[1] for line in lines] == [" grid.anchors", " head.conv_width"]
+    assert all(line.startswith("params.yaml: ") for line in lines)
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="cannot read"):
         load_params(tmp_path / "missing.yaml")
@@ -149,3 +217,26 @@ def test_backbone_layer_auto_fits_every_backbone_and_a_wrong_name_lists_it(raw_p
     assert parse_params(raw_params).backbone.fine_layer == "blocks.4"  # auto is the default layer
     raw_params["backbone"].update(name="resnet5O", fine_layer="none")
     assert "backbone.name: 'resnet5O' is unknown, did you mean 'resnet50'?" in error_for(raw_params)
+
+
+def test_settings_take_the_keys_of_their_names(raw_params):
+    raw_params["eval"].update(score_threshold=0.3, nms_iou=0.4, max_detections=7, draw_score=0.6)
+    ev = parse_params(raw_params).eval
+    assert by_name(Filtering, ev) == Filtering(0.3, 0.4, 7)  # draw_score: no field of that name
+    assert by_name(Filtering, ev, nms_iou=None) == Filtering(0.3, None, 7)  # given wins
+    with pytest.raises(TypeError):  # a given name the settings do not have
+        by_name(Filtering, ev, scores=0.1)
+
+
+def names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_every_setting_of_the_loops_is_a_param_key():
+    """A field added to a settings class without its key in params.yaml would keep its default
+    whatever the user sets: each is a key of its group."""
+    assert names(LossWeights) <= names(TrainParams)
+    assert names(Filtering) <= names(EvalParams)
+    assert names(TrainConfig) <= names(TrainParams)  # train.device too, resolved by the stage
+    # fine-tuning runs without a moving average or warm-up (the loop's defaults: off)
+    assert names(TrainConfig) - names(FinetuneParams) == {"ema_decay", "warmup_epochs"}

@@ -113,7 +113,9 @@ def fit_probe(raw: dict, env: dict) -> str:
     params = parse_params(small(raw))
     seed_everything(params.train.seed)
     task = grid_task(env["inputs"], params)
-    config = train_config(params.train, str(features_module.pick_device(params.train.device)))
+    config = train_config(
+        params.train, str(features_module.pick_device(params.train.device, "train.device"))
+    )
     config.epochs = min(config.epochs, 3)
     result = fit(
         task.head, task.data["train"], task.data["val"], task.objective, config, None, False

@@ -3,11 +3,9 @@ features of the tiny set (the `trained` fixture)."""
 
 from __future__ import annotations
 
-import pytest
 import yaml
 from conftest import lab_heads
 
-from pipeline_lib.errors import PipelineError
 from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, SpatialSingleHead
 from pipeline_lib.params import parse_params
 from pipeline_lib.tasks import grid_task, read_training_inputs, single_task
@@ -63,9 +61,6 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     has_obj = dense.data["train"].targets[1]
     assert has_obj.sum() > lab.data["train"].targets[1].sum()
     assert has_obj.sum() <= 3 * lab.card.collisions["train"]["objects"]
-    lab_neighbours = {"grid": {"assign": "neighbours"}}
-    with pytest.raises(PipelineError, match="grid.assign: neighbours needs head.grid_kind: conv"):
-        grid_task(*inputs_and_params(trained, lab=True, **lab_neighbours))
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-3, weight_decay=0.0, monitor="loss")
     result = fit(
         conv.head, conv.data["train"], conv.data["val"], conv.objective, config, progress=False
