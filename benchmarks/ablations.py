@@ -214,7 +214,7 @@ def voc_params(voc: Path | None, changes: dict) -> dict:
 def continuous_map(folder: Path) -> float:
     """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (the former one),
     on the same detections as the evaluate stage."""
-    from pipeline_lib.detection import Filtering, head_detections
+    from pipeline_lib.detection import Filtering
     from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary
     from pipeline_lib.params import by_name, load_params
     from pipeline_lib.targets import ground_truth
@@ -230,7 +230,7 @@ def continuous_map(folder: Path) -> float:
     keep = by_name(Filtering, ev)
     spec = inputs.checkpoint.card.image
     head = inputs.checkpoint.head
-    found = head_detections(head, outputs, inputs.image_sizes(), spec, keep)
+    found = head.detections(outputs, inputs.image_sizes(), spec, keep)
     truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
     classes = inputs.prepared.classes
     return voc_summary(found, truth, classes, ev.iou_threshold, "continuous").map()

@@ -17,16 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.fcos import FcosHead
 from pipeline_lib.files import atomic_file
-from pipeline_lib.heads import (
-    ConvGridHead,
-    MultiObjectHead,
-    PyramidGridHead,
-    SingleObjectHead,
-    SpatialSingleHead,
-    TwoLevelHead,
-)
+from pipeline_lib.headkinds import build_head
 from pipeline_lib.modelcard import ModelCard
 
 BACKBONE_PREFIX = "backbone."
@@ -48,26 +40,6 @@ class Checkpoint:
     @property
     def classes(self) -> list[str]:
         return self.card.classes
-
-
-def build_head(card: ModelCard) -> nn.Module:
-    """The head a card describes, with fresh weights."""
-    shape, n_classes = tuple(card.feature_shape), len(card.classes)
-    config = {k: v for k, v in card.head.items() if k != "kind"}
-    if card.kind == "single":
-        if card.head.get("kind") == "spatial":
-            return SpatialSingleHead(shape, n_classes, **config)
-        return SingleObjectHead(shape, n_classes, **card.head)
-    grid = card.grid
-    if card.head.get("kind") == "fcos":
-        return FcosHead(shape, n_classes, card.image.size, grid.fine_channels, **config)
-    if card.head.get("kind") == "conv" and grid.fine_channels:
-        return PyramidGridHead(shape, n_classes, grid.fine_channels, grid.num_cells, **config)
-    if card.head.get("kind") == "conv":
-        return ConvGridHead(shape, n_classes, grid.num_cells, anchors=grid.anchors, **config)
-    if grid.fine_channels:
-        return TwoLevelHead(shape, n_classes, grid.fine_channels, grid.num_cells, **card.head)
-    return MultiObjectHead(shape, n_classes, grid.num_cells, anchors=grid.anchors, **card.head)
 
 
 def save_checkpoint(

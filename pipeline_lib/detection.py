@@ -102,21 +102,6 @@ def grid_detections(
     ]
 
 
-def head_detections(
-    head: torch.nn.Module,
-    outputs: Sequence[torch.Tensor],
-    sizes: list[tuple[int, int]],
-    spec: ImageSpec,
-    keep: Filtering,
-) -> list[Detections]:
-    """A multi-object head's outputs for B images -> each image's detections in its own pixels:
-    a head that decodes itself (`fcos.FcosHead.detections`) does, the grid heads' (boxes, logits)
-    per level go through `grid_detections`."""
-    if hasattr(head, "detections"):
-        return head.detections(outputs, sizes, spec, keep)
-    return grid_detections(outputs[0::2], outputs[1::2], sizes, spec, keep)
-
-
 def single_detections(
     pred_boxes: torch.Tensor, logits: torch.Tensor, sizes: list[tuple[int, int]], spec: ImageSpec
 ) -> list[Detections]:

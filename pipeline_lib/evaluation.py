@@ -25,10 +25,9 @@ from PIL import Image
 
 from pipeline_lib.bootstrap import image_weights, interval
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
-from pipeline_lib.detection import Detections, Filtering, head_detections
+from pipeline_lib.detection import Detections, Filtering
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.errortypes import BACKGROUND_IOU, split_errors
-from pipeline_lib.fcos import FcosHead, fcos_targets
 from pipeline_lib.features import Features, read_features
 from pipeline_lib.geometry import encoded_to_image
 from pipeline_lib.metrics import (
@@ -57,9 +56,7 @@ from pipeline_lib.plots import (
 from pipeline_lib.records import BOX, Judging, Records, SingleRecords, multi_records
 from pipeline_lib.tables import Prepared, read_prepared
 from pipeline_lib.targets import (
-    grid_levels,
     ground_truth,
-    multi_object_targets,
     single_object_targets,
 )
 from pipeline_lib.training import predict
@@ -255,20 +252,11 @@ def _open(prepared: Prepared, path: str) -> Image.Image:
 
 
 def recall_upper_bound(inputs: EvaluationInputs, n_objects: int) -> float:
-    """Share of the val objects the head can learn: not cut away by crop, not lost in a cell
-    (and anchor) collision, or for FCOS, given a location by its assignment."""
-    card, head, tables = inputs.checkpoint.card, inputs.checkpoint.head, inputs.prepared
+    """Share of the val objects the head can learn (its `learnable_objects`: not cut away by
+    crop, not lost in a cell and anchor collision, or for FCOS, given a location)."""
+    checkpoint = inputs.checkpoint
     ids = inputs.features.image_ids
-    if isinstance(head, FcosHead):
-        return head.matched_objects(*fcos_targets(tables, ids, card.image)) / max(n_objects, 1)
-    anchors = head.anchors if getattr(head, "n_anchors", 0) else None
-    grid = card.grid
-    learnable = 0
-    for level in grid_levels(
-        grid.num_cells, grid.fine_below, anchors, grid.assign, grid.anchor_ratio
-    ):
-        targets = multi_object_targets(tables.images, tables.objects, ids, card.image, level)
-        learnable += int(targets.objects.sum() - targets.dropped.sum())
+    learnable = checkpoint.head.learnable_objects(checkpoint.card, inputs.prepared, ids)
     return learnable / max(n_objects, 1)
 
 
@@ -281,7 +269,7 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     outputs = predict(head, inputs.features.features)
     sizes = inputs.image_sizes()
     keep = by_name(Filtering, ev)
-    found = head_detections(head, outputs, sizes, card.image, keep)
+    found = head.detections(outputs, sizes, card.image, keep)
     truth = ground_truth(inputs.prepared.objects, inputs.features.image_ids)
     overlap = OVERLAP_OF_SOURCE[inputs.prepared.info["source"]]
     voc = voc_summary(found, truth, classes, ev.iou_threshold, overlap)
@@ -439,7 +427,7 @@ def nms_pairs(
         for nms, label in ((None, "before NMS"), (ev.nms_iou, "after NMS")):
             keep = by_name(Filtering, ev, score_threshold=ev.draw_score, nms_iou=nms)
             mine = [t[n : n + 1] for t in outputs]
-            (d,) = head_detections(head, mine, [sizes[n]], spec, keep)
+            (d,) = head.detections(mine, [sizes[n]], spec, keep)
             scored = zip(d.labels.tolist(), d.scores.tolist(), strict=True)
             found = [f"{classes[k]} {s:.2f}" for k, s in scored]
             title = f"{row.image_id}: {len(d)} {label}"

@@ -27,6 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork, box_iou
 from pipeline_lib.backbones import unpack_levels
 from pipeline_lib.detection import Detections, Filtering
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes, encoded_to_image
+from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.tables import Prepared
 from pipeline_lib.targets import encoded_objects
 
@@ -138,6 +139,11 @@ class FcosHead(nn.Module):
         shapes = ((n, total, self.n_classes), (n, total, 4), (n, total, 1))
         self.loss(tuple(torch.zeros(shape) for shape in shapes), (boxes, labels))
         return sum(len(m[m >= 0].unique()) for m in self.head.matched)
+
+    def learnable_objects(self, card: ModelCard, prepared: Prepared, ids: list[str]) -> int:
+        """How many objects of images `ids` FCOS's assignment gives a location (the others
+        cannot be learned)."""
+        return self.matched_objects(*fcos_targets(prepared, ids, card.image))
 
     def detections(
         self, outputs: Outputs, sizes: list[tuple[int, int]], spec: ImageSpec, keep: Filtering

@@ -31,12 +31,13 @@ from torchvision.transforms import v2
 
 from pipeline_lib.backbones import Backbone, backbone_units, load_backbone
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
-from pipeline_lib.detection import Filtering, grid_detections
+from pipeline_lib.detection import Filtering
 from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
 from pipeline_lib.features import check_stackable, load_image_tensor, pick_device, pick_workers
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
+from pipeline_lib.headkinds import head_kind
 from pipeline_lib.losses import grid_loss
 from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
 from pipeline_lib.modelcard import ModelCard
@@ -225,10 +226,10 @@ def read_frozen(model: Path, prepared_dir: Path) -> tuple[Checkpoint, Prepared]:
     card = checkpoint.card
     if card.kind != "multi":
         raise PipelineError(f"{model}: a {card.kind}-object head, not a grid head")
-    if card.head.get("kind") == "fcos":
+    if not head_kind(card).finetunes:
         raise PipelineError(
-            f"{model} is an FCOS head (head.grid_kind: fcos): fine-tuning it is not supported "
-            "yet; set head.grid_kind: conv"
+            f"{model} is a head of kind {card.head['kind']!r} (head.grid_kind): fine-tuning "
+            "it is not supported yet; set head.grid_kind: conv"
         )
     if card.grid.fine_channels:
         raise PipelineError(
@@ -313,8 +314,8 @@ def compare_models(
     results = {}
     for name, checkpoint in models.items():
         _, model = rebuild(checkpoint)
-        pred_boxes, logits = grid_outputs(model.to(device), loader, device)
-        found = grid_detections(pred_boxes, logits, sizes, checkpoint.card.image, keep)
+        outputs = grid_outputs(model.to(device), loader, device)
+        found = checkpoint.head.detections(outputs, sizes, checkpoint.card.image, keep)
         results[name] = voc_summary(found, truth, prepared.classes, ev.iou_threshold, overlap)
     return results
 

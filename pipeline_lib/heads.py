@@ -19,9 +19,60 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.backbones import unpack_levels
+from pipeline_lib.detection import Detections, Filtering, grid_detections, single_detections
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.gridcoding import anchor_sizes, decode_grid_map
+from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.tables import Prepared
+from pipeline_lib.targets import grid_levels, multi_object_targets
 
 CLASSIFIERS = ("flatten", "pooled")
+
+
+class SingleDecoding:
+    """What every single-object head answers besides its forward pass (headkinds.py lists them)."""
+
+    def detections(
+        self,
+        outputs: tuple[torch.Tensor, torch.Tensor],
+        sizes: list[tuple[int, int]],
+        spec: ImageSpec,
+        keep: Filtering,
+    ) -> list[Detections]:
+        """(boxes (B, 4) fractions, logits (B, K)) -> one detection per image, in the pixels of
+        the B images whose (width, height) are `sizes` (`keep` does not apply: one box each)."""
+        return single_detections(*outputs, sizes, spec)
+
+
+class GridDecoding:
+    """What every grid head answers besides its forward pass (headkinds.py lists them): its
+    outputs, (boxes, logits) per level, decoded cell by cell, and the objects its cells can
+    learn."""
+
+    def detections(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        sizes: list[tuple[int, int]],
+        spec: ImageSpec,
+        keep: Filtering,
+    ) -> list[Detections]:
+        """(boxes, logits) per level for B images -> each image's detections in its own pixels
+        (`detection.grid_detections`: the levels together, then `keep`)."""
+        return grid_detections(outputs[0::2], outputs[1::2], sizes, spec, keep)
+
+    def learnable_objects(self, card: ModelCard, prepared: Prepared, ids: list[str]) -> int:
+        """How many objects of images `ids` the card's grid can learn: not cut away by the
+        image mode, not lost in a cell (and anchor) collision."""
+        grid = card.grid
+        anchors = torch.tensor(grid.anchors, dtype=torch.float32) if grid.anchors else None
+        levels = grid_levels(
+            grid.num_cells, grid.fine_below, anchors, grid.assign, grid.anchor_ratio
+        )
+        learnable = 0
+        for level in levels:
+            t = multi_object_targets(prepared.images, prepared.objects, ids, card.image, level)
+            learnable += int(t.objects.sum() - t.dropped.sum())
+        return learnable
 
 
 def grid_pool(feature_shape: tuple[int, int, int], num_cells: int) -> nn.Module:
@@ -37,7 +88,7 @@ def grid_pool(feature_shape: tuple[int, int, int], num_cells: int) -> nn.Module:
     return nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
 
 
-class SingleObjectHead(nn.Module):
+class SingleObjectHead(SingleDecoding, nn.Module):
     """Box regression and classification of the largest object.
 
     regression:     Flatten -> Dropout -> Linear(C*H*W, hidden) -> ReLU -> BatchNorm1d -> Dropout
@@ -81,7 +132,7 @@ class SingleObjectHead(nn.Module):
         return self.regression(features), self.classification(features)
 
 
-class MultiObjectHead(nn.Module):
+class MultiObjectHead(GridDecoding, nn.Module):
     """Grid head, as in the lab.
 
     regression:     2 x [Dropout -> Conv1x1(hidden) -> ReLU -> BatchNorm2d] -> Conv1x1(4) -> Sigmoid
@@ -166,7 +217,7 @@ def cell_boxes(raw: torch.Tensor) -> torch.Tensor:
     return torch.cat([centre, torch.sigmoid(raw[:, 2:])], dim=1)
 
 
-class ConvGridHead(nn.Module):
+class ConvGridHead(GridDecoding, nn.Module):
     """A detection head beyond the lab's (head.grid_kind: conv): `conv_trunk` shared by the box,
     class and objectness outputs (1x1 convolutions). No dropout on the raw features; `dropout` on
     the trunk's output (training only: a regulariser, the weights are the same). Outputs as
@@ -253,7 +304,7 @@ class LevelTrunk(nn.Module):
         return self.dropout(x)
 
 
-class PyramidGridHead(nn.Module):
+class PyramidGridHead(GridDecoding, nn.Module):
     """The conv grid head on two feature levels (head.grid_kind: conv with backbone.fine_layer):
     a feature pyramid (FPN, Lin et al. 2017) then one head shared by both levels.
 
@@ -305,7 +356,7 @@ class PyramidGridHead(nn.Module):
         return tuple(outputs)
 
 
-class SpatialSingleHead(nn.Module):
+class SpatialSingleHead(SingleDecoding, nn.Module):
     """A single-object head beyond the lab's (head.single_kind: spatial): `conv_trunk` on the
     feature map, then per cell a box (`cell_boxes`), class logits and a "holds the object" logit.
     The image's box and class logits are the cells' averages weighted by the softmax of that
@@ -338,7 +389,7 @@ class SpatialSingleHead(nn.Module):
         return boxes, logits
 
 
-class TwoLevelHead(nn.Module):
+class TwoLevelHead(GridDecoding, nn.Module):
     """Grid heads on two feature levels (SSD / YOLOv3 style): a `MultiObjectHead` on the main
     level (S x S cells) and one on the fine, stride-16 level (2S x 2S cells), each with its own
     weights. Features come packed (see backbones.pack_levels): (B, C1 + 4 * fine_channels, h, w).

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import Checkpoint, CheckpointError, load_checkpoint
-from pipeline_lib.detection import Detections, Filtering, head_detections, single_detections
+from pipeline_lib.detection import Detections, Filtering
 from pipeline_lib.features import STORE_DTYPES, ImageError, pick_device, prepare_model
 from pipeline_lib.geometry import ImageSpec, encoded_to_image, transform_pixels
 from pipeline_lib.gridcoding import cell_fractions
@@ -140,9 +140,7 @@ def detect(detector: Detector, photos: list[Photo], keep: Filtering) -> list[Det
     with torch.inference_mode():
         outputs = [t.cpu() for t in predict(detector.checkpoint.head, features)]
     sizes = [photo.image.size for photo in photos]
-    if card.kind == "single":
-        return single_detections(*outputs, sizes, card.image)
-    return head_detections(detector.checkpoint.head, outputs, sizes, card.image, keep)
+    return detector.checkpoint.head.detections(outputs, sizes, card.image, keep)
 
 
 def cell_rectangles(card: ModelCard, width: int, height: int) -> torch.Tensor:

@@ -18,11 +18,11 @@ from torch import nn
 
 from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import mirror_features
-from pipeline_lib.checkpoints import build_head
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.fcos import fcos_targets
 from pipeline_lib.features import FeatureRows, Features, read_features
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.headkinds import LAB, build_head
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
 from pipeline_lib.modelcard import GridSpec, ModelCard
@@ -116,6 +116,7 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
         data["train"].flips = flips
     hp = params.head
     config = {
+        "kind": LAB,
         "hidden": hp.hidden,
         "dropout": hp.dropout,
         "classifier": hp.classifier,
@@ -193,7 +194,7 @@ def grid_task(inputs: TrainingInputs, params: Params) -> Task:
             mirrored += [t.boxes, t.has_obj, t.labels]
         data["train"].flips = training_flips(inputs, params, tuple(mirrored))
     anchor_list = None if anchors is None else anchors.tolist()
-    config = {"hidden": hp.grid_hidden, "dropout": hp.dropout}  # the lab's head
+    config = {"kind": LAB, "hidden": hp.grid_hidden, "dropout": hp.dropout}
     if hp.grid_kind == "conv":
         config = _conv_config("conv", hp)
     card = _card(inputs, "multi", config, data)

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from pipeline_lib.backbones import Backbone, load_backbone
-from pipeline_lib.checkpoints import build_head, save_checkpoint
+from pipeline_lib.checkpoints import save_checkpoint
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.headkinds import build_head
 from pipeline_lib.heads import MultiObjectHead
 from pipeline_lib.modelcard import GridSpec, ModelCard
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline_lib.checkpoints import CheckpointError, build_head, load_checkpoint, save_checkpoint
+from pipeline_lib.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline_lib.fcos import FcosHead
+from pipeline_lib.headkinds import build_head
 from pipeline_lib.heads import (
     ConvGridHead,
     MultiObjectHead,

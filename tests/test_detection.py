@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib import detection
 from pipeline_lib.detection import (
     Filtering,
     cell_scores,
@@ -172,15 +171,3 @@ def test_nms_removes_duplicates_per_class():
         )
         == 1
     )
-
-
-def test_a_grid_heads_levels_go_to_grid_detections_in_pairs(monkeypatch):
-    """(boxes, logits) per level, in order: a two-level head's four outputs are two pairs."""
-    seen = []
-    monkeypatch.setattr(detection, "grid_detections", lambda *args: seen.append(args) or [])
-    outputs = [torch.tensor([float(n)]) for n in range(4)]
-    keep, spec = Filtering(), ImageSpec("shrink", 64)
-    assert detection.head_detections(torch.nn.Identity(), outputs, [(5, 5)], spec, keep) == []
-    [(boxes, logits, sizes, got_spec, got_keep)] = seen
-    assert [b.item() for b in boxes] == [0.0, 2.0] and [g.item() for g in logits] == [1.0, 3.0]
-    assert (sizes, got_spec, got_keep) == ([(5, 5)], spec, keep)

@@ -129,6 +129,7 @@ def accepted(raw: dict) -> bool:
 # Values that a range admits but another rule refuses, with the rule (not a range's end).
 CROSS_RULES = {
     ("data.download", True): "download fetches VOC2012 only, into a folder named VOCdevkit",
+    ("head.grid_kind", "lab"): "grid.assign: neighbours (the default) needs head.grid_kind conv",
 }
 
 

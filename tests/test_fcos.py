@@ -12,7 +12,7 @@ import yaml
 from conftest import evaluate_multi_and_predict, invoke
 
 from pipeline_lib.checkpoints import load_checkpoint
-from pipeline_lib.detection import Filtering, head_detections
+from pipeline_lib.detection import Filtering
 from pipeline_lib.fcos import FcosHead, image_targets, padded_targets
 from pipeline_lib.geometry import ImageSpec
 
@@ -78,8 +78,7 @@ def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():
     assert measures["accuracy"][0] == measures["accuracy"][1] > 0  # every matched location
     head.eval()
     with torch.no_grad():
-        found = head_detections(
-            head,
+        found = head.detections(
             head(features),
             [(256, 128), (256, 128)],
             ImageSpec("shrink", 128),

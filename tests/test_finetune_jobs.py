@@ -16,13 +16,14 @@ from conftest import REPO, VocFolder, voc_xml
 from handmade import lite0, write_model
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
-from pipeline_lib import finetuning
+from pipeline_lib import finetuning, heads
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.checkpoints import build_head, load_checkpoint, save_checkpoint
+from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering
 from pipeline_lib.distributed import Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.headkinds import build_head
 from pipeline_lib.losses import grid_loss
 from pipeline_lib.modelcard import GridSpec
 from pipeline_lib.params import load_params
@@ -90,8 +91,8 @@ def test_read_frozen_refuses_what_cannot_be_fine_tuned(folder, tmp_path):
         ),
         "fcos": (
             replace(card, head={"kind": "fcos", "width": 32, "depth": 1}),
-            " is an FCOS head (head.grid_kind: fcos): fine-tuning it is not supported yet; set "
-            "head.grid_kind: conv",
+            " is a head of kind 'fcos' (head.grid_kind): fine-tuning it is not supported yet; "
+            "set head.grid_kind: conv",
         ),
         "levels": (
             replace(card, feature_shape=[768, 2, 2], grid=GridSpec(2, None, 112, 0.3)),
@@ -259,8 +260,8 @@ def test_compare_models_filters_as_eval_says_on_the_device_given(folder, monkeyp
     params, cpu = finetune_params(), torch.device("cpu")
     loader = finetuning.image_loader(params.finetune, checkpoint, prepared, "val", cpu)
     ev = replace(params.eval, max_detections=2, nms_iou=0.3, score_threshold=0.1)
-    filters, real = [], finetuning.grid_detections
-    monkeypatch.setattr(finetuning, "grid_detections", lambda *a: filters.append(a[-1]) or real(*a))
+    filters, real = [], heads.grid_detections  # the grid heads' decoding (heads.GridDecoding)
+    monkeypatch.setattr(heads, "grid_detections", lambda *a: filters.append(a[-1]) or real(*a))
     results = finetuning.compare_models({"finetuned": checkpoint}, prepared, loader, ev, cpu)
     assert filters == [Filtering(0.1, 0.3, 2)]
     # two of each image's four cats kept, all right: precision 1 up to recall 1/2

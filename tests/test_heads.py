@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline_lib import heads
+from pipeline_lib.detection import Filtering
+from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.heads import (
     ConvGridHead,
     LevelTrunk,
@@ -297,3 +300,15 @@ def test_the_pyramids_fine_level_adds_the_upsampled_main_map():
         assert torch.allclose(head(packed)[3], head.classification(x), atol=1e-6)
     prior = math.log(0.01 / 0.99)
     assert (head.classification.bias[:-1] != prior).all()
+
+
+def test_a_grid_heads_levels_go_to_grid_detections_in_pairs(monkeypatch):
+    """(boxes, logits) per level, in order: a two-level head's four outputs are two pairs."""
+    seen = []
+    monkeypatch.setattr(heads, "grid_detections", lambda *args: seen.append(args) or [])
+    outputs = [torch.tensor([float(n)]) for n in range(4)]
+    keep, spec = Filtering(), ImageSpec("shrink", 64)
+    assert heads.GridDecoding().detections(outputs, [(5, 5)], spec, keep) == []
+    [(boxes, logits, sizes, got_spec, got_keep)] = seen
+    assert [b.item() for b in boxes] == [0.0, 2.0] and [g.item() for g in logits] == [1.0, 3.0]
+    assert (sizes, got_spec, got_keep) == ([(5, 5)], spec, keep)

@@ -19,10 +19,11 @@ from PIL import Image
 
 from pipeline_lib import inference
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.checkpoints import CheckpointError, build_head, save_checkpoint
+from pipeline_lib.checkpoints import CheckpointError, save_checkpoint
 from pipeline_lib.detection import Detections, Filtering
 from pipeline_lib.features import prepare_model
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.headkinds import build_head
 from pipeline_lib.inference import (
     TABLE_COLUMNS,
     Detector,

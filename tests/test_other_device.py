@@ -25,38 +25,53 @@ from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.fcos import FcosHead
 from pipeline_lib.features import ExtractSettings, extract_features, read_features
 from pipeline_lib.finetuning import FineTuner, GridImages, GridLayout, ImageBatches, augmentation
 from pipeline_lib.geometry import ImageSpec, encode_boxes
 from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo
-from pipeline_lib.heads import (
-    ConvGridHead,
-    MultiObjectHead,
-    PyramidGridHead,
-    SingleObjectHead,
-    SpatialSingleHead,
-    TwoLevelHead,
-)
+from pipeline_lib.headkinds import HEAD_KINDS, build_head
+from pipeline_lib.heads import MultiObjectHead
 from pipeline_lib.inference import detect, load_detector, read_photo
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.targets import GridLevel
 from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
 
 K, C, S, FINE = 3, 16, 4, 8  # classes, feature channels, grid cells, fine-level channels
 ANCHORS = [[0.1, 0.2], [0.3, 0.3], [0.6, 0.5]]
-HEADS = {
-    "single lab": lambda: SingleObjectHead((C, S, S), K, hidden=8, dropout=0.5),
-    "single spatial": lambda: SpatialSingleHead((C, S, S), K, width=8, depth=1, dropout=0.1),
-    "grid lab": lambda: MultiObjectHead((C, S, S), K, S, hidden=8),
-    "grid lab anchors": lambda: MultiObjectHead((C, S, S), K, S, hidden=8, anchors=ANCHORS),
-    "grid conv": lambda: ConvGridHead((C, S, S), K, S, width=8, depth=1, dropout=0.1),
-    "grid conv anchors": lambda: ConvGridHead((C, S, S), K, S, 8, 1, anchors=ANCHORS),
-    "grid conv two levels": lambda: PyramidGridHead((C + 4 * FINE, S, S), K, FINE, S, 8, 1),
-    "grid fcos two levels": lambda: FcosHead((C + 4 * FINE, S, S), K, 128, FINE, 32, 1),
-    "grid lab two levels": lambda: TwoLevelHead((C + 4 * FINE, S, S), K, FINE, S, hidden=8),
+
+
+def card(task: str, head: dict, anchors=None, fine: int = 0) -> ModelCard:
+    """A model card for K classes on (C, S, S) features (packed with a fine level of `fine`
+    channels), 128-pixel images, an S x S grid."""
+    grid = GridSpec(S, anchors, fine, 0.2 if fine else None) if task == "multi" else None
+    shape = [C + 4 * fine, S, S]
+    classes = [f"c{k}" for k in range(K)]
+    return ModelCard(task, head, classes, shape, "float32", {}, ImageSpec("shrink", 128), grid=grid)
+
+
+# Every registered head kind (headkinds.HEAD_KINDS), built from its card as a model file would be,
+# with anchors and on two levels where it has them: a kind added to the registry must be added here
+# (test_every_registered_head_kind_is_guarded).
+CARDS = {
+    "single lab": card("single", {"kind": "lab", "hidden": 8, "dropout": 0.5}),
+    "single spatial": card("single", {"kind": "spatial", "width": 8, "depth": 1, "dropout": 0.1}),
+    "grid lab": card("multi", {"kind": "lab", "hidden": 8}),
+    "grid lab anchors": card("multi", {"kind": "lab", "hidden": 8}, anchors=ANCHORS),
+    "grid conv": card("multi", {"kind": "conv", "width": 8, "depth": 1, "dropout": 0.1}),
+    "grid conv anchors": card("multi", {"kind": "conv", "width": 8, "depth": 1}, anchors=ANCHORS),
+    "grid conv two levels": card("multi", {"kind": "conv", "width": 8, "depth": 1}, fine=FINE),
+    "grid fcos two levels": card("multi", {"kind": "fcos", "width": 32, "depth": 1}, fine=FINE),
+    "grid lab two levels": card("multi", {"kind": "lab", "hidden": 8}, fine=FINE),
 }
+HEADS = {name: (lambda c=c: build_head(c)) for name, c in CARDS.items()}
+
+
+def test_every_registered_head_kind_is_guarded():
+    assert {(c.kind, c.head["kind"]) for c in CARDS.values()} == set(HEAD_KINDS)
+
+
 WEIGHTS = [
     LossWeights(),  # the lab's: SmoothL1, BCE, binary objectness
     LossWeights(box_loss="ciou", obj_loss="focal", obj_target="iou"),  # the default

@@ -42,7 +42,11 @@ def test_single_task_targets_head_and_card(trained):
 def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     inputs, params = inputs_and_params(trained, lab=True)
     lab = grid_task(inputs, params)
-    assert isinstance(lab.head, MultiObjectHead) and lab.card.head == {"hidden": 16, "dropout": 0.5}
+    assert isinstance(lab.head, MultiObjectHead) and lab.card.head == {
+        "kind": "lab",
+        "hidden": 16,
+        "dropout": 0.5,
+    }
     assert lab.card.collisions["train"]["objects"] >= 12 and len(lab.notes) == 2  # one per split
     dropped = {split: c["dropped"] for split, c in lab.card.collisions.items()}
     assert lab.summary["grid_collisions"] == dropped
