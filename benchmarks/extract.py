@@ -50,17 +50,13 @@ from torchvision.transforms.v2 import functional as F
 from workfolder import cpu_flags, stage, write_params
 
 from pipeline_lib import features
+from pipeline_lib import images as images_module
 from pipeline_lib.backbones import load_backbone
+from pipeline_lib.devices import pick_device, pick_precision, prepare_model
 from pipeline_lib.distributed import ONE_PROCESS, Ranks
-from pipeline_lib.features import (
-    ExtractSettings,
-    extract_features,
-    load_image_tensor,
-    pick_device,
-    pick_precision,
-    prepare_model,
-)
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.images import load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"resnet18": 224, "resnet50": 224, "efficientnet_lite0": 448}
@@ -113,12 +109,12 @@ DECODERS = {
 def decoding_as_before():
     """The stage's decoding as it was formerly (PIL's resize), in its worker processes
     too (they fork with the module as patched)."""
-    stage_loader = features.load_image_tensor
-    features.load_image_tensor = lambda path, mode, size: pil_resize(path, size)
+    stage_loader = images_module.load_image_tensor
+    images_module.load_image_tensor = lambda path, mode, size: pil_resize(path, size)
     try:
         yield
     finally:
-        features.load_image_tensor = stage_loader
+        images_module.load_image_tensor = stage_loader
 
 
 def phone_size_photos(paths: list[Path], folder: Path) -> list[Path]:

@@ -4,7 +4,7 @@ in one run.
     .venv/bin/python benchmarks/precision.py [--voc PATH/TO/VOC2007] [--images 64]
 
 For resnet18 at 224 and EfficientNet-Lite0 (last block) at 448, on this CPU: model-only images/s
-on batches of 16 (the stage's model function, features.prepare_model) in each precision, and the
+on batches of 16 (the stage's model function, devices.prepare_model) in each precision, and the
 bfloat16 features' error against float32 ones on the first `--images` shared VOC photos:
 relative error of the whole tensor (||bf16 - f32|| / ||f32||), mean absolute error over the mean
 absolute value, and the largest absolute difference over the largest absolute value. The CPU's
@@ -36,7 +36,8 @@ import typer
 from workfolder import cpu_flags, stage, write_params
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import PRECISIONS, load_image_tensor, prepare_model
+from pipeline_lib.devices import PRECISIONS, prepare_model
+from pipeline_lib.images import load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"resnet18": ("layer4", 224), "efficientnet_lite0": ("blocks", 448)}

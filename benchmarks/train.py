@@ -22,7 +22,8 @@ import torch
 import typer
 
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, extract_features, read_features
+from pipeline_lib.featurefiles import read_features
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.heads import SingleObjectHead
 from pipeline_lib.losses import single_object_loss

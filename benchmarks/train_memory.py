@@ -50,7 +50,7 @@ def write_features(path: Path, count: int) -> None:
 
 def child(path: Path, mode: str) -> None:
     """Train one epoch on `path` and print {"rss_mib", "seconds"} as JSON."""
-    from pipeline_lib.features import read_features
+    from pipeline_lib.featurefiles import read_features
     from pipeline_lib.heads import ConvGridHead
     from pipeline_lib.losses import LossWeights, grid_loss
     from pipeline_lib.metrics import multi_object_batch_sums

@@ -28,7 +28,7 @@ from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.errortypes import BACKGROUND_IOU, split_errors
-from pipeline_lib.features import Features, read_features
+from pipeline_lib.featurefiles import Features, read_features
 from pipeline_lib.geometry import encoded_to_image
 from pipeline_lib.metrics import (
     OVERLAP_OF_SOURCE,

@@ -32,12 +32,13 @@ from torchvision.transforms import v2
 from pipeline_lib.backbones import Backbone, backbone_units, load_backbone
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Filtering
+from pipeline_lib.devices import pick_device, pick_workers
 from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
-from pipeline_lib.features import check_stackable, load_image_tensor, pick_device, pick_workers
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
 from pipeline_lib.headkinds import head_kind
+from pipeline_lib.images import check_stackable, load_image_tensor
 from pipeline_lib.losses import grid_loss
 from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
 from pipeline_lib.modelcard import ModelCard
@@ -188,14 +189,14 @@ class FineTuner(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (images.float() - self.mean) / self.std  # as features.prepare_model normalises
+        x = (images.float() - self.mean) / self.std  # as devices.prepare_model normalises
         with torch.no_grad():
             x = self.frozen(x)
         return self.head(self.trainable(x))
 
 
 def training_device(device: str, ranks: Ranks = ONE_PROCESS) -> torch.device:
-    """finetune.device resolved (`features.pick_device`); under torchrun, this process's own GPU
+    """finetune.device resolved (`devices.pick_device`); under torchrun, this process's own GPU
     (cuda:LOCAL_RANK), or on CPU the cores shared by the machine's processes."""
     chosen = pick_device(device, "finetune.device")
     if chosen.type == "cuda" and ranks.world > 1:

@@ -24,9 +24,11 @@ from torchvision.transforms.v2 import functional as F
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import Checkpoint, CheckpointError, load_checkpoint
 from pipeline_lib.detection import Detections, Filtering
-from pipeline_lib.features import STORE_DTYPES, ImageError, pick_device, prepare_model
+from pipeline_lib.devices import pick_device, prepare_model
+from pipeline_lib.featurefiles import STORE_DTYPES
 from pipeline_lib.geometry import ImageSpec, encoded_to_image, transform_pixels
 from pipeline_lib.gridcoding import cell_fractions
+from pipeline_lib.images import ImageError
 from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.plots import annotate
 from pipeline_lib.training import predict
@@ -92,7 +94,7 @@ def load_detector(model_path: str | Path, device: str = "auto") -> Detector:
 def open_photo(path: Path, at_least: int | None = None) -> Image.Image:
     """Decode an image file of any format PIL reads as RGB, upright by its EXIF orientation
     (multi-frame files: the first frame), or raise `ImageError` naming the file. `at_least`: a
-    JPEG may be decoded at a lower scale, as `features.load_rgb` does."""
+    JPEG may be decoded at a lower scale, as `images.load_rgb` does."""
     try:
         with Image.open(path) as image:
             if at_least:
@@ -123,7 +125,7 @@ def read_photo(path: Path, spec: ImageSpec) -> Photo:
     """Open a photo (`open_photo`'s errors) and make its backbone input under `spec`."""
     image = source = open_photo(path)
     if spec.mode == "shrink" and min(image.size) >= 2 * spec.size:
-        source = open_photo(path, at_least=spec.size)  # as features.load_image_tensor decodes
+        source = open_photo(path, at_least=spec.size)  # as images.load_image_tensor decodes
     return Photo(path, image, transform_pixels(F.pil_to_tensor(source), spec.mode, spec.size))
 
 

@@ -212,7 +212,7 @@ class TrainParams:
     focal_alpha: Annotated[Float, Field(ge=0.0, le=1.0)]
     device: Literal["auto", "cpu", "cuda"]
     cpu_kernels: Literal["avx2", "native"]  # see training.CPU_KERNELS
-    features: Literal["memory", "disk"]  # see features.FeatureRows
+    features: Literal["memory", "disk"]  # see featurefiles.FeatureRows
     hflip: Share  # a training image is taken flipped left to right (training.Flips)
     hflip_from: Literal["extracted", "mirrored"]  # the flipped images' features or mirrored maps
 

@@ -20,7 +20,7 @@ from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import mirror_features
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.fcos import fcos_targets
-from pipeline_lib.features import FeatureRows, Features, read_features
+from pipeline_lib.featurefiles import FeatureRows, Features, read_features
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.headkinds import LAB, build_head
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
@@ -64,7 +64,7 @@ def read_training_inputs(
     prepared_dir: Path, features_dir: Path, lazy: bool = False
 ) -> TrainingInputs:
     """data/prepared and data/features/{train,val}.safetensors (with `lazy`, the features stay
-    on disk and are read batch by batch: `features.FeatureRows`)."""
+    on disk and are read batch by batch: `featurefiles.FeatureRows`)."""
     prepared = read_prepared(prepared_dir)
     paths = {split: features_dir / f"{split}.safetensors" for split in SPLITS}
     if (features_dir / FLIPPED_FILE).is_file():  # backbone.hflip

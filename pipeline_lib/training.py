@@ -58,7 +58,7 @@ class Flips:
     probability: float
     targets: tuple[torch.Tensor, ...]
     generator: torch.Generator
-    features: torch.Tensor | None = None  # or features.FeatureRows
+    features: torch.Tensor | None = None  # or featurefiles.FeatureRows
     mirror: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def apply(self, rows: torch.Tensor, x: torch.Tensor, targets: tuple[torch.Tensor, ...]):

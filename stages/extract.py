@@ -5,7 +5,7 @@
 
 Writes
 - data/features/<split>.safetensors: `features` (N, C, H, W) in backbone.store_dtype, with the image
-  ids in row order and the backbone description in the metadata (see pipeline_lib/features.py);
+  ids in row order and the backbone description in the metadata (see pipeline_lib/featurefiles.py);
   with backbone.hflip also train_flipped.safetensors, the training images flipped left to right,
 - data/features/features.json: backbone, layer, weights, normalisation, compute precision (the
   resolved backbone.precision), image mode and size, store dtype, and per split the shape and file,
@@ -30,9 +30,10 @@ import typer
 
 from pipeline_lib import distributed
 from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, check_stackable, extract_features
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.files import atomic_dir, write_json
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.images import check_stackable
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.tables import read_prepared
 from stages.common import (

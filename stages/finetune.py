@@ -135,7 +135,7 @@ def save_finetuned(job, frozen, result) -> None:
 def compare(params: Params) -> None:
     """mAP on val of the frozen-feature model and of the fine-tuned one, from the same images."""
     from pipeline_lib.checkpoints import load_checkpoint
-    from pipeline_lib.features import pick_device
+    from pipeline_lib.devices import pick_device
     from pipeline_lib.finetuning import (
         compare_models,
         comparison_metrics,

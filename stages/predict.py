@@ -29,8 +29,8 @@ import typer
 from tqdm import tqdm
 
 from pipeline_lib.detection import Filtering
-from pipeline_lib.features import ImageError
 from pipeline_lib.files import atomic_file, write_json
+from pipeline_lib.images import ImageError
 from pipeline_lib.inference import (
     TABLE_COLUMNS,
     Detector,

@@ -23,8 +23,8 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError
 
 from pipeline_lib.checkpoints import save_checkpoint
+from pipeline_lib.devices import pick_device
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import pick_device
 from pipeline_lib.files import write_json
 from pipeline_lib.params import Params, load_params
 from pipeline_lib.plots import save_figure, training_curves

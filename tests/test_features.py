@@ -17,22 +17,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as F
 
+from pipeline_lib import devices as devices_lib
+from pipeline_lib import featurefiles
 from pipeline_lib import features as features_lib
+from pipeline_lib import images as images_lib
 from pipeline_lib.backbones import Backbone, load_backbone
+from pipeline_lib.devices import pick_precision, prepare_model
 from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import (
-    ExtractResult,
-    ExtractSettings,
-    ImageError,
-    ImageFolder,
-    extract_features,
-    load_image_tensor,
-    pick_precision,
-    prepare_model,
-    read_features,
-)
+from pipeline_lib.featurefiles import read_features
+from pipeline_lib.features import ExtractResult, ExtractSettings, extract_features
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.images import ImageError, ImageFolder, load_image_tensor
 from pipeline_lib.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,7 +374,7 @@ def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_p
     """Each batch is written after the next one started (so a GPU computes while the CPU
     writes): the rows still land in order around a skipped image, and the time goes to the part
     that spent it: a slow first batch to start-up, a slow model to the backbone."""
-    real_model, real_load = features_lib.prepare_model, features_lib.load_image_tensor
+    real_model, real_load = features_lib.prepare_model, images_lib.load_image_tensor
     first = {"slept": False}
 
     def slow_model(backbone, device, *args):
@@ -392,7 +388,7 @@ def test_time_is_split_by_part_and_rows_keep_their_order(resnet18, images, tmp_p
         return real_load(path, mode, size)
 
     monkeypatch.setattr(features_lib, "prepare_model", slow_model)
-    monkeypatch.setattr(features_lib, "load_image_tensor", slow_start)
+    monkeypatch.setattr(images_lib, "load_image_tensor", slow_start)  # ImageFolder's
     paths = [*images[:2], bad_files(tmp_path, images[0])["truncated"], *images[2:]]
     ids = ["a", "b", "bad", "c", "d", "e"]
     settings = ExtractSettings(batch_size=2, workers=0, on_error="skip")
@@ -586,14 +582,14 @@ def test_extract_settings_come_from_the_backbone_params(monkeypatch):
     expected = ExtractSettings("float32", 3, "cpu", "bfloat16", True, 2, "skip")
     assert ExtractSettings.from_params(bb, "skip") == expected
     for native, precision in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(features_lib, "native_bfloat16", lambda device, n=native: n)
+        monkeypatch.setattr(devices_lib, "native_bfloat16", lambda device, n=native: n)
         auto = ExtractSettings.from_params(replace(bb, precision="auto"), "raise")
         assert auto == replace(expected, precision=precision, on_error="raise")
 
 
 def test_devices_other_than_cpu_and_cuda_compute_in_float32_unless_asked():
     meta = torch.device("meta")
-    assert not features_lib.native_bfloat16(meta)
+    assert not devices_lib.native_bfloat16(meta)
     assert pick_precision("auto", meta) == "float32"
     assert pick_precision("bfloat16", meta) == "bfloat16"
 
@@ -634,11 +630,11 @@ def test_our_streamed_file_is_the_file_safetensors_writes(tmp_path):
     raw.write_bytes(tensor.numpy().tobytes())
     for metadata in ({"image_mode": "shrink"}, {"image_mode": "crop!"}):
         ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-        features_lib._write_safetensors(ours, raw, tuple(tensor.shape), torch.float16, metadata)
+        featurefiles.write_feature_file(ours, raw, tuple(tensor.shape), torch.float16, metadata)
         save_file({"features": tensor}, str(theirs), metadata)
         assert ours.read_bytes() == theirs.read_bytes()
     with pytest.raises(RuntimeError) as raised:
-        features_lib._write_safetensors(ours, raw, (4, 5, 2, 1), torch.float16, metadata)
+        featurefiles.write_feature_file(ours, raw, (4, 5, 2, 1), torch.float16, metadata)
     assert str(raised.value) == f"{raw}: 60 bytes written, 80 expected for (4, 5, 2, 1)"
 
 
@@ -778,12 +774,12 @@ def test_extraction_failures_name_what_went_wrong(resnet18, tmp_path, monkeypatc
 
 
 def test_decoding_workers_by_device(monkeypatch):
-    monkeypatch.setattr(features_lib.os, "cpu_count", lambda: 40)
-    pick = features_lib.pick_workers
+    monkeypatch.setattr(devices_lib.os, "cpu_count", lambda: 40)
+    pick = devices_lib.pick_workers
     assert pick("auto", torch.device("cpu")) == 1  # the model needs the cores
     assert pick("auto", torch.device("cuda")) == 16 and pick("auto", torch.device("meta")) == 16
     assert pick(3, torch.device("cpu")) == 3 and pick("0", torch.device("cuda")) == 0
-    monkeypatch.setattr(features_lib.os, "cpu_count", lambda: None)
+    monkeypatch.setattr(devices_lib.os, "cpu_count", lambda: None)
     assert pick("auto", torch.device("cuda")) == 1
 
 
@@ -883,18 +879,18 @@ def test_bfloat16_runs_the_backbone_under_bfloat16_autocast(monkeypatch):
 
 def test_the_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):
     for available in (True, False):
-        monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda a=available: a)
+        monkeypatch.setattr(devices_lib.torch.cuda, "is_available", lambda a=available: a)
         expected = "cuda" if available else "cpu"
-        assert features_lib.pick_device("auto", "train.device") == torch.device(expected)
-        assert features_lib.pick_device("cpu", "train.device") == torch.device("cpu")
+        assert devices_lib.pick_device("auto", "train.device") == torch.device(expected)
+        assert devices_lib.pick_device("cpu", "train.device") == torch.device("cpu")
     for key in ("train.device", "finetune.device", "--device"):  # the key at fault is named
         with pytest.raises(ParamsError) as raised:
-            features_lib.pick_device("cuda", key)
+            devices_lib.pick_device("cuda", key)
         assert str(raised.value) == f"{key}: cuda, but torch sees no GPU (use auto or cpu)"
     bb = load_params(REPO / "params.yaml").backbone
     with pytest.raises(ParamsError, match=r"^backbone.device: cuda, but torch sees no GPU"):
         ExtractSettings.from_params(replace(bb, device="cuda"), "raise")
     settings = ExtractSettings.from_params(replace(bb, device="auto"), "raise")
     assert settings.device == "cpu"  # resolved once, for the stage and the loop alike
-    monkeypatch.setattr(features_lib.torch.cuda, "is_available", lambda: True)
-    assert features_lib.pick_device("cuda", "train.device") == torch.device("cuda")
+    monkeypatch.setattr(devices_lib.torch.cuda, "is_available", lambda: True)
+    assert devices_lib.pick_device("cuda", "train.device") == torch.device("cuda")

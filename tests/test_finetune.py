@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from pipeline_lib.backbones import backbone_units, load_backbone
 from pipeline_lib.checkpoints import load_checkpoint
-from pipeline_lib.features import prepare_model
+from pipeline_lib.devices import prepare_model
 from pipeline_lib.finetuning import FineTuner, augment, augmentation
 from pipeline_lib.heads import MultiObjectHead
 from pipeline_lib.params import parse_params

@@ -12,9 +12,11 @@ import yaml
 from conftest import invoke
 
 from pipeline_lib.backbones import load_backbone, mirror_features, pack_levels, unpack_levels
+from pipeline_lib.devices import prepare_model
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import load_image_tensor, prepare_model, read_features
+from pipeline_lib.featurefiles import read_features
 from pipeline_lib.geometry import decode_boxes, encode_boxes, mirror_encoded
+from pipeline_lib.images import load_image_tensor
 from pipeline_lib.params import parse_params
 from pipeline_lib.tasks import grid_task, read_training_inputs, single_task
 from pipeline_lib.training import Dataset, Flips

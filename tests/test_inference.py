@@ -21,7 +21,7 @@ from pipeline_lib import inference
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import CheckpointError, save_checkpoint
 from pipeline_lib.detection import Detections, Filtering
-from pipeline_lib.features import prepare_model
+from pipeline_lib.devices import prepare_model
 from pipeline_lib.geometry import ImageSpec
 from pipeline_lib.headkinds import build_head
 from pipeline_lib.inference import (

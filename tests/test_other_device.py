@@ -25,7 +25,8 @@ from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.features import ExtractSettings, extract_features, read_features
+from pipeline_lib.featurefiles import read_features
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.finetuning import FineTuner, GridImages, GridLayout, ImageBatches, augmentation
 from pipeline_lib.geometry import ImageSpec, encode_boxes
 from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo

@@ -24,6 +24,7 @@ from conftest import REPO, tiny_params, with_param, write_tiny_voc
 from PIL import Image
 
 from pipeline_lib import features as features_module
+from pipeline_lib.devices import pick_device
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import grid_report, read_evaluation_inputs, single_report
 from pipeline_lib.params import parse_params
@@ -113,9 +114,7 @@ def fit_probe(raw: dict, env: dict) -> str:
     params = parse_params(small(raw))
     seed_everything(params.train.seed)
     task = grid_task(env["inputs"], params)
-    config = train_config(
-        params.train, str(features_module.pick_device(params.train.device, "train.device"))
-    )
+    config = train_config(params.train, str(pick_device(params.train.device, "train.device")))
     config.epochs = min(config.epochs, 3)
     result = fit(
         task.head, task.data["train"], task.data["val"], task.objective, config, None, False
@@ -183,6 +182,7 @@ def report_probe(kind: str):
 def extract_probe(raw: dict, env: dict, monkeypatch) -> str:
     """extract_features as the extract stage calls it: the file written, the batches the model
     saw, the decoding processes, whether torch.compile ran."""
+    from pipeline_lib.featurefiles import read_features
     from pipeline_lib.features import ExtractSettings, extract_features
     from pipeline_lib.geometry import ImageSpec
 
@@ -216,7 +216,7 @@ def extract_probe(raw: dict, env: dict, monkeypatch) -> str:
     spec = ImageSpec(params.image.mode, params.image.size)
     out = env["tmp"] / "features.safetensors"
     result = extract_features(backbone, env["photos"], out, spec, settings, None)
-    stored = features_module.read_features(out)
+    stored = read_features(out)
     return digest(stored.features, stored.metadata, result.image_ids, seen)
 
 
@@ -489,7 +489,7 @@ def test_every_key_has_a_probe():
 
 def fine_inputs(inputs):
     """The tiny set's training inputs with a second, fine feature level (random, packed)."""
-    from pipeline_lib.features import Features
+    from pipeline_lib.featurefiles import Features
 
     fine = 8
     made = copy.copy(inputs)

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.features import ImageError, load_image_tensor, read_features
+from pipeline_lib.featurefiles import read_features
 from pipeline_lib.geometry import ImageSpec, encoded_to_image
+from pipeline_lib.images import ImageError, load_image_tensor
 from pipeline_lib.inference import cell_rectangles, open_photo, read_photo
 from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.tables import read_prepared

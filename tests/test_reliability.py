@@ -24,15 +24,10 @@ from typer.testing import CliRunner
 from pipeline_lib import features as features_module
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.features import (
-    ExtractSettings,
-    ImageError,
-    ImageFolder,
-    extract_features,
-    load_rgb,
-    read_features,
-)
+from pipeline_lib.featurefiles import read_features
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.images import ImageError, ImageFolder, load_rgb
 from pipeline_lib.inference import open_photo
 from pipeline_lib.params import ParamsError, load_params
 from pipeline_lib.voc import MAX_ANNOTATION_BYTES, AnnotationError, parse_annotation, read_voc
