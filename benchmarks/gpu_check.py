@@ -42,9 +42,9 @@ from workfolder import REPO, cpu_flags, write_params
 
 from pipeline_lib.backbones import load_backbone
 from pipeline_lib.devices import pick_device, pick_precision, pick_workers, prepare_model
-from pipeline_lib.features import ExtractSettings, _collate, extract_features
+from pipeline_lib.features import ExtractSettings, extract_features
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import ImageFolder
+from pipeline_lib.images import ImageFolder, collate_decoded
 
 SHARED_VOC = REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007"
 SIZES = {"efficientnet_lite0": 448, "resnet50": 224}
@@ -203,7 +203,7 @@ def decoding_only(paths: list[Path], spec: ImageSpec, batch: int, workers: int, 
         ImageFolder(paths, spec.mode, spec.size),
         batch_size=batch,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )

@@ -34,7 +34,7 @@ CHUNK = 500  # rows generated and written at a time
 
 def write_features(path: Path, count: int) -> None:
     """A feature file of `count` random rows, written in chunks (memory stays at one chunk)."""
-    from pipeline_lib.features import _write_safetensors
+    from pipeline_lib.featurefiles import write_feature_file
 
     rng = np.random.default_rng(0)
     chunk = rng.standard_normal((CHUNK, *SHAPE), dtype=np.float32).astype(np.float16)
@@ -44,7 +44,7 @@ def write_features(path: Path, count: int) -> None:
             sink.write(chunk[: min(CHUNK, count - start)].tobytes())
     ids = json.dumps([f"{i:06d}" for i in range(count)])
     metadata = {"image_ids": ids, "backbone": json.dumps({"name": "random"})}
-    _write_safetensors(path, raw, (count, *SHAPE), torch.float16, metadata)
+    write_feature_file(path, raw, (count, *SHAPE), torch.float16, metadata)
     raw.unlink()
 
 
