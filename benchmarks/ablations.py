@@ -136,6 +136,9 @@ ROWS = {  # name -> (feature setting, params)
             "head.conv_depth": 1,
         },
     ),
+    # torchvision's RetinaNet on the cached levels, beside FCOS and the default
+    "b16: retinanet, one level": ("448 blocks", {"head.grid_kind": "retinanet"}),
+    "b16: retinanet, two levels": ("448 pyramid", {"head.grid_kind": "retinanet"}),
     "flips: extracted, 0.5": ("448 hflip", {"train.hflip": 0.5}),
     "flips: mirrored maps, 0.5": (
         "448 blocks",
@@ -183,16 +186,37 @@ FEATURES = {
         "backbone.fine_layer": "blocks.4",
     },
     "448 hflip": {"image.size": 448, "backbone.layer": "blocks", "backbone.hflip": True},
+    "224 pyramid": {
+        "image.size": 224,
+        "backbone.layer": "blocks",
+        "backbone.fine_layer": "blocks.4",
+    },
     "448 blocks lite1": {
         "image.size": 448,
         "backbone.layer": "blocks",
         "backbone.name": "efficientnet_lite1",
     },
 }
-FINETUNE = {  # fine-tuning from the seed-0 focal model: name -> finetune params
-    "fine-tuning, 5 epochs": {"finetune.enabled": True},
-    "fine-tuning, 10 epochs": {"finetune.enabled": True, "finetune.epochs": 10},
-    "head only, from images": {"finetune.enabled": True, "finetune.unfreeze": 0},
+FOCAL = LAB | {"train.obj_loss": "focal"}  # the model the first fine-tuning rows start from
+# fine-tuning rows: name -> (feature setting, the frozen model's params (seed 0), finetune params)
+FINETUNE = {
+    "fine-tuning, 5 epochs": ("default", FOCAL, {"finetune.enabled": True}),
+    "fine-tuning, 10 epochs": (
+        "default",
+        FOCAL,
+        {"finetune.enabled": True, "finetune.epochs": 10},
+    ),
+    "head only, from images": (
+        "default",
+        FOCAL,
+        {"finetune.enabled": True, "finetune.unfreeze": 0},
+    ),
+    # FCOS on two levels fine-tuned (issue 38: it runs and its mAP moves), at 224 to fit a CPU
+    "224: fcos, two levels (10 epochs): fine-tuning, 3 epochs": (
+        "224 pyramid",
+        {"head.grid_kind": "fcos", "train.epochs": 10},
+        {"finetune.enabled": True, "finetune.epochs": 3},
+    ),
 }
 
 
@@ -209,6 +233,19 @@ def voc_params(voc: Path | None, changes: dict) -> dict:
         "data.val_split": "val",
         **changes,
     }
+
+
+def features_folder(work: Path, feature_setting: str, voc: Path | None) -> Path:
+    """The working folder of a feature setting, prepared and extracted on first use."""
+    folder = work / feature_setting
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "data/features/val.safetensors").is_file():
+        write_params(folder, voc_params(voc, FEATURES[feature_setting]))
+        if voc is None:
+            stage(folder, "synthesize")
+        stage(folder, "prepare")
+        stage(folder, "extract")
+    return folder
 
 
 def continuous_map(folder: Path) -> float:
@@ -257,14 +294,7 @@ def main(
     for name, (feature_setting, changes) in ROWS.items():
         if row and name not in row:
             continue
-        folder = work / feature_setting
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "data/features/val.safetensors").is_file():
-            write_params(folder, voc_params(voc, FEATURES[feature_setting]))
-            if voc is None:
-                stage(folder, "synthesize")
-            stage(folder, "prepare")
-            stage(folder, "extract")
+        folder = features_folder(work, feature_setting, voc)
         for seed in seeds:
             if (name, seed) in done:
                 continue
@@ -297,18 +327,23 @@ def main(
                 flush=True,
             )
     if finetune:
-        run_finetune(work, voc, results_file, done)
+        run_finetune(work, voc, results_file, done, row)
     summarise(results_file)
 
 
-def run_finetune(work: Path, voc: Path, results_file: Path, done: set) -> None:
-    """The fine-tuning rows, from the seed-0 focal model (retrained first if another is there)."""
-    folder = work / "default"
-    for name, changes in FINETUNE.items():
+def run_finetune(
+    work: Path, voc: Path, results_file: Path, done: set, rows: list[str] = ()
+) -> None:
+    """The fine-tuning rows (`rows`: those only), each from its seed-0 frozen model (retrained
+    first: another may be there)."""
+    for name, (feature_setting, frozen, changes) in FINETUNE.items():
+        if rows and name not in rows:
+            continue
+        folder = features_folder(work, feature_setting, voc)
         for seed in (0, 1) if name == "fine-tuning, 5 epochs" else (0,):
             if (name, seed) in done:
                 continue
-            reference = FEATURES["default"] | LAB | {"train.obj_loss": "focal", "train.seed": 0}
+            reference = FEATURES[feature_setting] | frozen | {"train.seed": 0}
             write_params(folder, voc_params(voc, reference))
             stage(folder, "train", "multi", "--no-progress")
             tuned = reference | {"finetune.seed": seed} | changes

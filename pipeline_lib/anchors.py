@@ -74,18 +74,3 @@ def kmeans_anchors(
     centres = centres[torch.argsort(centres.prod(dim=1), stable=True)]
     fitness = shape_iou(wh, centres).max(dim=1).values.mean().item()
     return centres, fitness
-
-
-def fold_anchors(
-    pred_boxes: torch.Tensor,
-    logits: torch.Tensor,
-    boxes: torch.Tensor,
-    has_obj: torch.Tensor,
-    labels: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """Anchor-head tensors ((B, A, 4, S, S), (B, A, K + 1, S, S), (B, A, 4, S, S), (B, A, S, S),
-    (B, A, S, S)) -> the same with B * A rows, i.e. the anchor-free head's shapes (which are
-    returned as they are)."""
-    if pred_boxes.dim() == 4:
-        return pred_boxes, logits, boxes, has_obj, labels
-    return tuple(t.flatten(0, 1) for t in (pred_boxes, logits, boxes, has_obj, labels))

@@ -121,13 +121,19 @@ def backbone_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def is_unit_of(name: str, layer: str) -> bool:
+    """Whether unit `name` (of `backbone_units`) is `layer` or inside it (a group such as a
+    ResNet's layer3)."""
+    return name == layer or name.startswith(layer + ".")
+
+
 def run_levels(module: nn.Module, fine_layer: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Run a trunk on `x` unit by unit -> (its output, the output of unit `fine_layer`, or of the
     last unit inside it when it is a group such as a ResNet's layer3)."""
     fine = None
     for name, unit in backbone_units(module):
         x = unit(x)
-        if name == fine_layer or name.startswith(fine_layer + "."):
+        if is_unit_of(name, fine_layer):
             fine = x
     if fine is None:
         raise BackboneError(f"no unit {fine_layer!r} in this backbone")

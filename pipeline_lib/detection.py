@@ -1,8 +1,9 @@
-"""From grid head outputs to detections in the original image's pixels.
+"""From head outputs to detections in the original image's pixels.
 
 Score of a cell = sigmoid(objectness) x softmax class probability of its best class. Cells are
 kept from `score_threshold`, then per-class non-maximum suppression (torchvision's batched_nms)
-at `nms_iou`, then the `max_detections` best.
+at `nms_iou`, then the `max_detections` best. torchvision's detectors decode their own
+(fcos.py, retinanet.py); `pixel_detections` brings theirs to the original pixels.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import batched_nms
 
-from pipeline_lib.geometry import ImageSpec, encoded_to_image
+from pipeline_lib.geometry import ImageSpec, encode_boxes, encoded_to_image
 from pipeline_lib.gridcoding import decode_grid
 
 
@@ -119,3 +120,17 @@ def single_detections(
         )
         for n, (width, height) in enumerate(sizes)
     ]
+
+
+def pixel_detections(
+    found: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]], spec: ImageSpec
+) -> list[Detections]:
+    """torchvision's detections of B images (per image "boxes" (D, 4) xyxy in the pixels of the
+    S x S image after the image mode, "scores", "labels") -> ours, in the pixels of the originals
+    whose (width, height) are `sizes`."""
+    results = []
+    for image, (width, height) in zip(found, sizes, strict=True):
+        fractions = encode_boxes(image["boxes"].double(), spec.size, spec.size)
+        boxes = encoded_to_image(fractions, width, height, spec.mode, spec.size)
+        results.append(Detections(boxes.float(), image["scores"], image["labels"]))
+    return results

@@ -10,7 +10,7 @@ rewritten here: this module only feeds it our cached maps and boxes, and turns i
 ours (`detection.Detections`, in the original image's pixels).
 
 Boxes: FCOS works in the pixels of the S x S image the features came from (xyxy); the targets of
-an image are its boxes there, padded to the dataset's most objects per image with label -1.
+an image are its boxes there (`targets.box_targets`, padded with label -1).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, box_iou
 
 from pipeline_lib.backbones import unpack_levels
-from pipeline_lib.detection import Detections, Filtering
-from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes, encoded_to_image
+from pipeline_lib.detection import Detections, Filtering, pixel_detections
+from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.losses import LossWeights
 from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.params import HeadParams
 from pipeline_lib.tables import Prepared
-from pipeline_lib.targets import encoded_objects
+from pipeline_lib.targets import box_targets, image_objects, image_targets
+from pipeline_lib.training import Objective
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # as FCOSHead names them:
 OUTPUT_NAMES = ("cls_logits", "bbox_regression", "bbox_ctrness")
@@ -143,7 +146,12 @@ class FcosHead(nn.Module):
     def learnable_objects(self, card: ModelCard, prepared: Prepared, ids: list[str]) -> int:
         """How many objects of images `ids` FCOS's assignment gives a location (the others
         cannot be learned)."""
-        return self.matched_objects(*fcos_targets(prepared, ids, card.image))
+        return self.matched_objects(*box_targets(card, image_objects(prepared, ids, card.image)))
+
+    def objective(self, weights: LossWeights) -> Objective:
+        """FCOS's own loss and measures (`loss`, `measures`) of its outputs against
+        `targets.box_targets`; its parts are summed as FCOS sums them (`weights` do not apply)."""
+        return Objective(self.loss, self.measures)
 
     def detections(
         self, outputs: Outputs, sizes: list[tuple[int, int]], spec: ImageSpec, keep: Filtering
@@ -161,12 +169,7 @@ class FcosHead(nn.Module):
         }
         anchors = [list(a.split(per_level)) for a in self.anchors(len(sizes), outputs[0].device)]
         found = fcos.postprocess_detections(split, anchors, [(s, s)] * len(sizes))
-        results = []
-        for image, (width, height) in zip(found, sizes, strict=True):
-            fractions = encode_boxes(image["boxes"].double(), s, s)
-            boxes = encoded_to_image(fractions, width, height, spec.mode, spec.size)
-            results.append(Detections(boxes.float(), image["scores"], image["labels"]))
-        return results
+        return pixel_detections(found, sizes, spec)
 
 
 class _Placeholder(nn.Module):
@@ -177,36 +180,12 @@ class _Placeholder(nn.Module):
         self.out_channels = out_channels
 
 
-def fcos_targets(
-    prepared: Prepared, image_ids: list[str], spec: ImageSpec, mirrored: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FCOS's targets of `image_ids` (rows of the prepared tables) after the image mode
-    (`mirrored`: in the images flipped left to right), as `padded_targets` gives them."""
-    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
-    encoded = [none] * len(image_ids)
-    for row, fractions, labels in encoded_objects(
-        prepared.images, prepared.objects, image_ids, spec, mirrored
-    ):
-        encoded[row] = (fractions, labels)
-    return padded_targets(encoded, spec.size)
+def fcos_entry(hp: HeadParams) -> dict:
+    """The card's description of an FCOS head: its pyramid's channels and towers' depth."""
+    return {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth}
 
 
-def image_targets(boxes: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Padded (B, M, 4) boxes and (B, M) labels (-1: padding) -> FCOS's targets, one dict of
-    "boxes" (G, 4) and "labels" (G,) per image."""
-    present = labels >= 0
-    return [{"boxes": b[p], "labels": k[p]} for b, k, p in zip(boxes, labels, present, strict=True)]
-
-
-def padded_targets(
-    encoded: list[tuple[torch.Tensor, torch.Tensor]], image_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image (fraction boxes (K, 4), labels (K,)) -> (boxes (N, M, 4) float32 xyxy pixels of
-    the S x S image, labels (N, M) int64), M the most objects of an image, padding labelled -1."""
-    most = max([len(labels) for _, labels in encoded], default=0)
-    boxes = torch.zeros(len(encoded), most, 4)
-    labels = torch.full((len(encoded), most), -1, dtype=torch.int64)
-    for n, (fractions, classes) in enumerate(encoded):
-        boxes[n, : len(classes)] = decode_boxes(fractions, image_size, image_size).float()
-        labels[n, : len(classes)] = classes
-    return boxes, labels
+def build_fcos(card: ModelCard) -> nn.Module:
+    config = {k: v for k, v in card.head.items() if k != "kind"}
+    shape, n_classes = tuple(card.feature_shape), len(card.classes)
+    return FcosHead(shape, n_classes, card.image.size, card.grid.fine_channels, **config)

@@ -1,10 +1,10 @@
-"""Fine-tuning: the backbone's last blocks and the grid head trained together, from images.
+"""Fine-tuning: the backbone's last blocks and the multi-object head trained together, from images.
 
 The frozen pipeline computes features once and trains heads on them. Here every batch goes
 through the backbone, so the images can be augmented, and the last `unfreeze` units of the
 backbone learn too. The loop is `training.fit`'s (`ImageBatches` gives it batches of images
 instead of cached features); the model is `FineTuner`, which starts from the head trained on the
-frozen features.
+frozen features, whatever its kind (its targets and objective are the kind's, as in training).
 
 Augmentation (torchvision.transforms.v2, which moves the boxes with the pixels): horizontal flip,
 scale and shift jitter (an affine map; areas moved in from outside the image are black), colour
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline_lib.backbones import Backbone, backbone_units, load_backbone
+from pipeline_lib.backbones import Backbone, backbone_units, is_unit_of, load_backbone, pack_levels
 from pipeline_lib.checkpoints import Checkpoint, load_checkpoint
 from pipeline_lib.detection import Filtering
 from pipeline_lib.devices import pick_device, pick_workers
@@ -37,14 +36,13 @@ from pipeline_lib.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.errors import PipelineError
 from pipeline_lib.evaluation import VocSummary, check_classes, voc_summary
 from pipeline_lib.geometry import ImageSpec, decode_boxes, encode_boxes
-from pipeline_lib.headkinds import head_kind
+from pipeline_lib.headkinds import Targets, head_kind
 from pipeline_lib.images import check_stackable, load_image_tensor
-from pipeline_lib.losses import grid_loss
-from pipeline_lib.metrics import OVERLAP_OF_SOURCE, multi_object_batch_sums
+from pipeline_lib.metrics import OVERLAP_OF_SOURCE
 from pipeline_lib.modelcard import ModelCard
 from pipeline_lib.params import EvalParams, FinetuneParams, Params, by_name
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import GridLevel, encoded_objects, ground_truth
+from pipeline_lib.targets import Objects, ground_truth, image_objects
 from pipeline_lib.tasks import SPLITS, loss_weights, train_config
 from pipeline_lib.training import FitResult, Objective, TrainConfig, best_epoch_stats
 
@@ -80,64 +78,53 @@ def augment(
     return image.as_subclass(torch.Tensor), boxes, target["labels"]
 
 
-@dataclass
-class GridLayout:
-    """The image spec of a grid model and its grid (cells, anchors and how objects are assigned to
-    them: the targets the model was trained on)."""
+class ObjectImages(Dataset):
+    """Images after the image mode with their objects, augmented when `transform` is given.
 
-    spec: ImageSpec
-    level: GridLevel
-
-
-class GridImages(Dataset):
-    """Images after the image mode with their grid targets, augmented when `transform` is given.
-
-    Items are (uint8 (3, S, S) image, boxes, has_obj, labels), the targets as the layout's grid
-    level makes them (`targets.GridLevel.encode`, as train_multi made them); `objects` holds
-    (fraction boxes, labels) per image.
+    Items are (uint8 (3, S, S) image, fraction boxes (K, 4) float64, labels (K,)); `objects`
+    holds (fraction boxes, labels) per image (`targets.image_objects`). `HeadTargets` makes a
+    batch's targets from them, as the head's kind makes them.
     """
 
     def __init__(
         self,
         paths: list[Path],
-        objects: list[tuple[torch.Tensor, torch.Tensor]],
-        layout: GridLayout,
+        objects: list[Objects],
+        spec: ImageSpec,
         transform: v2.Compose | None = None,
     ):
-        self.paths, self.objects, self.layout, self.transform = paths, objects, layout, transform
+        self.paths, self.objects, self.spec, self.transform = paths, objects, spec, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
-        spec = self.layout.spec
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec = self.spec
         image = load_image_tensor(self.paths[index], spec.mode, spec.size)
         fractions, labels = self.objects[index]
         if self.transform is not None:
             boxes = decode_boxes(fractions, spec.size, spec.size)
             image, boxes, labels = augment(self.transform, image, boxes, labels)
             fractions = encode_boxes(boxes, spec.size, spec.size)
-        grid = self.layout.level.encode(fractions, labels)
-        return image, grid.boxes, grid.has_obj, grid.labels
+        return image, fractions, labels
 
 
-def image_objects(
-    prepared: Prepared, image_ids: list[str], spec: ImageSpec
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(fraction boxes (K, 4) float64, labels (K,)) per image of `image_ids` after the image
-    mode."""
-    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
-    found = [none] * len(image_ids)
-    for row, fractions, labels in encoded_objects(
-        prepared.images, prepared.objects, image_ids, spec
-    ):
-        found[row] = (fractions.double(), labels)
-    return found
+@dataclass(frozen=True)
+class HeadTargets:
+    """A DataLoader's collate function: ObjectImages items -> (images (B, 3, S, S) uint8, then
+    the batch's targets as the card's head kind makes them (`headkinds.HeadKind.targets`))."""
+
+    card: ModelCard
+    targets: Targets
+
+    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple:
+        images = torch.stack([image for image, _, _ in items])
+        return images, *self.targets(self.card, [(f, labels) for _, f, labels in items])
 
 
 @dataclass
 class ImageBatches:
-    """`training.Dataset`'s interface over a DataLoader of GridImages, so that `training.fit`
+    """`training.Dataset`'s interface over a DataLoader of ObjectImages, so that `training.fit`
     runs the fine-tuning too. The loader shuffles (or not) by itself: `order` is ignored; a
     DistributedSampler is told each new epoch. Its length: the images this process sees."""
 
@@ -161,7 +148,8 @@ class ImageBatches:
 
 
 class FineTuner(nn.Module):
-    """uint8 (B, 3, S, S) images -> grid head outputs, through the backbone.
+    """uint8 (B, 3, S, S) images -> the head's outputs, through the backbone (both levels,
+    packed as extraction packs them, when the backbone has a fine one).
 
     The backbone's first units run without gradients; its last `unfreeze` units ("all": every
     one) and the head train. The modules are the backbone's and the head's own, so after training
@@ -172,27 +160,36 @@ class FineTuner(nn.Module):
         super().__init__()
         units = backbone_units(backbone.module)
         n = len(units) if unfreeze == "all" else min(int(unfreeze), len(units))
-        split = len(units) - n
-        self.trainable_units = [name for name, _ in units[split:]]
-        self.frozen = nn.Sequential(*(m for _, m in units[:split])).requires_grad_(False)
-        self.trainable = nn.Sequential(*(m for _, m in units[split:])).requires_grad_(True)
+        self.frozen_units = len(units) - n
+        self.names = [name for name, _ in units]
+        self.units = nn.ModuleList(unit for _, unit in units)
+        self.trainable_units = self.names[self.frozen_units :]
+        for k, unit in enumerate(self.units):
+            unit.requires_grad_(k >= self.frozen_units)
+        self.fine_layer = backbone.fine_layer
         self.head = head
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255)
 
     def train(self, mode: bool = True) -> FineTuner:
         super().train(mode)
-        self.frozen.eval()
-        for module in self.trainable.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        for k, unit in enumerate(self.units):  # frozen units and the backbone's BatchNorms: eval
+            if k < self.frozen_units:
+                unit.eval()
+            for module in unit.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (images.float() - self.mean) / self.std  # as devices.prepare_model normalises
-        with torch.no_grad():
-            x = self.frozen(x)
-        return self.head(self.trainable(x))
+        fine = None
+        for k, (name, unit) in enumerate(zip(self.names, self.units, strict=True)):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= self.frozen_units):
+                x = unit(x)
+            if self.fine_layer and is_unit_of(name, self.fine_layer):
+                fine = x  # as backbones.run_levels taps it
+        return self.head(x if fine is None else pack_levels(x, fine))
 
 
 def training_device(device: str, ranks: Ranks = ONE_PROCESS) -> torch.device:
@@ -212,8 +209,8 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def grid_outputs(model: nn.Module, loader: DataLoader, device=None) -> tuple[torch.Tensor, ...]:
-    """Run `model` in eval mode over a loader of GridImages (in its order); the head's outputs
+def head_outputs(model: nn.Module, loader: DataLoader, device=None) -> tuple[torch.Tensor, ...]:
+    """Run `model` in eval mode over a loader of ObjectImages (in its order); the head's outputs
     concatenated on the CPU."""
     model.eval()
     parts = [tuple(t.cpu() for t in model(images.to(device))) for images, *_ in loader]
@@ -221,21 +218,14 @@ def grid_outputs(model: nn.Module, loader: DataLoader, device=None) -> tuple[tor
 
 
 def read_frozen(model: Path, prepared_dir: Path) -> tuple[Checkpoint, Prepared]:
-    """The frozen-feature grid model in `model` (checked to be rebuildable from its backbone's
-    published weights) and the prepared tables."""
+    """The frozen-feature multi-object model in `model`, of any head kind, one level or two
+    (checked to be rebuildable from its backbone's published weights) and the prepared
+    tables."""
     checkpoint = load_checkpoint(model)
     card = checkpoint.card
     if card.kind != "multi":
-        raise PipelineError(f"{model}: a {card.kind}-object head, not a grid head")
-    if not head_kind(card).finetunes:
         raise PipelineError(
-            f"{model} is a head of kind {card.head['kind']!r} (head.grid_kind): fine-tuning "
-            "it is not supported yet; set head.grid_kind: conv"
-        )
-    if card.grid.fine_channels:
-        raise PipelineError(
-            f"{model} is a two-level grid head (backbone.fine_layer): fine-tuning it is not "
-            "supported yet; set backbone.fine_layer: none"
+            f"{model}: a {card.kind}-object head; fine-tuning takes multi-object ones"
         )
     check_stackable(card.image.mode)
     if card.backbone["weights"] != "imagenet":
@@ -256,21 +246,18 @@ def image_loader(
     device,
     ranks: Ranks = ONE_PROCESS,
 ) -> DataLoader:
-    """A DataLoader of GridImages for `split` (augmented for train, shuffled with ft.seed), with
-    the image spec, grid and anchors of `checkpoint`. Under torchrun each rank loads its part
-    (DistributedSampler: reshuffled each epoch from ft.seed, padded to equal parts)."""
-    card, head = checkpoint.card, checkpoint.head
+    """A DataLoader of ObjectImages for `split` (augmented for train, shuffled with ft.seed)
+    with the image spec of `checkpoint`, its batches' targets as the head's kind makes them.
+    Under torchrun each rank loads its part (DistributedSampler: reshuffled each epoch from
+    ft.seed, padded to equal parts)."""
+    card = checkpoint.card
     rows = prepared.images[prepared.images["split"] == split]
     transform = None
     if split == "train":
         transform = augmentation(ft.hflip, ft.scale_jitter, ft.translate, ft.color_jitter)
-    anchors = head.anchors.detach().cpu() if head.n_anchors else None  # targets: on the CPU
-    grid = card.grid
-    level = GridLevel(grid.num_cells, anchors, None, grid.assign, grid.anchor_ratio)
-    layout = GridLayout(card.image, level)
     dataset_dir = Path(prepared.info["dataset_dir"])
     objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
-    data = GridImages([dataset_dir / p for p in rows["path"]], objects, layout, transform)
+    data = ObjectImages([dataset_dir / p for p in rows["path"]], objects, card.image, transform)
     sampler = None
     if ranks.world > 1:
         shuffle = split == "train"
@@ -280,6 +267,7 @@ def image_loader(
         batch_size=ft.batch_size,
         shuffle=split == "train" and sampler is None,
         sampler=sampler,
+        collate_fn=HeadTargets(card, head_kind(card).targets),
         num_workers=pick_workers(ft.workers, device),
         generator=torch.Generator().manual_seed(ft.seed),
         pin_memory=device.type == "cuda",
@@ -287,9 +275,10 @@ def image_loader(
 
 
 def rebuild(checkpoint: Checkpoint, unfreeze: int | str = 0) -> tuple[Backbone, FineTuner]:
-    """The checkpoint's backbone (with its own weights if fine-tuned) and head as a FineTuner."""
+    """The checkpoint's backbone (both levels, if it has two; with its own weights if
+    fine-tuned) and head as a FineTuner."""
     spec = checkpoint.card.backbone
-    backbone = load_backbone(spec["name"], spec["layer"], spec["weights"])
+    backbone = load_backbone(spec["name"], spec["layer"], spec["weights"], spec.get("fine_layer"))
     if checkpoint.backbone_state is not None:
         backbone.module.load_state_dict(checkpoint.backbone_state)
     return backbone, FineTuner(backbone, checkpoint.head, unfreeze)
@@ -315,7 +304,7 @@ def compare_models(
     results = {}
     for name, checkpoint in models.items():
         _, model = rebuild(checkpoint)
-        outputs = grid_outputs(model.to(device), loader, device)
+        outputs = head_outputs(model.to(device), loader, device)
         found = checkpoint.head.detections(outputs, sizes, checkpoint.card.image, keep)
         results[name] = voc_summary(found, truth, prepared.classes, ev.iou_threshold, overlap)
     return results
@@ -397,8 +386,7 @@ def finetune_job(
     if ranks.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         parallel = DistributedDataParallel(model, device_ids=ids)
-    loss = partial(grid_loss, weights=loss_weights(params.train))
-    objective = Objective(loss, multi_object_batch_sums)
+    objective = model.head.objective(loss_weights(params.train))
     config = train_config(ft, str(device))
     train, val = (ImageBatches(loaders[split]) for split in SPLITS)
     return FinetuneJob(backbone, model, train, val, objective, config, parallel)

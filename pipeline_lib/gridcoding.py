@@ -165,6 +165,35 @@ def decode_grid_map(cell_boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx, cy, cell_boxes[:, 2], cell_boxes[:, 3]], dim=1).flatten(2)
 
 
+def raw_cell_boxes(raw: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """The conv heads' raw box outputs -> cell boxes: (B, 4, S, S) (with anchors (B, A, 4, S, S)
+    and (A, 2) `anchors`) -> the same shape, the centre 2 sigmoid(t) - 0.5 of a cell from the
+    cell's corner, in [-0.5, 1.5] so that a cell can reach the centre of an object in a
+    neighbour cell (YOLOv5's form), the size sigmoid(t), a fraction of the image, or with
+    anchors `anchor_sizes` of it."""
+    axis = raw.dim() - 3  # the coordinates' axis: 1, or 2 after the anchors'
+    centres = 2 * torch.sigmoid(raw.narrow(axis, 0, 2)) - 0.5
+    sizes = torch.sigmoid(raw.narrow(axis, 2, 2))
+    if anchors is not None:
+        sizes = anchor_sizes(sizes, anchors)
+    return torch.cat([centres, sizes], dim=axis)
+
+
+def fold_anchors(
+    pred_boxes: torch.Tensor,
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    has_obj: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Anchor-head tensors ((B, A, 4, S, S), (B, A, K + 1, S, S), (B, A, 4, S, S), (B, A, S, S),
+    (B, A, S, S)) -> the same with B * A rows, i.e. the anchor-free head's shapes (which are
+    returned as they are): each anchor slot a grid of its own, for the losses and measures."""
+    if pred_boxes.dim() == 4:
+        return pred_boxes, logits, boxes, has_obj, labels
+    return tuple(t.flatten(0, 1) for t in (pred_boxes, logits, boxes, has_obj, labels))
+
+
 def anchor_sizes(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Box sizes from the head's sigmoid outputs: (B, A, 2, S, S) in [0, 1] and (A, 2) anchors
     (w, h) -> (B, A, 2, S, S) = anchor * (2 raw)^2 (YOLOv5's form: the anchor itself at raw = 0.5,

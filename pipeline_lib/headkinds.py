@@ -1,19 +1,27 @@
-"""The one registry of head kinds: the model card's (task, head kind) -> the head it builds.
+"""The one registry of head kinds: the model card's (task, head kind) -> what makes that head.
 
 A card records its head's kind in `card.head["kind"]` (cards written before the lab's heads
-recorded theirs read as "lab"). Everything else asks the head itself, never its type: every
-head answers `detections(outputs, sizes, spec, keep)` (its outputs for B images -> each image's
-detections in its own pixels) and every multi-object head `learnable_objects(card, prepared,
-ids)` (what its assignment can learn: the recall bound); see `heads.SingleDecoding`,
-`heads.GridDecoding` and `fcos.FcosHead`.
+recorded theirs read as "lab"). The registry knows how to describe a kind on a card from params
+head.* and grid.*, how to build it from a card, and how to make its targets; everything else asks
+the head itself, never its type. Every head answers:
+- `objective(weights)`: its loss and training measures (`training.Objective`),
+- `detections(outputs, sizes, spec, keep)`: its outputs for B images -> each image's detections
+  in its own pixels,
+- and every multi-object head `learnable_objects(card, prepared, ids)`: how many objects its
+  assignment can learn (the recall bound).
+(`heads.SingleContract`, `heads.GridContract`, `fcos.FcosHead`, `retinanet.RetinaNetHead`.)
 
-| task | kind | head (one level / with backbone.fine_layer) | fine-tuned |
+| task | kind | head (one level / with backbone.fine_layer) | targets |
 |---|---|---|---|
-| single | lab | `heads.SingleObjectHead` | no (single-object) |
-| single | spatial | `heads.SpatialSingleHead` | no (single-object) |
-| multi | lab | `heads.MultiObjectHead` / `heads.TwoLevelHead` | one level |
-| multi | conv | `heads.ConvGridHead` / `heads.PyramidGridHead` | one level |
-| multi | fcos | `fcos.FcosHead` (one or two levels) | no |
+| single | lab | `heads.SingleObjectHead` | the largest object |
+| single | spatial | `heads.SpatialSingleHead` | the largest object |
+| multi | lab | `heads.MultiObjectHead` / `heads.TwoLevelHead` | `targets.grid_targets` |
+| multi | conv | `heads.ConvGridHead` / `heads.PyramidGridHead` | `targets.grid_targets` |
+| multi | fcos | `fcos.FcosHead` (one or two levels) | `targets.box_targets` |
+| multi | retinanet | `retinanet.RetinaNetHead` (one or two levels) | `targets.box_targets` |
+
+Adding a kind: its module (the nn.Module with the three answers, a `build` and an `entry`), one
+line here, its name in params.HeadParams.
 """
 
 from __future__ import annotations
@@ -21,81 +29,70 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from pipeline_lib.fcos import FcosHead
-from pipeline_lib.heads import (
-    ConvGridHead,
-    MultiObjectHead,
-    PyramidGridHead,
-    SingleObjectHead,
-    SpatialSingleHead,
-    TwoLevelHead,
-)
-from pipeline_lib.modelcard import ModelCard
+from pipeline_lib import fcos, heads, retinanet
+from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.params import GridParams, HeadParams
+from pipeline_lib.targets import Objects, box_targets, grid_targets
 
 LAB = "lab"  # the kind of a card that names none (written before cards recorded the lab's)
+
+Layout = Callable[[GridParams, int, list[int], list | None], GridSpec]
+Targets = Callable[[ModelCard, list[Objects]], tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
 class HeadKind:
-    """How to build a head from its card (fresh weights), and whether `finetune` trains it."""
+    """What makes a head of one kind.
+
+    build: its card -> the head, fresh weights. entry: params head.* -> the card's `head`
+    description (the head's keyword arguments and its kind). For multi-object kinds, layout:
+    (params grid.*, the fine level's channels (0: one level), the feature shape, the k-means
+    anchors or None) -> the card's GridSpec; targets: (card, `Objects` of N images) -> the
+    targets of those N images, in the order its loss takes them (a module-level function:
+    DataLoader workers call it).
+    """
 
     build: Callable[[ModelCard], nn.Module]
-    finetunes: bool
+    entry: Callable[[HeadParams], dict]
+    layout: Layout | None = None
+    targets: Targets | None = None
 
 
-def _config(card: ModelCard) -> dict:
-    """The head's keyword arguments: the card's head description without its kind."""
-    return {k: v for k, v in card.head.items() if k != "kind"}
-
-
-def _shape(card: ModelCard) -> tuple[tuple[int, int, int], int]:
-    return tuple(card.feature_shape), len(card.classes)
-
-
-def _lab_single(card: ModelCard) -> nn.Module:
-    return SingleObjectHead(*_shape(card), **_config(card))
-
-
-def _spatial_single(card: ModelCard) -> nn.Module:
-    return SpatialSingleHead(*_shape(card), **_config(card))
-
-
-def _lab_grid(card: ModelCard) -> nn.Module:
-    grid = card.grid
-    if grid.fine_channels:
-        return TwoLevelHead(*_shape(card), grid.fine_channels, grid.num_cells, **_config(card))
-    return MultiObjectHead(*_shape(card), grid.num_cells, anchors=grid.anchors, **_config(card))
-
-
-def _conv_grid(card: ModelCard) -> nn.Module:
-    grid = card.grid
-    if grid.fine_channels:
-        return PyramidGridHead(*_shape(card), grid.fine_channels, grid.num_cells, **_config(card))
-    return ConvGridHead(*_shape(card), grid.num_cells, anchors=grid.anchors, **_config(card))
-
-
-def _fcos(card: ModelCard) -> nn.Module:
-    return FcosHead(*_shape(card), card.image.size, card.grid.fine_channels, **_config(card))
+def _conv(kind: str) -> Callable[[HeadParams], dict]:
+    return lambda hp: heads.conv_entry(kind, hp)
 
 
 HEAD_KINDS: dict[tuple[str, str], HeadKind] = {
-    ("single", LAB): HeadKind(_lab_single, finetunes=False),
-    ("single", "spatial"): HeadKind(_spatial_single, finetunes=False),
-    ("multi", LAB): HeadKind(_lab_grid, finetunes=True),
-    ("multi", "conv"): HeadKind(_conv_grid, finetunes=True),
-    ("multi", "fcos"): HeadKind(_fcos, finetunes=False),
+    ("single", LAB): HeadKind(heads.build_lab_single, heads.lab_single_entry),
+    ("single", "spatial"): HeadKind(heads.build_spatial_single, _conv("spatial")),
+    ("multi", LAB): HeadKind(
+        heads.build_lab_grid, heads.lab_grid_entry, heads.lab_grid_layout, grid_targets
+    ),
+    ("multi", "conv"): HeadKind(
+        heads.build_conv_grid, _conv("conv"), heads.conv_grid_layout, grid_targets
+    ),
+    ("multi", "fcos"): HeadKind(fcos.build_fcos, fcos.fcos_entry, heads.levels_layout, box_targets),
+    ("multi", "retinanet"): HeadKind(
+        retinanet.build_retinanet, retinanet.retinanet_entry, heads.levels_layout, box_targets
+    ),
 }
 
 
+def kind_named(task: str, kind: str) -> HeadKind:
+    """The registry's entry for a `task` ("single" / "multi") head of `kind` (ValueError naming
+    the kinds known)."""
+    if (task, kind) not in HEAD_KINDS:
+        known = ", ".join(name for t, name in HEAD_KINDS if t == task)
+        raise ValueError(f"unknown {task}-object head kind {kind!r} (known: {known})")
+    return HEAD_KINDS[task, kind]
+
+
 def head_kind(card: ModelCard) -> HeadKind:
-    """The registry's entry for the card's head (ValueError naming the kinds known)."""
-    key = (card.kind, card.head.get("kind", LAB))
-    if key not in HEAD_KINDS:
-        known = ", ".join(kind for task, kind in HEAD_KINDS if task == card.kind)
-        raise ValueError(f"unknown {card.kind}-object head kind {key[1]!r} (known: {known})")
-    return HEAD_KINDS[key]
+    """The registry's entry for the card's head."""
+    return kind_named(card.kind, card.head.get("kind", LAB))
 
 
 def build_head(card: ModelCard) -> nn.Module:

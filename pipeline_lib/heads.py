@@ -13,6 +13,7 @@ without anchors) and, on two feature levels, PyramidGridHead (FPN, one head shar
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +22,19 @@ from torch import nn
 from pipeline_lib.backbones import unpack_levels
 from pipeline_lib.detection import Detections, Filtering, grid_detections, single_detections
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.gridcoding import anchor_sizes, decode_grid_map
-from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.gridcoding import anchor_sizes, decode_grid_map, raw_cell_boxes
+from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
+from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.params import GridParams, HeadParams
 from pipeline_lib.tables import Prepared
-from pipeline_lib.targets import grid_levels, multi_object_targets
+from pipeline_lib.targets import card_levels, multi_object_targets
+from pipeline_lib.training import Objective
 
 CLASSIFIERS = ("flatten", "pooled")
 
 
-class SingleDecoding:
+class SingleContract:
     """What every single-object head answers besides its forward pass (headkinds.py lists them)."""
 
     def detections(
@@ -43,8 +48,14 @@ class SingleDecoding:
         the B images whose (width, height) are `sizes` (`keep` does not apply: one box each)."""
         return single_detections(*outputs, sizes, spec)
 
+    def objective(self, weights: LossWeights) -> Objective:
+        """Its loss (`losses.single_object_loss` weighted by `weights`) and training measures,
+        of its outputs against (boxes, labels) of the largest objects."""
+        loss = partial(single_object_loss, weights=weights)
+        return Objective(lambda o, t: loss(*o, *t), single_object_batch_sums)
 
-class GridDecoding:
+
+class GridContract:
     """What every grid head answers besides its forward pass (headkinds.py lists them): its
     outputs, (boxes, logits) per level, decoded cell by cell, and the objects its cells can
     learn."""
@@ -63,16 +74,16 @@ class GridDecoding:
     def learnable_objects(self, card: ModelCard, prepared: Prepared, ids: list[str]) -> int:
         """How many objects of images `ids` the card's grid can learn: not cut away by the
         image mode, not lost in a cell (and anchor) collision."""
-        grid = card.grid
-        anchors = torch.tensor(grid.anchors, dtype=torch.float32) if grid.anchors else None
-        levels = grid_levels(
-            grid.num_cells, grid.fine_below, anchors, grid.assign, grid.anchor_ratio
-        )
         learnable = 0
-        for level in levels:
+        for level in card_levels(card.grid):
             t = multi_object_targets(prepared.images, prepared.objects, ids, card.image, level)
             learnable += int(t.objects.sum() - t.dropped.sum())
         return learnable
+
+    def objective(self, weights: LossWeights) -> Objective:
+        """Its loss (`losses.grid_loss` weighted by `weights`) and training measures, of its
+        outputs against `targets.grid_targets`."""
+        return Objective(partial(grid_loss, weights=weights), multi_object_batch_sums)
 
 
 def grid_pool(feature_shape: tuple[int, int, int], num_cells: int) -> nn.Module:
@@ -88,7 +99,7 @@ def grid_pool(feature_shape: tuple[int, int, int], num_cells: int) -> nn.Module:
     return nn.Identity() if same else nn.AdaptiveAvgPool2d(num_cells)
 
 
-class SingleObjectHead(SingleDecoding, nn.Module):
+class SingleObjectHead(SingleContract, nn.Module):
     """Box regression and classification of the largest object.
 
     regression:     Flatten -> Dropout -> Linear(C*H*W, hidden) -> ReLU -> BatchNorm1d -> Dropout
@@ -132,7 +143,7 @@ class SingleObjectHead(SingleDecoding, nn.Module):
         return self.regression(features), self.classification(features)
 
 
-class MultiObjectHead(GridDecoding, nn.Module):
+class MultiObjectHead(GridContract, nn.Module):
     """Grid head, as in the lab.
 
     regression:     2 x [Dropout -> Conv1x1(hidden) -> ReLU -> BatchNorm2d] -> Conv1x1(4) -> Sigmoid
@@ -209,20 +220,12 @@ def conv_trunk(channels: int, width: int, depth: int, dropout: float = 0.0) -> n
     return nn.Sequential(*layers)
 
 
-def cell_boxes(raw: torch.Tensor) -> torch.Tensor:
-    """(B, 4, S, S) raw outputs -> cell boxes (gridcoding.py): the centre 2 sigmoid(t) - 0.5, in
-    [-0.5, 1.5] so that a cell can reach the centre of an object in a neighbour cell (YOLOv5's
-    form), the size sigmoid(t), a fraction of the image."""
-    centre = 2 * torch.sigmoid(raw[:, :2]) - 0.5
-    return torch.cat([centre, torch.sigmoid(raw[:, 2:])], dim=1)
-
-
-class ConvGridHead(GridDecoding, nn.Module):
+class ConvGridHead(GridContract, nn.Module):
     """A detection head beyond the lab's (head.grid_kind: conv): `conv_trunk` shared by the box,
     class and objectness outputs (1x1 convolutions). No dropout on the raw features; `dropout` on
     the trunk's output (training only: a regulariser, the weights are the same). Outputs as
     `MultiObjectHead` gives them (same targets, losses, decoding), but the centre of a cell's box
-    may lie up to half a cell outside it (`cell_boxes`), for grid.assign: neighbours.
+    may lie up to half a cell outside it (`gridcoding.raw_cell_boxes`), for grid.assign: neighbours.
 
     With A `anchors` ((w, h) image fractions) the 1x1 outputs have A times the channels: per cell
     and anchor a box whose size is anchor * (2 sigmoid(t))^2 (`gridcoding.anchor_sizes`), class
@@ -272,16 +275,14 @@ def grid_outputs(
     raw: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv head's 1x1 outputs (B, 4 A, S, S) and (B, (K + 1) A, S, S) -> (cell boxes, logits)
-    as `MultiObjectHead` gives them: without anchors (A = 1) `cell_boxes(raw)` and the logits;
-    with (A, 2) anchors (B, A, 4, S, S) boxes, centres as `cell_boxes` makes them and sizes
-    anchor * (2 sigmoid(t))^2, and (B, A, K + 1, S, S) logits."""
+    as `MultiObjectHead` gives them: without anchors (A = 1) `gridcoding.raw_cell_boxes(raw)`
+    and the logits; with (A, 2) anchors (B, A, 4, S, S) cell boxes and (B, A, K + 1, S, S)
+    logits."""
     if anchors is None:
-        return cell_boxes(raw), logits
+        return raw_cell_boxes(raw), logits
     b, a, height, width = len(raw), len(anchors), *raw.shape[-2:]
     raw, logits = raw.view(b, a, 4, height, width), logits.view(b, a, -1, height, width)
-    centres = 2 * torch.sigmoid(raw[:, :, :2]) - 0.5
-    sizes = anchor_sizes(torch.sigmoid(raw[:, :, 2:]), anchors)
-    return torch.cat([centres, sizes], dim=2), logits
+    return raw_cell_boxes(raw, anchors), logits
 
 
 class LevelTrunk(nn.Module):
@@ -304,7 +305,7 @@ class LevelTrunk(nn.Module):
         return self.dropout(x)
 
 
-class PyramidGridHead(GridDecoding, nn.Module):
+class PyramidGridHead(GridContract, nn.Module):
     """The conv grid head on two feature levels (head.grid_kind: conv with backbone.fine_layer):
     a feature pyramid (FPN, Lin et al. 2017) then one head shared by both levels.
 
@@ -352,13 +353,14 @@ class PyramidGridHead(GridDecoding, nn.Module):
         outputs: list[torch.Tensor] = []
         for level, x in enumerate((top, fine)):
             x = self.trunk(x, level)
-            outputs += [cell_boxes(self.box(x)), self.classification(x)]
+            outputs += [raw_cell_boxes(self.box(x)), self.classification(x)]
         return tuple(outputs)
 
 
-class SpatialSingleHead(SingleDecoding, nn.Module):
+class SpatialSingleHead(SingleContract, nn.Module):
     """A single-object head beyond the lab's (head.single_kind: spatial): `conv_trunk` on the
-    feature map, then per cell a box (`cell_boxes`), class logits and a "holds the object" logit.
+    feature map, then per cell a box (`gridcoding.raw_cell_boxes`), class logits and a "holds
+    the object" logit.
     The image's box and class logits are the cells' averages weighted by the softmax of that
     logit over the H x W cells (attention pooling: a soft choice of the object's cell, trained
     through the same box and class losses as the lab's head). A few 100k weights instead of the
@@ -383,13 +385,13 @@ class SpatialSingleHead(SingleDecoding, nn.Module):
         """(B, C, H, W) float -> (boxes (B, 4) encoded fractions, class logits (B, n_classes))."""
         x = self.trunk(features)
         weights = torch.softmax(self.where(x).flatten(1), dim=1).unsqueeze(1)  # (B, 1, H*W)
-        fractions = decode_grid_map(cell_boxes(self.box(x)))  # (B, 4, H*W)
+        fractions = decode_grid_map(raw_cell_boxes(self.box(x)))  # (B, 4, H*W)
         boxes = (fractions * weights).sum(dim=2)
         logits = (self.classification(x).flatten(2) * weights).sum(dim=2)
         return boxes, logits
 
 
-class TwoLevelHead(GridDecoding, nn.Module):
+class TwoLevelHead(GridContract, nn.Module):
     """Grid heads on two feature levels (SSD / YOLOv3 style): a `MultiObjectHead` on the main
     level (S x S cells) and one on the fine, stride-16 level (2S x 2S cells), each with its own
     weights. Features come packed (see backbones.pack_levels): (B, C1 + 4 * fine_channels, h, w).
@@ -423,3 +425,84 @@ class TwoLevelHead(GridDecoding, nn.Module):
         `MultiObjectHead` gives them."""
         coarse, fine = unpack_levels(features, self.fine_channels)
         return (*self.coarse(coarse), *self.fine(self.fine_norm(fine)))
+
+
+# What the registry (headkinds.py) needs of these kinds besides the classes: the card's head
+# entry from params head.* (its key order is the model file's), the head from a card, and the
+# grid layout from params grid.* (with the k-means anchors, when grid.anchors asks for them).
+
+
+def lab_single_entry(hp: HeadParams) -> dict:
+    return {
+        "kind": "lab",
+        "hidden": hp.hidden,
+        "dropout": hp.dropout,
+        "classifier": hp.classifier,
+        "classifier_dropout": hp.classifier_dropout,
+    }
+
+
+def conv_entry(kind: str, hp: HeadParams) -> dict:
+    """The card's description of a conv-trunk head (ConvGridHead / PyramidGridHead /
+    SpatialSingleHead)."""
+    return {"kind": kind, "width": hp.conv_width, "depth": hp.conv_depth, "dropout": hp.dropout}
+
+
+def lab_grid_entry(hp: HeadParams) -> dict:
+    return {"kind": "lab", "hidden": hp.grid_hidden, "dropout": hp.dropout}
+
+
+def _arguments(card: ModelCard) -> tuple[tuple[int, int, int], int, dict]:
+    """(feature shape, classes, the head's keyword arguments: its card entry without the kind)."""
+    config = {k: v for k, v in card.head.items() if k != "kind"}
+    return tuple(card.feature_shape), len(card.classes), config
+
+
+def build_lab_single(card: ModelCard) -> nn.Module:
+    shape, n_classes, config = _arguments(card)
+    return SingleObjectHead(shape, n_classes, **config)
+
+
+def build_spatial_single(card: ModelCard) -> nn.Module:
+    shape, n_classes, config = _arguments(card)
+    return SpatialSingleHead(shape, n_classes, **config)
+
+
+def build_lab_grid(card: ModelCard) -> nn.Module:
+    (shape, n_classes, config), grid = _arguments(card), card.grid
+    if grid.fine_channels:
+        return TwoLevelHead(shape, n_classes, grid.fine_channels, grid.num_cells, **config)
+    return MultiObjectHead(shape, n_classes, grid.num_cells, anchors=grid.anchors, **config)
+
+
+def build_conv_grid(card: ModelCard) -> nn.Module:
+    (shape, n_classes, config), grid = _arguments(card), card.grid
+    if grid.fine_channels:
+        return PyramidGridHead(shape, n_classes, grid.fine_channels, grid.num_cells, **config)
+    return ConvGridHead(shape, n_classes, grid.num_cells, anchors=grid.anchors, **config)
+
+
+def lab_grid_layout(
+    grid: GridParams, fine_channels: int, feature_shape: list[int], anchors: list | None
+) -> GridSpec:
+    """The lab's grid: each object to its best anchor's slot."""
+    fine_below = grid.fine_below if fine_channels else None
+    return GridSpec(grid.num_cells, anchors, fine_channels, fine_below, grid.assign)
+
+
+def conv_grid_layout(
+    grid: GridParams, fine_channels: int, feature_shape: list[int], anchors: list | None
+) -> GridSpec:
+    """The conv heads' grid: with anchors, an object to every anchor close to its shape
+    (grid.anchor_ratio, YOLOv5's rule)."""
+    fine_below = grid.fine_below if fine_channels else None
+    ratio = grid.anchor_ratio if anchors is not None else None
+    return GridSpec(grid.num_cells, anchors, fine_channels, fine_below, grid.assign, ratio)
+
+
+def levels_layout(
+    grid: GridParams, fine_channels: int, feature_shape: list[int], anchors: list | None
+) -> GridSpec:
+    """The heads that assign boxes themselves (FCOS, RetinaNet): the cached levels only (the
+    main map's side as num_cells, the fine level's channels); grid.* does not apply."""
+    return GridSpec(feature_shape[1], None, fine_channels)

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, complete_box_iou_loss, sigmoid_focal_loss
 
-from pipeline_lib.anchors import fold_anchors
 from pipeline_lib.geometry import paired_iou
-from pipeline_lib.gridcoding import cell_local
+from pipeline_lib.gridcoding import cell_local, fold_anchors
 
 
 @dataclass(frozen=True)

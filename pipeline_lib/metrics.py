@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_area, box_iou
 
-from pipeline_lib.anchors import fold_anchors
 from pipeline_lib.geometry import decode_boxes, paired_iou
-from pipeline_lib.gridcoding import cell_local
+from pipeline_lib.gridcoding import cell_local, fold_anchors
 
 
 def encoded_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

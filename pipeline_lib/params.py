@@ -186,7 +186,7 @@ class HeadParams:
     classifier_dropout: Probability
     grid_hidden: PositiveInt
     single_kind: Literal["lab", "spatial"]  # heads.SingleObjectHead / heads.SpatialSingleHead
-    grid_kind: Literal["lab", "conv", "fcos"]  # see heads.py (lab, conv) and fcos.py
+    grid_kind: Literal["lab", "conv", "fcos", "retinanet"]  # headkinds.py: the classes
     conv_width: Annotated[Int, Field(ge=1, le=4096)]
     conv_depth: Annotated[Int, Field(ge=0, le=8)]
 
@@ -278,32 +278,40 @@ class Params:
         return self
 
 
+# The grid kinds that assign boxes to their own locations (torchvision's detectors: no grid.*
+# anchors, GroupNorm towers in 32 groups): what each does instead of grid anchors.
+OWN_ASSIGNMENT = {
+    "fcos": ("predicts one box per location, without anchor boxes", "FCOSHead"),
+    "retinanet": ("places its own 9 anchor boxes per location", "RetinaNetHead"),
+}
+
+
 def combined_problems(p: Params) -> list[str]:
     """What breaks the rules that combine keys of several groups, a line each, each starting with
     the key at fault and naming the others: checked when params.yaml is read, before any stage
     reads data."""
-    two_levels, fcos = p.backbone.fine_layer != "none", p.head.grid_kind == "fcos"
+    two_levels, kind = p.backbone.fine_layer != "none", p.head.grid_kind
+    own = OWN_ASSIGNMENT.get(kind)
     problems = []
     if two_levels and p.image.size % 32:
         problems.append(
             f"image.size: {p.image.size}: backbone.fine_layer {p.backbone.fine_layer} needs a "
             "multiple of 32 (the two levels' strides, 32 and 16, must divide it)"
         )
-    if fcos and p.grid.anchors:
+    if own and p.grid.anchors:
         problems.append(
-            f"grid.anchors: {p.grid.anchors}: head.grid_kind fcos predicts one box per location, "
-            "without anchor boxes; set grid.anchors: 0"
+            f"grid.anchors: {p.grid.anchors}: head.grid_kind {kind} {own[0]}; set grid.anchors: 0"
         )
-    if two_levels and p.grid.anchors and not fcos:
+    if two_levels and p.grid.anchors and not own:
         problems.append(
             f"grid.anchors: {p.grid.anchors} with a second feature level (backbone.fine_layer "
             f"{p.backbone.fine_layer}) is not supported: set grid.anchors: 0 or "
             "backbone.fine_layer: none"
         )
-    if fcos and p.head.conv_width % 32:
+    if own and p.head.conv_width % 32:
         problems.append(
-            f"head.conv_width: {p.head.conv_width}: head.grid_kind fcos normalises its towers in "
-            "32 groups (torchvision's FCOSHead); use a multiple of 32"
+            f"head.conv_width: {p.head.conv_width}: head.grid_kind {kind} normalises its towers "
+            f"in 32 groups (torchvision's {own[1]}); use a multiple of 32"
         )
     if p.grid.assign == "neighbours" and p.head.grid_kind == "lab":
         problems.append(

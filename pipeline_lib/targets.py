@@ -21,6 +21,7 @@ import torch
 
 from pipeline_lib.geometry import (
     ImageSpec,
+    decode_boxes,
     encode_boxes,
     largest_box,
     mirror_encoded,
@@ -28,8 +29,12 @@ from pipeline_lib.geometry import (
     transform_boxes,
 )
 from pipeline_lib.gridcoding import GridEncoding, encode_grid, encode_grid_yolo
+from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.tables import Prepared
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
+# One image's objects after the image mode: (fraction boxes (K, 4) float64 cx cy w h, labels (K,))
+Objects = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -77,6 +82,20 @@ def encoded_objects(
             width, height = (int(v) for v in sizes.loc[image_id])
             encoded, labels = image_boxes(by_image[image_id], width, height, spec)
             yield row, mirror_encoded(encoded) if mirrored else encoded, labels
+
+
+def image_objects(
+    prepared: Prepared, image_ids: list[str], spec: ImageSpec, mirrored: bool = False
+) -> list[Objects]:
+    """The `Objects` of every image of `image_ids` (none for an image without any), as
+    `encoded_objects` gives them: what every multi-object head kind makes its targets from."""
+    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+    found = [none] * len(image_ids)
+    for row, fractions, labels in encoded_objects(
+        prepared.images, prepared.objects, image_ids, spec, mirrored
+    ):
+        found[row] = (fractions.double(), labels)
+    return found
 
 
 def single_object_targets(
@@ -211,6 +230,48 @@ def grid_levels(
         GridLevel(num_cells, None, (fine_below, math.inf), assign),
         GridLevel(2 * num_cells, None, (0.0, fine_below), assign),
     ]
+
+
+def card_levels(grid: GridSpec) -> list[GridLevel]:
+    """The levels a grid head's card describes (`grid_levels` of its GridSpec)."""
+    anchors = torch.tensor(grid.anchors, dtype=torch.float32) if grid.anchors else None
+    return grid_levels(grid.num_cells, grid.fine_below, anchors, grid.assign, grid.anchor_ratio)
+
+
+def grid_targets(card: ModelCard, objects: list[Objects]) -> tuple[torch.Tensor, ...]:
+    """The grid heads' targets of N images: (boxes (N, 4, S, S) float32, has_obj (N, S, S)
+    uint8, labels (N, S, S) int64) of each level of the card's grid, in the order of its outputs
+    (with A anchors (N, A, 4, S, S), (N, A, S, S)); as `multi_object_targets` makes them."""
+    targets: list[torch.Tensor] = []
+    for level in card_levels(card.grid):
+        encoded = [level.encode(*level.select(fractions, labels)) for fractions, labels in objects]
+        targets += [
+            torch.stack([e.boxes for e in encoded]).float(),
+            torch.stack([e.has_obj for e in encoded]).to(torch.uint8),
+            torch.stack([e.labels for e in encoded]).long(),
+        ]
+    return tuple(targets)
+
+
+def box_targets(card: ModelCard, objects: list[Objects]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets of the heads that match boxes themselves (FCOS, RetinaNet) for N images:
+    (boxes (N, M, 4) float32 xyxy pixels of the S x S image, labels (N, M) int64), M the most
+    objects of an image, padding labelled -1."""
+    size = card.image.size
+    most = max([len(labels) for _, labels in objects], default=0)
+    boxes = torch.zeros(len(objects), most, 4)
+    labels = torch.full((len(objects), most), -1, dtype=torch.int64)
+    for n, (fractions, classes) in enumerate(objects):
+        boxes[n, : len(classes)] = decode_boxes(fractions, size, size).float()
+        labels[n, : len(classes)] = classes
+    return boxes, labels
+
+
+def image_targets(boxes: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """`box_targets`' padded (B, M, 4) boxes and (B, M) labels -> torchvision's detection
+    targets, one dict of "boxes" (G, 4) and "labels" (G,) per image."""
+    present = labels >= 0
+    return [{"boxes": b[p], "labels": k[p]} for b, k, p in zip(boxes, labels, present, strict=True)]
 
 
 def training_shapes(

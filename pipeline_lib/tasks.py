@@ -19,22 +19,14 @@ from torch import nn
 from pipeline_lib.anchors import kmeans_anchors
 from pipeline_lib.backbones import mirror_features
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.fcos import fcos_targets
 from pipeline_lib.featurefiles import FeatureRows, Features, read_features
 from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.headkinds import LAB, build_head
-from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
-from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.headkinds import build_head, kind_named
+from pipeline_lib.losses import LossWeights
 from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.params import FinetuneParams, HeadParams, Params, TrainParams, by_name
+from pipeline_lib.params import FinetuneParams, Params, TrainParams, by_name
 from pipeline_lib.tables import Prepared, read_prepared
-from pipeline_lib.targets import (
-    GridLevel,
-    grid_levels,
-    multi_object_targets,
-    single_object_targets,
-    training_shapes,
-)
+from pipeline_lib.targets import image_objects, single_object_targets, training_shapes
 from pipeline_lib.training import Dataset, FitResult, Flips, Objective, TrainConfig
 
 SPLITS = ("train", "val")
@@ -114,20 +106,10 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
         keep = t.present
         flips = training_flips(inputs, params, (t.boxes[keep], t.labels[keep]), keep)
         data["train"].flips = flips
-    hp = params.head
-    config = {
-        "kind": LAB,
-        "hidden": hp.hidden,
-        "dropout": hp.dropout,
-        "classifier": hp.classifier,
-        "classifier_dropout": hp.classifier_dropout,
-    }  # the lab's head
-    if hp.single_kind == "spatial":
-        config = _conv_config("spatial", hp)
-    card = _card(inputs, "single", config, data)
+    entry = kind_named("single", params.head.single_kind).entry(params.head)
+    card = _card(inputs, "single", entry)
     head = _build_head(card)
-    loss = partial(single_object_loss, weights=loss_weights(params.train))
-    objective = Objective(lambda o, t: loss(*o, *t), single_object_batch_sums)
+    objective = head.objective(loss_weights(params.train))
     return Task(head, data, objective, SINGLE_CURVES, card, warnings=warnings)
 
 
@@ -167,96 +149,46 @@ def training_flips(
     return Flips(train.hflip, targets, generator, features=_rows(flipped, keep))
 
 
-def _conv_config(kind: str, hp: HeadParams) -> dict:
-    """The card's description of a conv-trunk head (heads.ConvGridHead / SpatialSingleHead)."""
-    return {"kind": kind, "width": hp.conv_width, "depth": hp.conv_depth, "dropout": hp.dropout}
-
-
 def grid_task(inputs: TrainingInputs, params: Params) -> Task:
-    """The grid head (box, class and objectness per cell), with anchors and a second level as
-    params grid.anchors and backbone.fine_layer ask (the conv head on two levels: a pyramid)."""
-    grid, hp = params.grid, params.head
+    """The multi-object head of kind head.grid_kind (headkinds.py), on the cached level(s), with
+    the grid, anchors and second level params grid.*, backbone.fine_layer ask for where the kind
+    takes them; its targets, objective and card."""
+    kind = kind_named("multi", params.head.grid_kind)
     fine_channels = int(inputs.features["train"].metadata["backbone"].get("fine_channels", 0))
-    if hp.grid_kind == "fcos":
-        return fcos_task(inputs, params, fine_channels)
     notes: list[str] = []
-    anchors = fit_anchors(grid.anchors, inputs, notes)
-    fine_below = grid.fine_below if fine_channels else None
-    # The conv heads take every anchor close to an object's shape (YOLOv5), the lab's the best.
-    ratio = grid.anchor_ratio if anchors is not None and hp.grid_kind == "conv" else None
-    levels = grid_levels(grid.num_cells, fine_below, anchors, grid.assign, ratio)
-    data, collisions = grid_data(inputs, levels, notes)
-    if params.train.hflip:
-        tables, ids = inputs.prepared, inputs.ids("train")
-        mirrored = []
-        for level in levels:
-            t = multi_object_targets(tables.images, tables.objects, ids, inputs.spec, level, True)
-            mirrored += [t.boxes, t.has_obj, t.labels]
-        data["train"].flips = training_flips(inputs, params, tuple(mirrored))
+    anchors = fit_anchors(params.grid.anchors, inputs, notes)
     anchor_list = None if anchors is None else anchors.tolist()
-    config = {"kind": LAB, "hidden": hp.grid_hidden, "dropout": hp.dropout}
-    if hp.grid_kind == "conv":
-        config = _conv_config("conv", hp)
-    card = _card(inputs, "multi", config, data)
-    card.grid = GridSpec(grid.num_cells, anchor_list, fine_channels, fine_below, grid.assign, ratio)
-    card.collisions = collisions
+    card = _card(inputs, "multi", kind.entry(params.head))
+    card.grid = kind.layout(params.grid, fine_channels, card.feature_shape, anchor_list)
     head = _build_head(card)
+    data, collisions = {}, {}
+    for split in SPLITS:
+        objects = image_objects(inputs.prepared, inputs.ids(split), inputs.spec)
+        data[split] = Dataset(inputs.features[split].features, kind.targets(card, objects))
+        total = sum(len(labels) for _, labels in objects)
+        learnable = head.learnable_objects(card, inputs.prepared, inputs.ids(split))
+        collisions[split] = {"objects": total, "dropped": total - learnable}
+        notes.append(
+            f"{split}: {total - learnable} of {total} objects get no place in the head's "
+            "assignment (a cell or anchor slot taken by a later object, or no location) and are "
+            f"not learned ({_cells(card.grid)} cells)"
+        )
+    if params.train.hflip:
+        mirrored = image_objects(inputs.prepared, inputs.ids("train"), inputs.spec, mirrored=True)
+        data["train"].flips = training_flips(inputs, params, kind.targets(card, mirrored))
+    card.collisions = collisions
     # objects per split that lost their cell (the model card keeps the totals too)
     summary: dict = {"grid_collisions": {split: c["dropped"] for split, c in collisions.items()}}
     if anchor_list is not None:
         summary["anchors"] = [[round(v, 4) for v in a] for a in anchor_list]
-    loss = partial(grid_loss, weights=loss_weights(params.train))
-    objective = Objective(loss, multi_object_batch_sums)
+    objective = head.objective(loss_weights(params.train))
     return Task(head, data, objective, GRID_CURVES, card, notes=notes, summary=summary)
 
 
-def fcos_task(inputs: TrainingInputs, params: Params, fine_channels: int) -> Task:
-    """torchvision's FCOS on the cached level(s) (head.grid_kind: fcos, see fcos.py): its own
-    targets (each image's boxes), assignment and losses; head.conv_width and head.conv_depth size
-    its pyramid and towers. train.box_loss, obj_loss, obj_target and grid.* other than the fine
-    level do not apply."""
-    data = {}
-    for split in SPLITS:
-        targets = fcos_targets(inputs.prepared, inputs.ids(split), inputs.spec)
-        data[split] = Dataset(inputs.features[split].features, targets)
-    if params.train.hflip:
-        mirrored = fcos_targets(inputs.prepared, inputs.ids("train"), inputs.spec, mirrored=True)
-        data["train"].flips = training_flips(inputs, params, mirrored)
-    hp = params.head
-    card = _card(
-        inputs, "multi", {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth}, data
-    )
-    card.grid = GridSpec(card.feature_shape[1], None, fine_channels)
-    head = _build_head(card)
-    levels = " and ".join(f"{h}x{w}" for h, w in head.grids)
-    notes = [
-        f"FCOS on the {levels} levels ({hp.conv_width} channels, {hp.conv_depth} convolutions)"
-    ]
-    return Task(head, data, Objective(head.loss, head.measures), GRID_CURVES, card, notes=notes)
-
-
-def grid_data(
-    inputs: TrainingInputs, levels: list[GridLevel], notes: list[str]
-) -> tuple[dict[str, Dataset], dict[str, dict[str, int]]]:
-    """Train/val datasets with the targets of every level (boxes, has_obj, labels per level), and
-    per split how many objects lost their cell (and anchor slot) to a later one."""
-    data, collisions = {}, {}
-    tables, spec = inputs.prepared, inputs.spec
-    slot = " and anchor" if levels[0].anchors is not None else ""
-    grids = " and ".join(f"{level.num_cells}x{level.num_cells}" for level in levels)
-    for split in SPLITS:
-        targets, objects, dropped = [], 0, 0
-        for level in levels:
-            t = multi_object_targets(tables.images, tables.objects, inputs.ids(split), spec, level)
-            targets += [t.boxes, t.has_obj, t.labels]
-            objects, dropped = objects + int(t.objects.sum()), dropped + int(t.dropped.sum())
-        data[split] = Dataset(inputs.features[split].features, tuple(targets))
-        collisions[split] = {"objects": objects, "dropped": dropped}
-        notes.append(
-            f"{split}: {dropped} of {objects} objects share a grid cell{slot} with a later one "
-            f"and are not learned ({grids} cells)"
-        )
-    return data, collisions
+def _cells(grid: GridSpec) -> str:
+    """The grid's levels as a note says them: "14x14", "14x14 and 28x28"."""
+    sides = [grid.num_cells] + [2 * grid.num_cells] * bool(grid.fine_channels)
+    return " and ".join(f"{s}x{s}" for s in sides)
 
 
 def fit_anchors(k: int, inputs: TrainingInputs, notes: list[str]) -> torch.Tensor | None:
@@ -313,13 +245,13 @@ def finish_card(task: Task, result: FitResult, train: TrainParams) -> ModelCard:
     return task.card
 
 
-def _card(inputs: TrainingInputs, kind: str, head: dict, data: dict[str, Dataset]) -> ModelCard:
+def _card(inputs: TrainingInputs, kind: str, head: dict) -> ModelCard:
     features = inputs.features["train"]
     return ModelCard(
         kind=kind,
         head=head,
         classes=inputs.prepared.classes,
-        feature_shape=list(data["train"].features.shape[1:]),
+        feature_shape=list(features.features.shape[1:]),
         feature_dtype=str(features.features.dtype).removeprefix("torch."),
         backbone=features.metadata["backbone"],
         image=inputs.spec,

@@ -1,4 +1,4 @@
-"""Stages finetune and evaluate_finetune (opt-in, finetune.enabled): the grid head and the
+"""Stages finetune and evaluate_finetune (opt-in, finetune.enabled): the multi-object head and the
 backbone's last units trained end to end from augmented images, starting from
 models/multi.safetensors, then both models measured on the val images.
 
@@ -42,12 +42,14 @@ MODEL_DIR = MODELS_DIR / "finetuned"
 TRAIN_DIR = REPORTS_DIR / "finetune"
 EVAL_DIR = REPORTS_DIR / "evaluate_finetune"
 
-app = command_group("Fine-tune backbone and grid head (opt-in; no-ops unless finetune.enabled).")
+app = command_group(
+    "Fine-tune backbone and multi-object head (opt-in; no-ops unless finetune.enabled)."
+)
 
 
 @app.command()
 def train(params_file: Path = PARAMS_OPTION, progress: bool = True) -> None:
-    """Train the backbone's last units and the grid head on augmented images."""
+    """Train the backbone's last units and the multi-object head on augmented images."""
     with clean_errors():
         params = load_params(params_file)
         if not params.finetune.enabled:

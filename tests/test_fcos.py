@@ -13,25 +13,10 @@ from conftest import evaluate_multi_and_predict, invoke
 
 from pipeline_lib.checkpoints import load_checkpoint
 from pipeline_lib.detection import Filtering
-from pipeline_lib.fcos import FcosHead, image_targets, padded_targets
+from pipeline_lib.fcos import FcosHead
 from pipeline_lib.geometry import ImageSpec
-
-
-def test_padded_targets_by_hand():
-    # a box centred at (0.5, 0.25) of size (0.5, 0.25) in a 64-pixel image: x 16..48, y 8..24
-    one = (torch.tensor([[0.5, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([2]))
-    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
-    two = (
-        torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.75, 0.5, 0.5]], dtype=torch.float64),
-        torch.tensor([0, 1]),
-    )
-    boxes, labels = padded_targets([one, none, two], 64)
-    assert boxes.shape == (3, 2, 4) and labels.tolist() == [[2, -1], [-1, -1], [0, 1]]
-    assert boxes[0, 0].tolist() == [16.0, 8.0, 48.0, 24.0]
-    assert boxes[2, 1].tolist() == [0.0, 32.0, 32.0, 64.0]
-    targets = image_targets(boxes, labels)
-    assert [len(t["labels"]) for t in targets] == [1, 0, 2]
-    assert targets[0]["boxes"].tolist() == [[16.0, 8.0, 48.0, 24.0]]
+from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.targets import box_targets
 
 
 @pytest.mark.parametrize("fine", [0, 6])
@@ -57,12 +42,13 @@ def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():
     torch.manual_seed(0)
     head = FcosHead((8, 4, 4), 2, 128, 0, width=32, depth=1)
     features = torch.randn(2, 8, 4, 4)
-    targets = padded_targets(
+    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
+    targets = box_targets(
+        card,
         [
             (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1])),
             (torch.tensor([[0.25, 0.25, 0.4, 0.4]], dtype=torch.float64), torch.tensor([0])),
         ],
-        128,
     )
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     first = None
@@ -100,7 +86,7 @@ def test_stages_train_evaluate_and_predict_with_fcos(trained, tmp_path, monkeypa
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(folder)
     output = invoke(train.app, ["multi", "--no-progress"]).output
-    assert "FCOS on the 14x14 levels" in output
+    assert "objects get no place in the head's assignment" in output  # FCOS: no location
     checkpoint = load_checkpoint("models/multi.safetensors")
     assert isinstance(checkpoint.head, FcosHead) and checkpoint.card.head["kind"] == "fcos"
     metrics, found = evaluate_multi_and_predict(folder)

@@ -28,6 +28,7 @@ from pipeline_lib.losses import grid_loss
 from pipeline_lib.modelcard import GridSpec
 from pipeline_lib.params import load_params
 from pipeline_lib.tables import write_prepared
+from pipeline_lib.targets import image_objects
 from pipeline_lib.tasks import loss_weights, train_config
 from pipeline_lib.training import TrainConfig, fit
 from pipeline_lib.voc import VOC_CLASSES, read_voc
@@ -87,17 +88,7 @@ def test_read_frozen_refuses_what_cannot_be_fine_tuned(folder, tmp_path):
     cases = {
         "single": (
             replace(card, kind="single", head={"hidden": 8}, grid=None),
-            "a single-object head, not a grid head",
-        ),
-        "fcos": (
-            replace(card, head={"kind": "fcos", "width": 32, "depth": 1}),
-            " is a head of kind 'fcos' (head.grid_kind): fine-tuning it is not supported yet; "
-            "set head.grid_kind: conv",
-        ),
-        "levels": (
-            replace(card, feature_shape=[768, 2, 2], grid=GridSpec(2, None, 112, 0.3)),
-            " is a two-level grid head (backbone.fine_layer): fine-tuning it is not supported "
-            "yet; set backbone.fine_layer: none",
+            "a single-object head; fine-tuning takes multi-object ones",
         ),
         "none": (replace(card, image=ImageSpec("none", 64)), "image.mode: none keeps every"),
         "random": (
@@ -120,6 +111,21 @@ def test_read_frozen_refuses_what_cannot_be_fine_tuned(folder, tmp_path):
             assert str(raised.value).startswith(str(path)) and str(raised.value).endswith(message)
 
 
+def test_read_frozen_takes_every_multi_object_kind_on_one_level_or_two(folder, tmp_path):
+    card = handmade.grid_card(VOC_CLASSES)
+    fcos = {"kind": "fcos", "width": 32, "depth": 1}
+    levels = {"feature_shape": [320 + 4 * 112, 2, 2], "grid": GridSpec(2, None, 112, 0.3)}
+    models = {
+        "fcos": replace(card, head=fcos),
+        "fcos two levels": replace(card, head=fcos, **levels),
+        "lab two levels": replace(card, head={"kind": "lab", "hidden": 8}, **levels),
+    }
+    for name, good in models.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_checkpoint(path, build_head(good), good)
+        assert finetuning.read_frozen(path, folder / "prepared")[0].card == good
+
+
 def test_the_loaders_augment_and_shuffle_train_only(folder):
     checkpoint, prepared = finetuning.read_frozen(folder / "cat.safetensors", folder / "prepared")
     ft = finetune_params(seed=5).finetune
@@ -132,9 +138,10 @@ def test_the_loaders_augment_and_shuffle_train_only(folder):
     assert not train.pin_memory and train.generator.initial_seed() == 5
     assert train.dataset.transform is not None and val.dataset.transform is None
     assert [p.name for p in val.dataset.paths] == ["v1.jpg", "v2.jpg"]
-    assert val.dataset.layout.spec == ImageSpec("shrink", 64)
-    image, boxes, has_obj, labels = val.dataset[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+    assert val.dataset.spec == ImageSpec("shrink", 64)
+    images, boxes, has_obj, labels = next(iter(val))  # the grid targets, as training makes them
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    boxes, has_obj, labels = boxes[0], has_obj[0], labels[0]
     assert has_obj.tolist() == [[True, True], [True, True]]  # one cat in each cell
     assert labels.tolist() == [[CAT, CAT], [CAT, CAT]]
     # centred in its cell, 0.25 x 0.5 of the image (VOC's 1-based pixels: 31/128 x 63/128)
@@ -183,24 +190,16 @@ def test_the_loaders_make_the_targets_of_an_anchored_model(folder, tmp_path):
     loader = finetuning.image_loader(
         finetune_params().finetune, checkpoint, prepared, "val", torch.device("cpu")
     )
-    level = loader.dataset.layout.level
-    assert torch.equal(level.anchors, torch.tensor(anchors))
-    assert (level.num_cells, level.scales, level.assign, level.anchor_ratio) == (
-        2,
-        None,
-        "neighbours",
-        4.0,
-    )
-    _, boxes, has_obj, _ = loader.dataset[0]
-    assert boxes.shape == (2, 4, 2, 2) and has_obj.shape == (2, 2, 2)  # (A, 4, S, S), (A, S, S)
+    _, boxes, has_obj, _ = loader.collate_fn([loader.dataset[0]])
+    # the card's anchors and assignment: an object to every anchor within the ratio
+    assert boxes.shape == (1, 2, 4, 2, 2) and has_obj.shape == (1, 2, 2, 2)  # (A, 4, S, S)
+    assert has_obj.sum() == 8  # each cat (0.25 x 0.5) within ratio 4 of both anchors
 
 
 def test_an_image_without_objects_has_empty_targets(folder):
     _, prepared = finetuning.read_frozen(folder / "cat.safetensors", folder / "prepared")
     objects = prepared.objects[prepared.objects["image_id"] != "v2"]
-    found = finetuning.image_objects(
-        replace(prepared, objects=objects), ["v1", "v2"], ImageSpec("shrink", 64)
-    )
+    found = image_objects(replace(prepared, objects=objects), ["v1", "v2"], ImageSpec("shrink", 64))
     assert found[0][0].shape == (4, 4) and found[0][1].tolist() == [CAT] * 4
     boxes, labels = found[1]
     assert boxes.shape == (0, 4) and boxes.dtype == torch.float64
@@ -260,7 +259,7 @@ def test_compare_models_filters_as_eval_says_on_the_device_given(folder, monkeyp
     params, cpu = finetune_params(), torch.device("cpu")
     loader = finetuning.image_loader(params.finetune, checkpoint, prepared, "val", cpu)
     ev = replace(params.eval, max_detections=2, nms_iou=0.3, score_threshold=0.1)
-    filters, real = [], heads.grid_detections  # the grid heads' decoding (heads.GridDecoding)
+    filters, real = [], heads.grid_detections  # the grid heads' decoding (heads.GridContract)
     monkeypatch.setattr(heads, "grid_detections", lambda *a: filters.append(a[-1]) or real(*a))
     results = finetuning.compare_models({"finetuned": checkpoint}, prepared, loader, ev, cpu)
     assert filters == [Filtering(0.1, 0.3, 2)]
@@ -273,7 +272,7 @@ def test_compare_models_filters_as_eval_says_on_the_device_given(folder, monkeyp
     def outputs(model, loader, device):
         raise Ran(next(model.parameters()).device, device)
 
-    monkeypatch.setattr(finetuning, "grid_outputs", outputs)
+    monkeypatch.setattr(finetuning, "head_outputs", outputs)
     meta = torch.device("meta")
     with pytest.raises(Ran) as ran:
         finetuning.compare_models({"finetuned": checkpoint}, prepared, loader, ev, meta)
@@ -326,7 +325,8 @@ def test_under_torchrun_the_job_trains_in_distributed_data_parallel(folder, monk
         assert job.train.loader.sampler.rank == 1 and job.val.loader.sampler.num_replicas == 2
         assert job.describe().endswith(f"on 3 images, {device} in 2 processes")
         ours = {id(p) for p in job.backbone.module.parameters()}  # the model's own backbone
-        assert {id(p) for p in job.model.trainable.parameters()} < ours
+        trained = {id(p) for p in job.model.units.parameters() if p.requires_grad}
+        assert trained and trained < ours
 
 
 def test_a_finetune_job_from_params_trains_and_reports(folder):
@@ -344,7 +344,7 @@ def test_a_finetune_job_from_params_trains_and_reports(folder):
     assert job.val.loader.dataset.transform is None
     loss = job.objective.loss_fn
     assert loss.func is grid_loss and loss.keywords == {"weights": loss_weights(params.train)}
-    trainable = sum(p.numel() for p in job.model.trainable.parameters())
+    trainable = sum(p.numel() for p in job.model.units.parameters() if p.requires_grad)
     trainable += sum(p.numel() for p in checkpoint.head.parameters())
     assert job.describe() == (
         f"training blocks.5, blocks.6 and the head ({trainable:,} parameters) on 3 images, cpu"

@@ -15,7 +15,9 @@ from pipeline_lib.gridcoding import (
     decode_grid_map,
     encode_grid,
     encode_grid_yolo,
+    fold_anchors,
     hosting_cells,
+    raw_cell_boxes,
 )
 
 
@@ -212,3 +214,34 @@ def test_yolo_assignment_details_by_hand():
     anchors = torch.tensor([[0.2, 0.2], [0.9, 0.9]])
     grid = encode_grid_yolo(one, torch.tensor([2]), 4, anchors, neighbours=False)
     assert grid.has_obj.nonzero().tolist() == [[0, 1, 1]]
+
+
+def test_raw_cell_boxes_by_hand():
+    # raw 0 -> centre 2 * 0.5 - 0.5 = 0.5 (the cell's middle), size 0.5; raw +-inf -> the bounds
+    raw = torch.tensor([0.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    assert raw_cell_boxes(raw).flatten().tolist() == [0.5, 0.5, 0.5, 0.5]
+    far = torch.tensor([100.0, -100.0, 100.0, -100.0]).view(1, 4, 1, 1)
+    assert raw_cell_boxes(far).flatten().tolist() == [1.5, -0.5, 1.0, 0.0]
+    # with anchors (B, A, 4, S, S): raw 0 -> the anchor itself, (2 * 0.5)^2 = 1 times it;
+    # raw +inf -> 4 times it
+    anchors = torch.tensor([[0.2, 0.4], [0.1, 0.05]])
+    raw = torch.zeros(1, 2, 4, 1, 1)
+    raw[0, 1, 2:] = 100.0
+    boxes = raw_cell_boxes(raw, anchors)[0, :, :, 0, 0]
+    assert torch.allclose(boxes, torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.5, 0.5, 0.4, 0.2]]))
+
+
+def test_fold_anchors_makes_each_slot_a_grid_of_its_own():
+    b, a, k, s = 2, 3, 4, 5
+    tensors = (
+        torch.randn(b, a, 4, s, s),
+        torch.randn(b, a, k + 1, s, s),
+        torch.rand(b, a, 4, s, s),
+        torch.randint(0, 2, (b, a, s, s)),
+        torch.randint(0, k, (b, a, s, s)),
+    )
+    folded = fold_anchors(*tensors)
+    assert [t.shape[0] for t in folded] == [b * a] * 5
+    assert torch.equal(folded[0][1 * a + 2], tensors[0][1, 2])  # image 1, anchor 2
+    plain = tuple(t[:, 0] for t in tensors)
+    assert all(x is y for x, y in zip(fold_anchors(*plain), plain, strict=True))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from test_other_device import CARDS
 
 from pipeline_lib.detection import Filtering
 from pipeline_lib.headkinds import HEAD_KINDS, build_head, head_kind
+from pipeline_lib.losses import LossWeights
+from pipeline_lib.params import load_params
 
 
 def test_a_card_without_a_kind_is_the_labs_and_builds_the_same_head():
@@ -51,10 +55,45 @@ def test_every_head_decodes_its_own_outputs(name):
             assert len(image) == 1
 
 
-def test_fine_tuning_takes_the_kinds_the_registry_says():
-    assert {key for key, kind in HEAD_KINDS.items() if kind.finetunes} == {
-        ("multi", "lab"),
-        ("multi", "conv"),
-    }
-    assert not head_kind(CARDS["grid fcos two levels"]).finetunes
-    assert head_kind(dataclasses.replace(CARDS["grid lab"], head={"hidden": 8})).finetunes
+NONE = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+TWO = (
+    torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.5, 0.5]], dtype=torch.float64),
+    torch.tensor([0, 2]),
+)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CARDS.items() if c.kind == "multi"])
+def test_every_multi_head_learns_from_the_targets_its_kind_makes(name):
+    """The contract end to end on one batch: the kind's targets, the head's objective."""
+    card = CARDS[name]
+    torch.manual_seed(0)
+    head = build_head(card)
+    targets = head_kind(card).targets(card, [TWO, NONE])
+    assert all(len(t) == 2 for t in targets)  # a row per image
+    features = torch.randn(2, *card.feature_shape, generator=torch.Generator().manual_seed(0))
+    objective = head.objective(LossWeights())
+    outputs = head(features)
+    losses = objective.loss_fn(outputs, targets)
+    losses["loss"].backward()
+    total = float(losses["loss"].detach())
+    assert math.isfinite(total) and total > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    with torch.no_grad():  # as training.run_epoch measures
+        measures = objective.measure_fn(outputs, targets)
+    assert {"accuracy", "iou", "obj_accuracy"} <= set(measures)
+    assert measures["accuracy"][1] >= 2  # both objects (at least) are matched somewhere
+
+
+def test_every_kind_is_described_from_params_and_builds_from_its_card():
+    """What params.yaml asks for (head.*, grid.*) -> the card's entry and layout -> the head."""
+    params = load_params(Path(__file__).parents[1] / "params.yaml")
+    for (task, name), kind in HEAD_KINDS.items():
+        entry = kind.entry(params.head)
+        assert entry["kind"] == name
+        like = CARDS[next(n for n, c in CARDS.items() if (c.kind, c.head["kind"]) == (task, name))]
+        card = dataclasses.replace(like, head=entry)
+        if task == "multi":
+            grid = dataclasses.replace(params.grid, num_cells=like.grid.num_cells)
+            card.grid = kind.layout(grid, 0, like.feature_shape, None)
+            assert card.grid.fine_channels == 0 and card.grid.num_cells == like.grid.num_cells
+        assert isinstance(build_head(card), torch.nn.Module)

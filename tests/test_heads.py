@@ -20,7 +20,6 @@ from pipeline_lib.heads import (
     SingleObjectHead,
     SpatialSingleHead,
     TwoLevelHead,
-    cell_boxes,
 )
 
 CLASSES = ["cat", "dog", "car"]
@@ -158,8 +157,9 @@ def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():
 
 
 def test_conv_grid_head_with_anchors_by_hand():
-    """Per cell and anchor a box (centre as `cell_boxes`, size anchor * (2 sigmoid)^2), class
-    logits and an objectness logit at the prior; the anchor-free head's weights unchanged."""
+    """Per cell and anchor a box (centre as `gridcoding.raw_cell_boxes`, size anchor *
+    (2 sigmoid)^2), class logits and an objectness logit at the prior; the anchor-free head's
+    weights unchanged."""
     anchors = [[0.1, 0.2], [0.4, 0.3]]
     torch.manual_seed(0)
     plain = ConvGridHead((16, 3, 3), 3, num_cells=3, width=8, depth=1)
@@ -205,14 +205,6 @@ def test_pyramid_head_shares_its_weights_and_feeds_the_main_map_to_the_fine_leve
     changed[:, main:] += 1.0
     after = head(changed)
     assert torch.equal(after[1], logits) and not torch.allclose(after[3], fine_logits)
-
-
-def test_cell_boxes_by_hand():
-    # raw 0 -> centre 2 * 0.5 - 0.5 = 0.5 (the cell's middle), size 0.5; raw +-inf -> the bounds
-    raw = torch.tensor([0.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
-    assert cell_boxes(raw).flatten().tolist() == [0.5, 0.5, 0.5, 0.5]
-    far = torch.tensor([100.0, -100.0, 100.0, -100.0]).view(1, 4, 1, 1)
-    assert cell_boxes(far).flatten().tolist() == [1.5, -0.5, 1.0, 0.0]
 
 
 def test_spatial_single_head_pools_the_cells_by_their_weights():
@@ -308,7 +300,7 @@ def test_a_grid_heads_levels_go_to_grid_detections_in_pairs(monkeypatch):
     monkeypatch.setattr(heads, "grid_detections", lambda *args: seen.append(args) or [])
     outputs = [torch.tensor([float(n)]) for n in range(4)]
     keep, spec = Filtering(), ImageSpec("shrink", 64)
-    assert heads.GridDecoding().detections(outputs, [(5, 5)], spec, keep) == []
+    assert heads.GridContract().detections(outputs, [(5, 5)], spec, keep) == []
     [(boxes, logits, sizes, got_spec, got_keep)] = seen
     assert [b.item() for b in boxes] == [0.0, 2.0] and [g.item() for g in logits] == [1.0, 3.0]
     assert (sizes, got_spec, got_keep) == ([(5, 5)], spec, keep)

@@ -172,10 +172,16 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     assert 0.0 <= metrics["map"] <= 1.0
     assert len(found) > 0
 
-    params["finetune"]["enabled"] = True  # fine-tuning knows one level only: refused
+    # fine-tuned on both levels: the fine one tapped inside the backbone as extraction taps it
+    params["finetune"].update(enabled=True, epochs=1, workers=0, unfreeze=3)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(finetune.app, ["train"])
-    assert result.exit_code == 1 and "two-level grid head" in result.output
+    invoke(finetune.app, ["train", "--no-progress"])
+    invoke(finetune.app, ["evaluate"])
+    tuned = load_checkpoint("models/finetuned/model.safetensors")
+    assert tuned.card.grid == checkpoint.card.grid and tuned.backbone_state is not None
+    assert isinstance(tuned.head, PyramidGridHead)
+    compared = json.loads((folder / "reports/evaluate_finetune/metrics.json").read_text())
+    assert compared["map_frozen"] == pytest.approx(metrics["map"], abs=0.05)
     params["finetune"]["enabled"] = False
     params["grid"]["anchors"] = 2
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

@@ -27,16 +27,14 @@ from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
 from pipeline_lib.detection import Filtering, grid_detections, single_detections
 from pipeline_lib.featurefiles import read_features
 from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.finetuning import FineTuner, GridImages, GridLayout, ImageBatches, augmentation
+from pipeline_lib.finetuning import FineTuner, HeadTargets, ImageBatches, ObjectImages, augmentation
 from pipeline_lib.geometry import ImageSpec, encode_boxes
 from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo
-from pipeline_lib.headkinds import HEAD_KINDS, build_head
-from pipeline_lib.heads import MultiObjectHead
+from pipeline_lib.headkinds import HEAD_KINDS, build_head, head_kind
 from pipeline_lib.inference import detect, load_detector, read_photo
 from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
 from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
 from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.targets import GridLevel
 from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
 
 K, C, S, FINE = 3, 16, 4, 8  # classes, feature channels, grid cells, fine-level channels
@@ -65,6 +63,7 @@ CARDS = {
     "grid conv two levels": card("multi", {"kind": "conv", "width": 8, "depth": 1}, fine=FINE),
     "grid fcos two levels": card("multi", {"kind": "fcos", "width": 32, "depth": 1}, fine=FINE),
     "grid lab two levels": card("multi", {"kind": "lab", "hidden": 8}, fine=FINE),
+    "grid retinanet": card("multi", {"kind": "retinanet", "width": 32, "depth": 1}),
 }
 HEADS = {name: (lambda c=c: build_head(c)) for name, c in CARDS.items()}
 
@@ -182,27 +181,31 @@ def test_every_loss_and_measure_runs_on_another_device(weights, layout):
         assert measures == multi_object_batch_sums(outputs, targets)
 
 
-def test_fcos_loss_measures_and_decoding_run_on_another_device():
-    """torchvision's FCOS code (assignment, losses, decoding) fed from another device."""
+@pytest.mark.parametrize("name", ["grid fcos two levels", "grid retinanet"])
+def test_torchvisions_detectors_loss_measures_and_decoding_run_on_another_device(name):
+    """torchvision's FCOS and RetinaNet code (assignment, losses, decoding) fed from another
+    device, through the head's objective."""
     torch.manual_seed(0)
-    head = HEADS["grid fcos two levels"]()
-    x = features_for("grid fcos two levels")
+    head = HEADS[name]()
+    x = features_for(name)
     boxes = torch.tensor(
         [[[10.0, 20.0, 60.0, 90.0], [0, 0, 0, 0]]] * 2 + [[[5, 5, 120, 120]] * 2] * 2
     )
     targets = (boxes, torch.tensor([[1, -1], [2, -1], [0, 1], [2, 2]]))
     keep, sizes = Filtering(0.0, 0.5, 10), [(200, 100)] * 4
-    expected = head.loss(head(x), targets)
+    objective = head.objective(WEIGHTS[1])
+    expected = objective.loss_fn(head(x), targets)
     with torch.no_grad():
-        measures = head.measures(head(x), targets)
+        measures = objective.measure_fn(head(x), targets)
         found = head.detections(head(x), sizes, ImageSpec("shrink", 128), keep)
     with other_device():
         moved = on_other(copy.deepcopy(head))
+        on_objective = moved.objective(WEIGHTS[1])
         outputs = moved(on_other(x))
-        losses = moved.loss(outputs, tuple(on_other(t) for t in targets))
+        losses = on_objective.loss_fn(outputs, tuple(on_other(t) for t in targets))
         losses["loss"].backward()
         with torch.no_grad():
-            on_measures = moved.measures(outputs, tuple(on_other(t) for t in targets))
+            on_measures = on_objective.measure_fn(outputs, tuple(on_other(t) for t in targets))
             decoded = moved.detections(outputs, sizes, ImageSpec("shrink", 128), keep)
     for part, value in expected.items():
         assert torch.allclose(values(losses[part]), value, atol=1e-5), part
@@ -322,31 +325,45 @@ def _photos(folder, n=4, size=(80, 64)):
     return paths, objects
 
 
-def test_a_fine_tuning_step_works_on_another_device(tmp_path):
-    """FineTuner (its normalisation buffers, frozen and trainable units, head) trained one epoch
-    on augmented images with training.fit on OTHER."""
+LITE0 = (320, 112)  # Lite0's channels at its default layer and at blocks.4 (its fine level)
+
+
+def tuner_card(name: str) -> ModelCard:
+    """CARDS[name] on Lite0's features of 64-pixel images: 2 x 2 maps (4 x 4 fine ones)."""
+    c = CARDS[name]
+    fine = LITE0[1] if c.grid.fine_channels else 0
+    grid = dataclasses.replace(c.grid, num_cells=2, fine_channels=fine)
+    shape = [LITE0[0] + 4 * fine, 2, 2]
+    image = ImageSpec("shrink", 64)
+    return dataclasses.replace(c, feature_shape=shape, grid=grid, image=image)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CARDS.items() if c.kind == "multi"])
+def test_a_fine_tuning_step_works_on_another_device(tmp_path, name):
+    """FineTuner (its normalisation buffers, frozen and trainable units, both levels where the
+    head has two, the head of every multi-object kind) trained one epoch on augmented images,
+    their targets made by the kind (HeadTargets), with training.fit on OTHER."""
     paths, objects = _photos(tmp_path)
-    spec = ImageSpec("shrink", 64)
-    layout = GridLayout(spec, GridLevel(2, torch.tensor(ANCHORS)))
-    data = GridImages(paths, objects, layout, augmentation(0.5, 0.2, 0.1, 0.3))
-    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=0)
+    c = tuner_card(name)
+    data = ObjectImages(paths, objects, c.image, augmentation(0.5, 0.2, 0.1, 0.3))
+    collate = HeadTargets(c, head_kind(c).targets)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=0, collate_fn=collate)
     torch.manual_seed(0)
-    backbone = load_backbone("efficientnet_lite0")
-    head = MultiObjectHead((320, 2, 2), K, 2, hidden=8, anchors=ANCHORS)
-    model = FineTuner(backbone, head, unfreeze=1)
-    trainable = {k: v.clone() for k, v in model.trainable.state_dict().items()}
-    frozen = {k: v.clone() for k, v in model.frozen.state_dict().items()}
-    objective = Objective(lambda o, t: grid_loss(o, t, WEIGHTS[1]), multi_object_batch_sums)
+    backbone = load_backbone("efficientnet_lite0", fine_layer="blocks.4" if "two" in name else None)
+    model = FineTuner(backbone, build_head(c), unfreeze=1)
+    before = {k: v.clone() for k, v in model.units.state_dict().items()}
     config = TrainConfig(1, 2, 1e-3, 1e-4, "constant", 0, "loss", str(OTHER))
     with other_device():
         model.to(OTHER)
+        objective = model.head.objective(WEIGHTS[1])
         result = fit(
             model, ImageBatches(loader), ImageBatches(loader), objective, config, None, False
         )
     assert math.isfinite(result.history[0]["train"]["loss"])
-    state = model.state_dict()
-    assert any(not torch.equal(state[f"trainable.{k}"], v) for k, v in trainable.items())
-    assert all(torch.equal(state[f"frozen.{k}"], v) for k, v in frozen.items())
+    state = model.units.state_dict()
+    last = f"{len(model.units) - 1}."
+    changed = {k for k, v in before.items() if not torch.equal(state[k], v)}
+    assert changed and all(k.startswith(last) for k in changed)  # the last unit alone
 
 
 def test_extraction_runs_its_device_path_and_writes_what_the_cpu_writes(tmp_path):

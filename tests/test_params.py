@@ -55,7 +55,12 @@ def test_repository_params_are_valid(raw_params):
         # BatchNorm cannot train on one sample: every batch would be skipped
         ("train", "batch_size", 1, "train.batch_size: Input should be greater than or equal to 2"),
         ("train", "cpu_kernels", "avx512", "train.cpu_kernels: Input should be 'avx2' or 'native'"),
-        ("head", "grid_kind", "yolo", "head.grid_kind: Input should be 'lab', 'conv' or 'fcos'"),
+        (
+            "head",
+            "grid_kind",
+            "yolo",
+            "head.grid_kind: Input should be 'lab', 'conv', 'fcos' or 'retinanet'",
+        ),
         ("head", "conv_depth", 9, "head.conv_depth: Input should be less than or equal to 8"),
     ],
 )
@@ -129,6 +134,16 @@ COMBINED = [
         {"head": {"grid_kind": "fcos", "conv_width": 48}},
         "params.yaml: head.conv_width: 48: head.grid_kind fcos normalises its towers in 32 groups "
         "(torchvision's FCOSHead); use a multiple of 32",
+    ),
+    (
+        {"head": {"grid_kind": "retinanet", "conv_width": 64}, "grid": {"anchors": 3}},
+        "params.yaml: grid.anchors: 3: head.grid_kind retinanet places its own 9 anchor boxes per "
+        "location; set grid.anchors: 0",
+    ),
+    (
+        {"head": {"grid_kind": "retinanet", "conv_width": 100}},
+        "params.yaml: head.conv_width: 100: head.grid_kind retinanet normalises its towers in 32 "
+        "groups (torchvision's RetinaNetHead); use a multiple of 32",
     ),
     (
         {"head": {"grid_kind": "lab"}, "grid": {"assign": "neighbours"}},

@@ -11,12 +11,16 @@ import pytest
 import torch
 
 from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.modelcard import GridSpec, ModelCard
 from pipeline_lib.targets import (
     GridLevel,
+    box_targets,
     encoded_objects,
     grid_levels,
+    grid_targets,
     ground_truth,
     image_boxes,
+    image_targets,
     multi_object_targets,
     single_object_targets,
     targets_to_grid_cell_tensor,
@@ -190,3 +194,49 @@ def test_grid_levels_pass_their_settings_to_every_level():
     assert (coarse.num_cells, coarse.scales, coarse.assign) == (4, (0.25, math.inf), "neighbours")
     assert (fine.num_cells, fine.scales, fine.assign) == (8, (0.0, 0.25), "neighbours")
     assert coarse.anchors is None and fine.anchors is None
+
+
+def test_box_targets_by_hand():
+    # a box centred at (0.5, 0.25) of size (0.5, 0.25) in a 64-pixel image: x 16..48, y 8..24
+    one = (torch.tensor([[0.5, 0.25, 0.5, 0.25]], dtype=torch.float64), torch.tensor([2]))
+    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+    two = (
+        torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.75, 0.5, 0.5]], dtype=torch.float64),
+        torch.tensor([0, 1]),
+    )
+    card = ModelCard(
+        "multi", {}, ["a", "b", "c"], [8, 2, 2], "float32", {}, ImageSpec("shrink", 64)
+    )
+    boxes, labels = box_targets(card, [one, none, two])
+    assert boxes.shape == (3, 2, 4) and labels.tolist() == [[2, -1], [-1, -1], [0, 1]]
+    assert boxes[0, 0].tolist() == [16.0, 8.0, 48.0, 24.0]
+    assert boxes[2, 1].tolist() == [0.0, 32.0, 32.0, 64.0]
+    targets = image_targets(boxes, labels)
+    assert [len(t["labels"]) for t in targets] == [1, 0, 2]
+    assert targets[0]["boxes"].tolist() == [[16.0, 8.0, 48.0, 24.0]]
+
+
+def test_grid_targets_of_a_two_level_card_by_hand():
+    """A 2 x 2 level for objects of scale >= 0.2, a 4 x 4 one below; an image without objects."""
+    grid = GridSpec(2, None, fine_channels=8, fine_below=0.2)
+    card = ModelCard(
+        "multi", {}, ["a", "b", "c"], [40, 2, 2], "float32", {}, ImageSpec("shrink", 64)
+    )
+    card.grid = grid
+    big_and_small = (
+        torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.875, 0.125, 0.1, 0.1]], dtype=torch.float64),
+        torch.tensor([2, 1]),
+    )
+    none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+    boxes, has_obj, labels, fine_boxes, fine_has_obj, fine_labels = grid_targets(
+        card, [big_and_small, none]
+    )
+    assert boxes.shape == (2, 4, 2, 2) and fine_boxes.shape == (2, 4, 4, 4)
+    assert (boxes.dtype, has_obj.dtype, labels.dtype) == (torch.float32, torch.uint8, torch.int64)
+    # the big one: cell (0, 0) of 2 x 2, centre (0.25 * 2 - 0, 0.25 * 2 - 0) within it
+    assert has_obj[0].nonzero().tolist() == [[0, 0]] and labels[0, 0, 0] == 2
+    assert boxes[0, :, 0, 0].tolist() == [0.5, 0.5, 0.5, 0.5]
+    # the small one: row 0, column 3 of 4 x 4, centre (0.875 * 4 - 3, 0.125 * 4 - 0)
+    assert fine_has_obj[0].nonzero().tolist() == [[0, 3]] and fine_labels[0, 0, 3] == 1
+    assert torch.allclose(fine_boxes[0, :, 0, 3], torch.tensor([0.5, 0.5, 0.1, 0.1]))
+    assert has_obj[1].sum() == 0 and fine_has_obj[1].sum() == 0
