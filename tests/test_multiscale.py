@@ -173,7 +173,7 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     assert len(found) > 0
 
     # fine-tuned on both levels: the fine one tapped inside the backbone as extraction taps it
-    params["finetune"].update(enabled=True, epochs=1, workers=0, unfreeze=3)
+    params["finetune"].update(enabled=True, epochs=1, workers=0, unfreeze=1)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     invoke(finetune.app, ["train", "--no-progress"])
     invoke(finetune.app, ["evaluate"])
