@@ -31,6 +31,7 @@ from pipeline_lib.targets import box_targets, image_objects
 from pipeline_lib.training import Objective
 
 # the last dimension of each output torchvision's detectors name, per location (and anchor)
+MATCHING_BATCH = 64  # images per loss call when counting matched objects
 OUTPUT_SIZES = {"cls_logits": None, "bbox_regression": 4, "bbox_ctrness": 1}  # None: classes
 
 
@@ -105,11 +106,20 @@ class TorchvisionHead(nn.Module):
     @torch.no_grad()
     def matched_objects(self, boxes: torch.Tensor, labels: torch.Tensor) -> int:
         """How many of the objects in padded targets (as `loss` takes them) the detector's
-        matching gives at least one location: the others cannot be learned."""
-        n, total = len(labels), sum(self.per_level())
+        matching gives at least one location: the others cannot be learned. Images go through
+        the loss `MATCHING_BATCH` at a time (its zero outputs for every image at once would take
+        N x L x K floats)."""
+        total = sum(self.per_level())
         sizes = [OUTPUT_SIZES[name] or self.n_classes for name in self.output_names]
-        self.loss(tuple(torch.zeros(n, total, size) for size in sizes), (boxes, labels))
-        return sum(len(m[m >= 0].unique()) for m in self.head.matched)
+        matched = 0
+        for start in range(0, len(labels), MATCHING_BATCH):
+            part = slice(start, start + MATCHING_BATCH)
+            n = len(labels[part])
+            self.loss(
+                tuple(torch.zeros(n, total, size) for size in sizes), (boxes[part], labels[part])
+            )
+            matched += sum(len(m[m >= 0].unique()) for m in self.head.matched)
+        return matched
 
     def learnable_objects(self, card: ModelCard, prepared: Prepared, ids: list[str]) -> int:
         """How many objects of images `ids` the detector's matching gives a location."""
