@@ -58,7 +58,7 @@ gpu-check: $(STAMP)
 	python benchmarks/gpu_check.py $(ARGS)
 
 # Mutation testing of the core modules (not part of `make test`: hours on 2 cores; one module:
-# .venv/bin/mutmut run "pipeline_lib.losses.*", then python tools/mutation_report.py).
+# .venv/bin/mutmut run "pipeline_lib.models.losses.*", then python tools/mutation_report.py).
 # Config in pyproject.toml [tool.mutmut]; figures and equivalent survivors in docs/mutation.md.
 mutation: $(STAMP)
 	rm -rf mutants

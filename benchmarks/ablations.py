@@ -251,11 +251,12 @@ def features_folder(work: Path, feature_setting: str, voc: Path | None) -> Path:
 def continuous_map(folder: Path) -> float:
     """mAP@eval.iou_threshold of the trained grid head with the continuous IoU (the former one),
     on the same detections as the evaluate stage."""
-    from pipeline_lib.detection import Filtering
-    from pipeline_lib.evaluation import read_evaluation_inputs, voc_summary
-    from pipeline_lib.params import by_name, load_params
-    from pipeline_lib.targets import ground_truth
-    from pipeline_lib.training import predict
+    from pipeline_lib.base.params import by_name, load_params
+    from pipeline_lib.boxes.detection import Filtering
+    from pipeline_lib.evaluation.evaluate import read_evaluation_inputs
+    from pipeline_lib.measures.metrics import voc_summary
+    from pipeline_lib.models.targets import ground_truth
+    from pipeline_lib.training.loop import predict
 
     ev = load_params(folder / "params.yaml").eval
     inputs = read_evaluation_inputs(

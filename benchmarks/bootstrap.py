@@ -22,10 +22,10 @@ import torch
 import typer
 from workfolder import cpu_flags
 
-from pipeline_lib.bootstrap import image_weights, interval, map_draws, ranked_classes
-from pipeline_lib.metrics import COCO_RECALLS  # noqa: F401 (documented: COCO's 101 points)
-from pipeline_lib.records import Judging, multi_records
-from pipeline_lib.review import judge
+from pipeline_lib.measures.bootstrap import image_weights, interval, map_draws, ranked_classes
+from pipeline_lib.measures.metrics import COCO_RECALLS  # noqa: F401 (documented: COCO's 101 points)
+from pipeline_lib.measures.records import Judging, multi_records
+from pipeline_lib.reporting.review import judge
 
 
 def synthetic_images(n_images: int, n_classes: int, per_image: int, seed: int):

@@ -49,14 +49,14 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as F
 from workfolder import cpu_flags, stage, write_params
 
-from pipeline_lib import features
-from pipeline_lib import images as images_module
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.devices import pick_device, pick_precision, prepare_model
-from pipeline_lib.distributed import ONE_PROCESS, Ranks
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import load_image_tensor
+from pipeline_lib.base.distributed import ONE_PROCESS, Ranks
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.features import extraction
+from pipeline_lib.features import images as images_module
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.devices import pick_device, pick_precision, prepare_model
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.images import load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"resnet18": 224, "resnet50": 224, "efficientnet_lite0": 448}
@@ -392,7 +392,7 @@ def main(
         backbone = load_backbone(name, None, "imagenet" if "lite" in name else "random")
         settings = ExtractSettings(batch_size=batch_size, device="cpu", precision=precision)
         rate = end_to_end(backbone, paths, ids, SIZES.get(name, 224), settings)
-        print(f"{rate:.2f} {features.__file__}")
+        print(f"{rate:.2f} {extraction.__file__}")
         return
     if against:
         against_revision(against, voc, backbones.split(","), limit, batch_size, rounds)

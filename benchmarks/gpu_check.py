@@ -40,11 +40,11 @@ import yaml
 from torch.utils.data import DataLoader
 from workfolder import REPO, cpu_flags, write_params
 
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.devices import pick_device, pick_precision, pick_workers, prepare_model
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import ImageFolder, collate_decoded
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.devices import pick_device, pick_precision, pick_workers, prepare_model
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.images import ImageFolder, collate_decoded
 
 SHARED_VOC = REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007"
 SIZES = {"efficientnet_lite0": 448, "resnet50": 224}

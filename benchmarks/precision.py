@@ -35,9 +35,9 @@ import torch
 import typer
 from workfolder import cpu_flags, stage, write_params
 
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.devices import PRECISIONS, prepare_model
-from pipeline_lib.images import load_image_tensor
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.devices import PRECISIONS, prepare_model
+from pipeline_lib.features.images import load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"resnet18": ("layer4", 224), "efficientnet_lite0": ("blocks", 448)}

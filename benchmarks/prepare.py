@@ -17,9 +17,9 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.params import load_params
-from pipeline_lib.synthetic import generate_dataset
-from pipeline_lib.voc import VOC_CLASSES, read_voc
+from pipeline_lib.base.params import load_params
+from pipeline_lib.data.synthetic import generate_dataset
+from pipeline_lib.data.voc import VOC_CLASSES, read_voc
 
 REPO = Path(__file__).resolve().parents[1]
 VOC2012_FILES = 11_540

@@ -21,17 +21,17 @@ import pandas as pd
 import torch
 import typer
 
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.heads import SingleObjectHead
-from pipeline_lib.losses import single_object_loss
-from pipeline_lib.metrics import single_object_batch_sums
-from pipeline_lib.params import load_params
-from pipeline_lib.targets import single_object_targets
-from pipeline_lib.training import Dataset, TrainConfig, fit, seed_everything
-from pipeline_lib.voc import VOC_CLASSES, read_voc
+from pipeline_lib.base.params import load_params
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.data.voc import VOC_CLASSES, read_voc
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.measures.metrics import single_object_batch_sums
+from pipeline_lib.models.heads import MlpSingleHead
+from pipeline_lib.models.losses import single_object_loss
+from pipeline_lib.models.targets import single_object_targets
+from pipeline_lib.training.loop import Dataset, TrainConfig, fit, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 VOC2012_TRAIN = 5717
@@ -69,7 +69,7 @@ def train(folder: Path, classifier: str, epochs: int) -> float:
             features.features[t.present], (t.boxes[t.present], t.labels[t.present])
         )
     seed_everything(0)
-    head = SingleObjectHead(
+    head = MlpSingleHead(
         tuple(data["train"].features.shape[1:]),
         len(VOC_CLASSES),
         params.head.hidden,

@@ -34,7 +34,7 @@ CHUNK = 500  # rows generated and written at a time
 
 def write_features(path: Path, count: int) -> None:
     """A feature file of `count` random rows, written in chunks (memory stays at one chunk)."""
-    from pipeline_lib.featurefiles import write_feature_file
+    from pipeline_lib.features.featurefiles import write_feature_file
 
     rng = np.random.default_rng(0)
     chunk = rng.standard_normal((CHUNK, *SHAPE), dtype=np.float32).astype(np.float16)
@@ -50,11 +50,11 @@ def write_features(path: Path, count: int) -> None:
 
 def child(path: Path, mode: str) -> None:
     """Train one epoch on `path` and print {"rss_mib", "seconds"} as JSON."""
-    from pipeline_lib.featurefiles import read_features
-    from pipeline_lib.heads import ConvGridHead
-    from pipeline_lib.losses import LossWeights, grid_loss
-    from pipeline_lib.metrics import multi_object_batch_sums
-    from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
+    from pipeline_lib.features.featurefiles import read_features
+    from pipeline_lib.measures.metrics import multi_object_batch_sums
+    from pipeline_lib.models.heads import ConvGridHead
+    from pipeline_lib.models.losses import LossWeights, Objective, grid_loss
+    from pipeline_lib.training.loop import Dataset, TrainConfig, fit
 
     torch.manual_seed(0)
     rows = read_features(path, lazy=mode == "disk").features

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.errors import PipelineError
+from pipeline_lib.base.errors import PipelineError
 
 # Keep in step with dvc.yaml.
 SYNTHETIC_DIR = Path("data/synthetic")

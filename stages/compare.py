@@ -23,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline_lib.errors import PipelineError
+from pipeline_lib.base.errors import PipelineError
 from stages import common, report
 
 

@@ -4,8 +4,9 @@
 
 Writes out/annotations/instances_<split>.json per split and links out/<split> to the dataset's
 JPEGImages folder (no image is copied). The result is read by `data.source: coco` with
-`data.root: out`, `data.train_split: train`, `data.val_split: val`; see pipeline_lib/coco.py for the
-conventions (categories 1..K in class order, difficult objects as iscrowd, boxes unshifted).
+`data.root: out`, `data.train_split: train`, `data.val_split: val`; see
+pipeline_lib/data/coco.py for the conventions (categories 1..K in class order, difficult objects
+as iscrowd, boxes unshifted).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline_lib.coco import voc_to_coco
-from pipeline_lib.voc import VOC_CLASSES
+from pipeline_lib.data.coco import voc_to_coco
+from pipeline_lib.data.voc import VOC_CLASSES
 from stages.common import clean_errors
 
 app = typer.Typer(add_completion=False)

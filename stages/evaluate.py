@@ -27,8 +27,8 @@ Detections are compared with every object of the original images (in their pixel
 Both stages also write
 - intervals.json (DVC metrics): the eval.confidence (95 %) bootstrap interval of each headline
   figure (map and coco_map; accuracy and mean_iou) over eval.bootstrap draws of the val images,
-- records/ (a cached DVC output): the per-image records (pipeline_lib/records.py) that the review
-  (stages/report.py) resamples and compares.
+- records/ (a cached DVC output): the per-image records (pipeline_lib/measures/records.py)
+  that the review (stages/report.py) resamples and compares.
 
 evaluate_single writes reports/evaluate_single/
 - metrics.json (DVC metrics): box_loss (the lab's SmoothL1), accuracy, mean_iou, hit_rate (IoU >=
@@ -47,17 +47,17 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.evaluation import (
+from pipeline_lib.base.files import write_json
+from pipeline_lib.base.params import EvalParams, load_params
+from pipeline_lib.evaluation.evaluate import (
     EvaluationInputs,
     Report,
     grid_report,
     read_evaluation_inputs,
     single_report,
 )
-from pipeline_lib.files import write_json
-from pipeline_lib.params import EvalParams, load_params
-from pipeline_lib.plots import save_figure
-from pipeline_lib.records import write_records
+from pipeline_lib.measures.records import write_records
+from pipeline_lib.reporting.plots import save_figure
 from stages import common
 
 app = common.command_group("Evaluate a trained head on the validation features.")

@@ -5,7 +5,8 @@
 
 Writes
 - data/features/<split>.safetensors: `features` (N, C, H, W) in backbone.store_dtype, with the image
-  ids in row order and the backbone description in the metadata (see pipeline_lib/featurefiles.py);
+  ids in row order and the backbone description in the metadata (see
+  pipeline_lib/features/featurefiles.py);
   with backbone.hflip also train_flipped.safetensors, the training images flipped left to right,
 - data/features/features.json: backbone, layer, weights, normalisation, compute precision (the
   resolved backbone.precision), image mode and size, store dtype, and per split the shape and file,
@@ -15,7 +16,7 @@ Writes
 
 With backbone.processes > 1 the stage starts itself again under torchrun (one machine, that many
 processes), so `dvc repro` needs nothing else; under torchrun each process extracts its share of
-the images and rank 0 writes the same files one process writes (pipeline_lib/distributed.py).
+the images and rank 0 writes the same files one process writes (pipeline_lib/base/distributed.py).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline_lib import distributed
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.files import atomic_dir, write_json
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import check_stackable
-from pipeline_lib.params import Params, load_params
-from pipeline_lib.tables import read_prepared
+from pipeline_lib.base import distributed
+from pipeline_lib.base.files import atomic_dir, write_json
+from pipeline_lib.base.params import Params, load_params
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.data.tables import read_prepared
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.images import check_stackable
 from stages.common import (
     EXTRACT_REPORTS,
     FEATURES_DIR,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.files import atomic_dir, write_json
-from pipeline_lib.params import Params, load_params
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.files import atomic_dir, write_json
+from pipeline_lib.base.params import Params, load_params
 from stages.common import (
     MODELS_DIR,
     PARAMS_OPTION,
@@ -87,9 +87,9 @@ def finetune(params: Params, progress: bool) -> None:
     """Train, keep an epoch (finetune.monitor), save model, metrics and curves. Under
     torchrun every process trains its share (DDP) and rank 0 alone writes and prints."""
     # Imported here so that the disabled stages, which every `dvc repro` runs, take a second.
-    from pipeline_lib import distributed
-    from pipeline_lib.finetuning import finetune_job, read_frozen, training_device
-    from pipeline_lib.training import epoch_line, fit, seed_everything
+    from pipeline_lib.base import distributed
+    from pipeline_lib.training.finetuning import finetune_job, read_frozen, training_device
+    from pipeline_lib.training.loop import epoch_line, fit, seed_everything
 
     ft = params.finetune
     ranks = distributed.start("nccl" if training_device(ft.device).type == "cuda" else "gloo")
@@ -115,8 +115,8 @@ def finetune(params: Params, progress: bool) -> None:
 
 def save_finetuned(job, frozen, result) -> None:
     """models/finetuned/, reports/finetune/: the kept epoch's model, curves and metrics."""
-    from pipeline_lib.checkpoints import save_checkpoint
-    from pipeline_lib.plots import save_figure, training_curves
+    from pipeline_lib.models.checkpoints import save_checkpoint
+    from pipeline_lib.reporting.plots import save_figure, training_curves
 
     job.model.load_state_dict(result.best_state)
     with atomic_dir(MODEL_DIR) as tmp:
@@ -136,17 +136,17 @@ def save_finetuned(job, frozen, result) -> None:
 
 def compare(params: Params) -> None:
     """mAP on val of the frozen-feature model and of the fine-tuned one, from the same images."""
-    from pipeline_lib.checkpoints import load_checkpoint
-    from pipeline_lib.devices import pick_device
-    from pipeline_lib.finetuning import (
+    from pipeline_lib.features.devices import pick_device
+    from pipeline_lib.measures.metrics import OVERLAP_OF_SOURCE
+    from pipeline_lib.models.checkpoints import load_checkpoint
+    from pipeline_lib.reporting.plots import ap_chart, save_figure
+    from pipeline_lib.training.finetuning import (
         compare_models,
         comparison_metrics,
         finetuned_from,
         image_loader,
         read_frozen,
     )
-    from pipeline_lib.metrics import OVERLAP_OF_SOURCE
-    from pipeline_lib.plots import ap_chart, save_figure
 
     ev = params.eval
     frozen, prepared = read_frozen(FROZEN_MODEL, PREPARED_DIR)

@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline_lib.files import atomic_file
-from pipeline_lib.review import VEGA_LITE
+from pipeline_lib.base.files import atomic_file
+from pipeline_lib.reporting.review import VEGA_LITE
 
 TEMPLATE_PATH = Path(".dvc/plots_template.html")
 

@@ -28,10 +28,9 @@ import pandas as pd
 import typer
 from tqdm import tqdm
 
-from pipeline_lib.detection import Filtering
-from pipeline_lib.files import atomic_file, write_json
-from pipeline_lib.images import ImageError
-from pipeline_lib.inference import (
+from pipeline_lib.base.files import atomic_file, write_json
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.evaluation.inference import (
     TABLE_COLUMNS,
     Detector,
     collect_images,
@@ -42,6 +41,7 @@ from pipeline_lib.inference import (
     table_rows,
     unique_name,
 )
+from pipeline_lib.features.images import ImageError
 from stages import common
 from stages.common import MODELS_DIR, clean_errors
 

@@ -4,8 +4,8 @@
 
 Reads the synthetic dataset (data.source: synthetic), a VOCdevkit folder (data.source: voc,
 optionally downloading VOC2012 first) or a COCO-format folder (data.source: coco, see
-pipeline_lib/coco.py), then writes
-- data/prepared/{images,objects}.parquet and dataset.json (see pipeline_lib/tables.py),
+pipeline_lib/data/coco.py), then writes
+- data/prepared/{images,objects}.parquet and dataset.json (see pipeline_lib/data/tables.py),
 - reports/prepare/metrics.json: counts per split (images, objects, difficult, truncated, skipped),
 - reports/prepare/objects_per_class.json: one {split, class, objects} row per split and class
   (drawn in figures/class_counts.png),
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib import plots
-from pipeline_lib.files import atomic_dir, write_json
-from pipeline_lib.params import Params, load_params
-from pipeline_lib.sources import read_source
-from pipeline_lib.tables import Prepared, read_prepared, split_report, write_prepared
-from pipeline_lib.voc import DatasetError
+from pipeline_lib.base.files import atomic_dir, write_json
+from pipeline_lib.base.params import Params, load_params
+from pipeline_lib.data.sources import read_source
+from pipeline_lib.data.tables import Prepared, read_prepared, split_report, write_prepared
+from pipeline_lib.data.voc import DatasetError
+from pipeline_lib.reporting import plots
 from stages.common import (
     PARAMS_OPTION,
     PREPARE_REPORTS,

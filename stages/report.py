@@ -41,11 +41,11 @@ from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index import DataIndexError
 
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.files import atomic_dir
-from pipeline_lib.params import load_params
-from pipeline_lib.records import Records, read_records
-from pipeline_lib.review import (
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.files import atomic_dir
+from pipeline_lib.base.params import load_params
+from pipeline_lib.measures.records import Records, read_records
+from pipeline_lib.reporting.review import (
     ImageChange,
     MetricChange,
     changed_revisions,

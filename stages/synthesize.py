@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.params import load_params
-from pipeline_lib.synthetic import generate_dataset
+from pipeline_lib.base.params import load_params
+from pipeline_lib.data.synthetic import generate_dataset
 from stages.common import PARAMS_OPTION, SYNTHETIC_DATASET, clean_errors
 
 app = typer.Typer(add_completion=False)

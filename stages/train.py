@@ -6,7 +6,7 @@
 Writes, for KIND = single | multi,
 - models/KIND.safetensors: the head of the best epoch (train.monitor on val) with everything
   needed to use it: backbone, layer, normalisation, image mode and size, classes, head params
-  (see pipeline_lib/heads.py),
+  (see pipeline_lib/models/heads.py),
 - reports/train_KIND/metrics.json: the headline figures (DVC metrics; tasks.training_metrics):
   best epoch, its val loss / accuracy / IoU (and objectness accuracy), train loss, s/epoch, ...,
 - reports/train_KIND/plots/metrics/{train,val}/*.tsv: dvclive's curves, every measure, one row
@@ -22,13 +22,19 @@ import typer
 from dvclive import Live
 from scmrepo.exceptions import SCMError
 
-from pipeline_lib.checkpoints import save_checkpoint
-from pipeline_lib.devices import pick_device
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.files import write_json
-from pipeline_lib.params import Params, load_params
-from pipeline_lib.plots import save_figure, training_curves
-from pipeline_lib.tasks import (
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.files import write_json
+from pipeline_lib.base.params import Params, load_params
+from pipeline_lib.features.devices import pick_device
+from pipeline_lib.models.checkpoints import save_checkpoint
+from pipeline_lib.reporting.plots import save_figure, training_curves
+from pipeline_lib.training.loop import (
+    epoch_line,
+    fit,
+    pin_cpu_kernels,
+    seed_everything,
+)
+from pipeline_lib.training.tasks import (
     SPLITS,
     Task,
     TrainingInputs,
@@ -38,12 +44,6 @@ from pipeline_lib.tasks import (
     single_task,
     train_config,
     training_metrics,
-)
-from pipeline_lib.training import (
-    epoch_line,
-    fit,
-    pin_cpu_kernels,
-    seed_everything,
 )
 from stages import common
 

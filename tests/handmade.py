@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline_lib.backbones import Backbone, load_backbone
-from pipeline_lib.checkpoints import save_checkpoint
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.headkinds import build_head
-from pipeline_lib.heads import MultiObjectHead
-from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.features.backbones import Backbone, load_backbone
+from pipeline_lib.models.checkpoints import save_checkpoint
+from pipeline_lib.models.headkinds import build_head
+from pipeline_lib.models.heads import MlpGridHead
+from pipeline_lib.models.modelcard import GridSpec, ModelCard
 
 SIZE = 64  # Lite0's last map at 64 pixels: (320, 2, 2)
 CELL_BOX = (0.5, 0.5, 0.25, 0.5)  # every cell: centred in the cell, 0.25 x 0.5 of the image
@@ -48,7 +48,7 @@ def grid_card(classes: list[str], **changes) -> ModelCard:
     return replace(card, **changes)
 
 
-def set_grid_outputs(head: MultiObjectHead, label: int = 0) -> None:
+def set_grid_outputs(head: MlpGridHead, label: int = 0) -> None:
     """Every cell: CELL_BOX, class logit 2 for `label` and 0 for the others, objectness 3."""
     boxes, classes = head.regression[-2], head.classification[-1]
     with torch.no_grad():
@@ -65,7 +65,7 @@ def write_model(
 ) -> Path:
     """Save a head for `card` (outputs set by hand for a lab grid head) and return `path`."""
     head = build_head(card)
-    if isinstance(head, MultiObjectHead):
+    if isinstance(head, MlpGridHead):
         set_grid_outputs(head, label)
     save_checkpoint(path, head, card, backbone)
     return path

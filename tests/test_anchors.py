@@ -13,15 +13,15 @@ import torch
 import yaml
 from conftest import invoke, lab_heads
 
-from pipeline_lib.anchors import anchor_matches, best_anchor, kmeans_anchors, shape_iou
-from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
-from pipeline_lib.detection import Filtering, cell_scores, grid_detections
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.gridcoding import decode_grid
-from pipeline_lib.heads import MultiObjectHead
-from pipeline_lib.modelcard import ModelCard
-from pipeline_lib.tables import read_prepared
-from pipeline_lib.targets import GridLevel, multi_object_targets, training_shapes
+from pipeline_lib.boxes.anchors import anchor_matches, best_anchor, kmeans_anchors, shape_iou
+from pipeline_lib.boxes.detection import Filtering, cell_scores, grid_detections
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.boxes.gridcoding import decode_grid
+from pipeline_lib.data.tables import read_prepared
+from pipeline_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.models.heads import MlpGridHead
+from pipeline_lib.models.modelcard import ModelCard
+from pipeline_lib.models.targets import GridLevel, multi_object_targets, training_shapes
 
 
 def test_shape_iou_by_hand():
@@ -100,8 +100,8 @@ def test_anchor_matches_by_yolov5s_ratio_rule():
 def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):
     """Two objects collide with anchors only if they also collide without: on the genuine VOC2007
     subset the learnable objects can only grow."""
-    from pipeline_lib.tables import write_prepared
-    from pipeline_lib.voc import VOC_CLASSES, read_voc
+    from pipeline_lib.data.tables import write_prepared
+    from pipeline_lib.data.voc import VOC_CLASSES, read_voc
 
     rows = read_voc(shared_voc, {"train": "train"}, VOC_CLASSES, progress=False)
     write_prepared(tmp_path, rows.images, rows.objects, {"classes": list(VOC_CLASSES)})
@@ -127,7 +127,7 @@ def test_anchors_never_lower_the_recall_bound_on_voc(shared_voc, tmp_path):
 
 def _anchored_head(anchors):
     torch.manual_seed(0)
-    return MultiObjectHead((8, 3, 3), n_classes=4, num_cells=3, hidden=8, anchors=anchors).eval()
+    return MlpGridHead((8, 3, 3), n_classes=4, num_cells=3, hidden=8, anchors=anchors).eval()
 
 
 def test_anchored_head_starts_at_its_anchors():

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from pipeline_lib.backbones import BackboneError, efficientnet_lite, load_backbone
-from pipeline_lib.params import BACKBONE_LAYERS
+from pipeline_lib.base.params import BACKBONE_LAYERS
+from pipeline_lib.features.backbones import BackboneError, efficientnet_lite, load_backbone
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 MILITARY_UNIFORM = 652  # ImageNet class index

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.bootstrap import (
+from pipeline_lib.measures.bootstrap import (
     Change,
     RankedClass,
     class_ap_draws,
@@ -18,15 +18,15 @@ from pipeline_lib.bootstrap import (
     paired_change,
     ranked_classes,
 )
-from pipeline_lib.metrics import (
+from pipeline_lib.measures.metrics import (
     COCO_RECALLS,
     coco_match_image,
     match_image,
     mean_ap,
     voc_average_precision,
 )
-from pipeline_lib.records import Judging, SingleRecords
-from pipeline_lib.review import judge
+from pipeline_lib.measures.records import Judging, SingleRecords
+from pipeline_lib.reporting.review import judge
 
 
 def test_weights_count_each_draw_of_n_images_and_repeat_with_the_seed():

@@ -8,18 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline_lib.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline_lib.fcos import FcosHead
-from pipeline_lib.headkinds import build_head
-from pipeline_lib.heads import (
+from pipeline_lib.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline_lib.models.fcos import FcosHead
+from pipeline_lib.models.headkinds import build_head
+from pipeline_lib.models.heads import (
     ConvGridHead,
-    MultiObjectHead,
+    MlpGridHead,
+    MlpSingleHead,
     PyramidGridHead,
-    SingleObjectHead,
     SpatialSingleHead,
-    TwoLevelHead,
+    TwoLevelMlpHead,
 )
-from pipeline_lib.modelcard import ModelCard
+from pipeline_lib.models.modelcard import ModelCard
 
 CLASSES = ["cat", "dog", "bird"]
 # What every card holds besides the head (see modelcard.py).
@@ -56,7 +56,7 @@ def heads():
     levels = {"num_cells": 3, "fine_channels": 2, "fine_below": 0.2}
     return {
         "single": (
-            SingleObjectHead((4, 3, 3), 3, **single),
+            MlpSingleHead((4, 3, 3), 3, **single),
             description("single", single, [4, 3, 3]),
         ),
         "spatial": (
@@ -64,15 +64,15 @@ def heads():
             description("single", spatial, [4, 3, 3]),
         ),
         "multi": (
-            MultiObjectHead((4, 6, 6), 3, num_cells=3, **grid),
+            MlpGridHead((4, 6, 6), 3, num_cells=3, **grid),
             description("multi", grid, [4, 6, 6], num_cells=3),
         ),
         "anchors": (
-            MultiObjectHead((4, 3, 3), 3, num_cells=3, anchors=anchors, **grid),
+            MlpGridHead((4, 3, 3), 3, num_cells=3, anchors=anchors, **grid),
             description("multi", grid, [4, 3, 3], num_cells=3, anchors=anchors),
         ),
         "two levels": (
-            TwoLevelHead((4 + 4 * 2, 3, 5), 3, 2, num_cells=2, **grid),
+            TwoLevelMlpHead((4 + 4 * 2, 3, 5), 3, 2, num_cells=2, **grid),
             description("multi", grid, [12, 3, 5], **levels | {"num_cells": 2}),
         ),
         "conv": (

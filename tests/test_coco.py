@@ -10,8 +10,8 @@ import yaml
 from conftest import VocFolder, invoke, tiny_params, voc_xml
 from PIL import Image
 
-from pipeline_lib.coco import annotation_path, read_categories, read_coco, voc_to_coco
-from pipeline_lib.voc import VOC_CLASSES, AnnotationError, DatasetError, read_voc
+from pipeline_lib.data.coco import annotation_path, read_categories, read_coco, voc_to_coco
+from pipeline_lib.data.voc import VOC_CLASSES, AnnotationError, DatasetError, read_voc
 
 
 def write_coco(root: Path, split: str, images, annotations, categories=None) -> Path:

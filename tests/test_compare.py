@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from pipeline_lib.errors import PipelineError
+from pipeline_lib.base.errors import PipelineError
 from stages import compare, report
 
 

@@ -1,5 +1,5 @@
-"""From head outputs to detections (pipeline_lib/detection.py), on small examples worked out by
-hand: thresholds at their exact value, ties, caps, several images and levels."""
+"""From head outputs to detections (pipeline_lib/boxes/detection.py), on small examples worked
+out by hand: thresholds at their exact value, ties, caps, several images and levels."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.detection import (
+from pipeline_lib.boxes.detection import (
     Filtering,
     cell_scores,
     decode_image,
     grid_detections,
     single_detections,
 )
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.gridcoding import decode_grid
-from pipeline_lib.targets import GridLevel, multi_object_targets
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.boxes.gridcoding import decode_grid
+from pipeline_lib.models.targets import GridLevel, multi_object_targets
 
 
 def cells(*rows):

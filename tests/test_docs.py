@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import with_param
 
-from pipeline_lib.params import ParamsError, parse_params
+from pipeline_lib.base.params import ParamsError, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import VocFolder, voc_xml
 
-from pipeline_lib import voc
-from pipeline_lib.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
+from pipeline_lib.data import voc
+from pipeline_lib.data.voc import VOC_CLASSES, DatasetError, download_voc2012, read_voc
 
 ARCHIVE = "VOCtrainval_11-May-2012.tar"  # torchvision's file name for VOC2012 trainval
 

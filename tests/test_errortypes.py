@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_metrics import image, random_truth
 
-from pipeline_lib.errortypes import DEVKIT, ERROR_TYPES, TIDE, split_errors
-from pipeline_lib.metrics import mean_ap, voc_average_precision
+from pipeline_lib.measures.errortypes import DEVKIT, ERROR_TYPES, TIDE, split_errors
+from pipeline_lib.measures.metrics import mean_ap, voc_average_precision
 
 OBJECT = [0, 0, 100, 100]
 CAT, DOG = 0, 1

@@ -16,22 +16,23 @@ from conftest import REPO, VocFolder, voc_xml
 from handmade import lite0, write_model
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
-from pipeline_lib import finetuning, heads
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
-from pipeline_lib.detection import Filtering
-from pipeline_lib.distributed import Ranks
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.headkinds import build_head
-from pipeline_lib.losses import grid_loss
-from pipeline_lib.modelcard import GridSpec
-from pipeline_lib.params import load_params
-from pipeline_lib.tables import write_prepared
-from pipeline_lib.targets import image_objects
-from pipeline_lib.tasks import loss_weights, train_config
-from pipeline_lib.training import TrainConfig, fit
-from pipeline_lib.voc import VOC_CLASSES, read_voc
+from pipeline_lib.base.distributed import Ranks
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import load_params
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.data.tables import write_prepared
+from pipeline_lib.data.voc import VOC_CLASSES, read_voc
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.models import heads
+from pipeline_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.models.headkinds import build_head
+from pipeline_lib.models.losses import grid_loss
+from pipeline_lib.models.modelcard import GridSpec
+from pipeline_lib.models.targets import image_objects
+from pipeline_lib.training import finetuning
+from pipeline_lib.training.loop import TrainConfig, fit
+from pipeline_lib.training.tasks import loss_weights, train_config
 
 CAT, DOG = VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog")
 SIDE = 128

@@ -11,15 +11,20 @@ import torch
 import yaml
 from conftest import invoke
 
-from pipeline_lib.backbones import load_backbone, mirror_features, pack_levels, unpack_levels
-from pipeline_lib.devices import prepare_model
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.geometry import decode_boxes, encode_boxes, mirror_encoded
-from pipeline_lib.images import load_image_tensor
-from pipeline_lib.params import parse_params
-from pipeline_lib.tasks import grid_task, read_training_inputs, single_task
-from pipeline_lib.training import Dataset, Flips
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import parse_params
+from pipeline_lib.boxes.geometry import decode_boxes, encode_boxes, mirror_encoded
+from pipeline_lib.features.backbones import (
+    load_backbone,
+    mirror_features,
+    pack_levels,
+    unpack_levels,
+)
+from pipeline_lib.features.devices import prepare_model
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.features.images import load_image_tensor
+from pipeline_lib.training.loop import Dataset, Flips
+from pipeline_lib.training.tasks import grid_task, read_training_inputs, single_task
 
 
 def test_mirrored_boxes_by_hand():

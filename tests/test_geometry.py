@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from pipeline_lib.geometry import (
+from pipeline_lib.boxes.geometry import (
     crop_window,
     encoded_to_image,
     output_size,

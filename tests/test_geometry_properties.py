@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import box_iou
 
-from pipeline_lib.geometry import (
+from pipeline_lib.boxes.geometry import (
     crop_window,
     encode_boxes,
     encoded_to_image,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline_lib.gridcoding import (
+from pipeline_lib.boxes.gridcoding import (
     anchor_sizes,
     cell_fractions,
     cell_local,

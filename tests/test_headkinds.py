@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_other_device import CARDS
 
-from pipeline_lib.detection import Filtering
-from pipeline_lib.headkinds import HEAD_KINDS, build_head, head_kind
-from pipeline_lib.losses import LossWeights
-from pipeline_lib.params import load_params
+from pipeline_lib.base.params import load_params
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.models.headkinds import HEAD_KINDS, build_head, head_kind
+from pipeline_lib.models.losses import LossWeights
 
 
 def test_a_card_without_a_kind_is_the_labs_and_builds_the_same_head():
@@ -78,7 +78,7 @@ def test_every_multi_head_learns_from_the_targets_its_kind_makes(name):
     total = float(losses["loss"].detach())
     assert math.isfinite(total) and total > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-    with torch.no_grad():  # as training.run_epoch measures
+    with torch.no_grad():  # as loop.run_epoch measures
         measures = objective.measure_fn(outputs, targets)
     assert {"accuracy", "iou", "obj_accuracy"} <= set(measures)
     assert measures["accuracy"][1] >= 2  # both objects (at least) are matched somewhere

@@ -1,5 +1,5 @@
-"""Heads (pipeline_lib/heads.py): layers, sizes, dropout rates, anchors and levels as the lab's
-design and the params ask (their files: test_checkpoints.py)."""
+"""Heads (pipeline_lib/models/heads.py): layers, sizes, dropout rates, anchors and levels as the
+lab's design and the params ask (their files: test_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_lib import heads
-from pipeline_lib.detection import Filtering
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.heads import (
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.models import heads
+from pipeline_lib.models.heads import (
     ConvGridHead,
     LevelTrunk,
-    MultiObjectHead,
+    MlpGridHead,
+    MlpSingleHead,
     PyramidGridHead,
-    SingleObjectHead,
     SpatialSingleHead,
-    TwoLevelHead,
+    TwoLevelMlpHead,
 )
 
 CLASSES = ["cat", "dog", "car"]
 
 
 def test_grid_head_sizes_pooling_and_refusal():
-    head = MultiObjectHead((16, 7, 9), 3, num_cells=5, hidden=4, dropout=0.0)
+    head = MlpGridHead((16, 7, 9), 3, num_cells=5, hidden=4, dropout=0.0)
     boxes, logits = head(torch.randn(2, 16, 7, 9))
     assert boxes.shape == (2, 4, 5, 5) and logits.shape == (2, 4, 5, 5)
     assert isinstance(head.pool, torch.nn.AdaptiveAvgPool2d)  # 7 x 9 pooled to 5 x 5
-    assert isinstance(MultiObjectHead((16, 5, 5), 3, num_cells=5).pool, torch.nn.Identity)
+    assert isinstance(MlpGridHead((16, 5, 5), 3, num_cells=5).pool, torch.nn.Identity)
     for shape in ((16, 4, 9), (16, 9, 4)):  # too small in either direction
         with pytest.raises(ValueError, match="larger than the"):
-            MultiObjectHead(shape, 3, num_cells=5)
+            MlpGridHead(shape, 3, num_cells=5)
     # two hidden 1x1 layers on the box branch, as in the lab; dropout before the class conv
     convs = [m for m in head.regression if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(16, 4), (4, 4), (4, 4)]
@@ -42,7 +42,7 @@ def test_grid_head_sizes_pooling_and_refusal():
 
 def test_anchor_sizes_are_the_anchor_times_two_sigmoid_squared():
     anchors = [[0.1, 0.2], [0.4, 0.3]]
-    head = MultiObjectHead((4, 2, 2), 3, num_cells=2, hidden=4, dropout=0.0, anchors=anchors)
+    head = MlpGridHead((4, 2, 2), 3, num_cells=2, hidden=4, dropout=0.0, anchors=anchors)
     head.eval()
     with torch.no_grad():
         for module in head.modules():
@@ -67,22 +67,22 @@ def test_anchor_sizes_are_the_anchor_times_two_sigmoid_squared():
 
 
 def test_the_lab_sizes_are_the_defaults():
-    single = SingleObjectHead((4, 3, 3), 3)
+    single = MlpSingleHead((4, 3, 3), 3)
     assert single.regression[2].out_features == 1024 and single.regression[1].p == 0.5
     assert isinstance(single.classification[0], torch.nn.AdaptiveAvgPool2d)  # pooled
     assert single.classification[2].p == 0.0
-    grid = MultiObjectHead((4, 7, 7), 3)
+    grid = MlpGridHead((4, 7, 7), 3)
     assert grid.num_cells == 7 and grid.regression[1].out_channels == 512
     assert isinstance(grid.pool, torch.nn.Identity) and grid.regression[0].p == 0.5
-    two = TwoLevelHead((4 + 4 * 2, 7, 7), 3, 2)
+    two = TwoLevelMlpHead((4 + 4 * 2, 7, 7), 3, 2)
     assert two.coarse.num_cells == 7 and two.fine.num_cells == 14
     assert two.fine.regression[1].out_channels == 512 and two.fine.regression[0].p == 0.5
     with pytest.raises(ValueError, match="classifier must be one of"):
-        SingleObjectHead((4, 3, 3), 3, classifier="attention")
+        MlpSingleHead((4, 3, 3), 3, classifier="attention")
 
 
 def test_the_heads_layers_are_the_labs():
-    single = SingleObjectHead((4, 3, 3), 3, hidden=8, dropout=0.3)
+    single = MlpSingleHead((4, 3, 3), 3, hidden=8, dropout=0.3)
     nn = torch.nn
     assert [type(m) for m in single.regression] == [
         nn.Flatten,
@@ -95,7 +95,7 @@ def test_the_heads_layers_are_the_labs():
         nn.Sigmoid,
     ]
     assert single.regression[5].p == 0.3
-    grid = MultiObjectHead((4, 3, 3), 3, num_cells=3, hidden=8, dropout=0.3)
+    grid = MlpGridHead((4, 3, 3), 3, num_cells=3, hidden=8, dropout=0.3)
     assert [type(m) for m in grid.regression] == [
         nn.Dropout,
         nn.Conv2d,
@@ -111,7 +111,7 @@ def test_the_heads_layers_are_the_labs():
     assert [type(m) for m in grid.classification] == [nn.Dropout, nn.Conv2d]
     assert grid.classification[0].p == 0.3 and grid.regression[4].p == 0.3
     # two levels: both heads get the settings; the fine map (twice the side) is exactly 2S x 2S
-    two = TwoLevelHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, hidden=8, dropout=0.2)
+    two = TwoLevelMlpHead((4 + 4 * 2, 3, 3), 3, 2, num_cells=3, hidden=8, dropout=0.2)
     for level in (two.coarse, two.fine):
         assert level.regression[0].p == 0.2 and level.classification[0].p == 0.2
         assert isinstance(level.pool, nn.Identity)
@@ -119,12 +119,12 @@ def test_the_heads_layers_are_the_labs():
 
 
 def test_grid_head_shapes_pooling_and_refusal():
-    head = MultiObjectHead((16, 14, 14), 3, num_cells=7, hidden=8)
+    head = MlpGridHead((16, 14, 14), 3, num_cells=7, hidden=8)
     boxes, logits = head(torch.randn(2, 16, 14, 14))
     assert boxes.shape == (2, 4, 7, 7) and logits.shape == (2, 4, 7, 7)
     assert boxes.min() >= 0 and boxes.max() <= 1
     with pytest.raises(ValueError, match="grid.num_cells 9 is larger than the 7x7 feature map"):
-        MultiObjectHead((16, 7, 7), 3, num_cells=9)
+        MlpGridHead((16, 7, 7), 3, num_cells=9)
 
 
 def test_conv_grid_head_sees_its_neighbours_and_starts_at_the_prior():

@@ -1,5 +1,5 @@
-"""pipeline_lib.inference without the stages: a model file built here (a real Lite0 backbone, a
-head whose outputs are set by hand) loaded, run, tabulated and drawn.
+"""pipeline_lib.evaluation.inference without the stages: a model file built here (a real Lite0
+backbone, a head whose outputs are set by hand) loaded, run, tabulated and drawn.
 
 The heads' last layers have zero weights and chosen biases, so every cell (or image) predicts a
 known box and class: the expected detections are computed by hand below, in each photo's pixels.
@@ -17,14 +17,10 @@ import torch
 from handmade import SIZE, lite0, logit
 from PIL import Image
 
-from pipeline_lib import inference
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.checkpoints import CheckpointError, save_checkpoint
-from pipeline_lib.detection import Detections, Filtering
-from pipeline_lib.devices import prepare_model
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.headkinds import build_head
-from pipeline_lib.inference import (
+from pipeline_lib.boxes.detection import Detections, Filtering
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.evaluation import inference
+from pipeline_lib.evaluation.inference import (
     TABLE_COLUMNS,
     Detector,
     Photo,
@@ -38,7 +34,11 @@ from pipeline_lib.inference import (
     table_rows,
     unique_name,
 )
-from pipeline_lib.modelcard import GridSpec, ModelCard
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.devices import prepare_model
+from pipeline_lib.models.checkpoints import CheckpointError, save_checkpoint
+from pipeline_lib.models.headkinds import build_head
+from pipeline_lib.models.modelcard import GridSpec, ModelCard
 
 
 def grid_card(**changes) -> ModelCard:

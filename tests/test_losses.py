@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline_lib.losses import (
+from pipeline_lib.models.losses import (
     LossWeights,
     box_loss,
     grid_loss,

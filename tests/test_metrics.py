@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_VOC
 
-from pipeline_lib.metrics import (
+from pipeline_lib.measures.metrics import (
     OVERLAP_OF_SOURCE,
     SIZE_RANGES,
     ClassAP,
@@ -284,8 +284,8 @@ def random_truth(seed, n_images=40, n_classes=4):
 def voc_val_truth():
     if not (SHARED_VOC / "Annotations").is_dir():
         pytest.skip(f"genuine VOC2007 subset not found at {SHARED_VOC} (it ships beside the repo)")
-    from pipeline_lib.targets import ground_truth
-    from pipeline_lib.voc import VOC_CLASSES, read_voc
+    from pipeline_lib.data.voc import VOC_CLASSES, read_voc
+    from pipeline_lib.models.targets import ground_truth
 
     rows = read_voc(SHARED_VOC, {"val": "val"}, VOC_CLASSES, progress=False)
     import pandas as pd

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.modelcard import CardError, GridSpec, ModelCard
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.models.modelcard import CardError, GridSpec, ModelCard
 
 REPO = Path(__file__).resolve().parents[1]
 

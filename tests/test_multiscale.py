@@ -13,7 +13,11 @@ import yaml
 from conftest import evaluate_multi_and_predict, invoke, lab_heads
 from typer.testing import CliRunner
 
-from pipeline_lib.backbones import (
+from pipeline_lib.base.params import ParamsError, parse_params
+from pipeline_lib.boxes.detection import Filtering, grid_detections
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.boxes.gridcoding import encode_grid
+from pipeline_lib.features.backbones import (
     BackboneError,
     backbone_units,
     load_backbone,
@@ -21,13 +25,9 @@ from pipeline_lib.backbones import (
     run_levels,
     unpack_levels,
 )
-from pipeline_lib.checkpoints import load_checkpoint
-from pipeline_lib.detection import Filtering, grid_detections
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.gridcoding import encode_grid
-from pipeline_lib.heads import PyramidGridHead, TwoLevelHead
-from pipeline_lib.params import ParamsError, parse_params
-from pipeline_lib.targets import GridLevel, grid_levels
+from pipeline_lib.models.checkpoints import load_checkpoint
+from pipeline_lib.models.heads import PyramidGridHead, TwoLevelMlpHead
+from pipeline_lib.models.targets import GridLevel, grid_levels
 
 
 def test_pack_and_unpack_are_exact_inverses():
@@ -110,7 +110,7 @@ def test_levels_split_objects_by_scale_by_hand():
 
 def test_two_level_head_and_merged_nms():
     torch.manual_seed(0)
-    head = TwoLevelHead(
+    head = TwoLevelMlpHead(
         (16 + 4 * 4, 2, 2), n_classes=3, fine_channels=4, num_cells=2, hidden=8
     ).eval()
     outputs = head(torch.randn(5, 32, 2, 2))
@@ -155,7 +155,7 @@ def test_stages_with_a_fine_level(trained, tmp_path, monkeypatch):
     output = invoke(train.app, ["multi", "--no-progress"]).output
     assert "(7x7 and 14x14 cells)" in output
     checkpoint = load_checkpoint("models/multi.safetensors")
-    assert isinstance(checkpoint.head, TwoLevelHead)
+    assert isinstance(checkpoint.head, TwoLevelMlpHead)
     assert checkpoint.card.grid.fine_channels == 112 and checkpoint.card.grid.fine_below == 0.2
     metrics, found = evaluate_multi_and_predict(folder)
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0

@@ -21,21 +21,27 @@ import torch
 from other_device import OTHER, Elsewhere, other_device, values
 from PIL import Image, ImageDraw
 
-from pipeline_lib.anchors import kmeans_anchors
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
-from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.finetuning import FineTuner, HeadTargets, ImageBatches, ObjectImages, augmentation
-from pipeline_lib.geometry import ImageSpec, encode_boxes
-from pipeline_lib.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo
-from pipeline_lib.headkinds import HEAD_KINDS, build_head, head_kind
-from pipeline_lib.inference import detect, load_detector, read_photo
-from pipeline_lib.losses import LossWeights, grid_loss, single_object_loss
-from pipeline_lib.metrics import multi_object_batch_sums, single_object_batch_sums
-from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
+from pipeline_lib.boxes.anchors import kmeans_anchors
+from pipeline_lib.boxes.detection import Filtering, grid_detections, single_detections
+from pipeline_lib.boxes.geometry import ImageSpec, encode_boxes
+from pipeline_lib.boxes.gridcoding import decode_grid_map, encode_grid, encode_grid_yolo
+from pipeline_lib.evaluation.inference import detect, load_detector, read_photo
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.measures.metrics import multi_object_batch_sums, single_object_batch_sums
+from pipeline_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.models.headkinds import HEAD_KINDS, build_head, head_kind
+from pipeline_lib.models.losses import LossWeights, Objective, grid_loss, single_object_loss
+from pipeline_lib.models.modelcard import GridSpec, ModelCard
+from pipeline_lib.training.finetuning import (
+    FineTuner,
+    HeadTargets,
+    ImageBatches,
+    ObjectImages,
+    augmentation,
+)
+from pipeline_lib.training.loop import Dataset, TrainConfig, fit
 
 K, C, S, FINE = 3, 16, 4, 8  # classes, feature channels, grid cells, fine-level channels
 ANCHORS = [[0.1, 0.2], [0.3, 0.3], [0.6, 0.5]]
@@ -172,7 +178,7 @@ def test_every_loss_and_measure_runs_on_another_device(weights, layout):
         moved = [on_other(o.detach()).requires_grad_() for o in outputs]
         losses = grid_loss(moved, [on_other(t) for t in targets], weights)
         losses["loss"].backward()
-        with torch.no_grad():  # as training.run_epoch measures
+        with torch.no_grad():  # as loop.run_epoch measures
             measures = multi_object_batch_sums(moved, [on_other(t) for t in targets])
     for part, value in expected.items():
         assert torch.allclose(values(losses[part]), value), part
@@ -286,7 +292,7 @@ def test_single_object_decoding_runs_on_another_device(mode):
 
 @pytest.mark.parametrize(("name", "ema"), [("single spatial", 0.0), ("grid conv", 0.9)])
 def test_a_training_run_works_on_another_device(name, ema):
-    """training.fit with config.device OTHER: batches moved there, Adam and the EMA there, the
+    """loop.fit with config.device OTHER: batches moved there, Adam and the EMA there, the
     kept state back on the CPU."""
     torch.manual_seed(0)
     head = HEADS[name]()
@@ -342,7 +348,7 @@ def tuner_card(name: str) -> ModelCard:
 def test_a_fine_tuning_step_works_on_another_device(tmp_path, name):
     """FineTuner (its normalisation buffers, frozen and trainable units, both levels where the
     head has two, the head of every multi-object kind) trained one epoch on augmented images,
-    their targets made by the kind (HeadTargets), with training.fit on OTHER."""
+    their targets made by the kind (HeadTargets), with loop.fit on OTHER."""
     paths, objects = _photos(tmp_path)
     c = tuner_card(name)
     data = ObjectImages(paths, objects, c.image, augmentation(0.5, 0.2, 0.1, 0.3))

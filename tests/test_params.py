@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_lib.detection import Filtering
-from pipeline_lib.losses import LossWeights
-from pipeline_lib.params import (
+from pipeline_lib.base.params import (
     EvalParams,
     FinetuneParams,
     ParamsError,
@@ -20,7 +18,9 @@ from pipeline_lib.params import (
     load_params,
     parse_params,
 )
-from pipeline_lib.training import TrainConfig
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.models.losses import LossWeights
+from pipeline_lib.training.loop import TrainConfig
 
 REPOSITORY_PARAMS = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
 

@@ -23,13 +23,13 @@ import yaml
 from conftest import REPO, tiny_params, with_param, write_tiny_voc
 from PIL import Image
 
-from pipeline_lib import features as features_module
-from pipeline_lib.devices import pick_device
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.evaluation import grid_report, read_evaluation_inputs, single_report
-from pipeline_lib.params import parse_params
-from pipeline_lib.tasks import grid_task, read_training_inputs, single_task, train_config
-from pipeline_lib.training import fit, seed_everything
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import parse_params
+from pipeline_lib.evaluation.evaluate import grid_report, read_evaluation_inputs, single_report
+from pipeline_lib.features import extraction as features_module
+from pipeline_lib.features.devices import pick_device
+from pipeline_lib.training.loop import fit, seed_everything
+from pipeline_lib.training.tasks import grid_task, read_training_inputs, single_task, train_config
 
 pytestmark = pytest.mark.xdist_group("params_effects")  # one `env` for the module
 
@@ -73,7 +73,7 @@ _BACKBONES: dict = {}
 def cached_backbone(name, layer=None, weights="imagenet", fine_layer=None):
     """load_backbone, each kind loaded once for the module (a copy each time: extraction moves
     the module in place)."""
-    from pipeline_lib.backbones import load_backbone
+    from pipeline_lib.features.backbones import load_backbone
 
     key = (name, layer, weights, fine_layer)
     if key not in _BACKBONES:
@@ -145,7 +145,7 @@ def lazy_probe(raw: dict, env: dict, monkeypatch) -> str:
 
 def kernels_probe(raw: dict, env: dict, monkeypatch) -> str:
     """train.cpu_kernels: what pin_cpu_kernels asks of ATen and oneDNN."""
-    from pipeline_lib.training import pin_cpu_kernels
+    from pipeline_lib.training.loop import pin_cpu_kernels
 
     for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
         monkeypatch.setenv(name, "before")  # so that the test's end restores the original state
@@ -182,9 +182,9 @@ def report_probe(kind: str):
 def extract_probe(raw: dict, env: dict, monkeypatch) -> str:
     """extract_features as the extract stage calls it: the file written, the batches the model
     saw, the decoding processes, whether torch.compile ran."""
-    from pipeline_lib.featurefiles import read_features
-    from pipeline_lib.features import ExtractSettings, extract_features
-    from pipeline_lib.geometry import ImageSpec
+    from pipeline_lib.boxes.geometry import ImageSpec
+    from pipeline_lib.features.extraction import ExtractSettings, extract_features
+    from pipeline_lib.features.featurefiles import read_features
 
     params = parse_params(raw)
     bb, seen = params.backbone, {"rows": [], "compiled": False, "workers": None}
@@ -223,7 +223,7 @@ def extract_probe(raw: dict, env: dict, monkeypatch) -> str:
 def extract_stage_probe(raw: dict, env: dict, monkeypatch) -> str:
     """The extract stage: the jobs it hands the library, and whether it restarts under
     torchrun."""
-    from pipeline_lib.features import ExtractResult
+    from pipeline_lib.features.extraction import ExtractResult
     from stages import common
     from stages import extract as extract_stage
 
@@ -255,7 +255,7 @@ def extract_stage_probe(raw: dict, env: dict, monkeypatch) -> str:
 
 def source_probe(raw: dict, env: dict, monkeypatch) -> str:
     """prepare's reading: which images and objects of which folder and splits, what it skips."""
-    from pipeline_lib import sources
+    from pipeline_lib.data import sources
 
     downloads = []
     monkeypatch.setattr(sources, "download_voc2012", lambda root: downloads.append(str(root)))
@@ -267,7 +267,7 @@ def source_probe(raw: dict, env: dict, monkeypatch) -> str:
 
 def figures_probe(raw: dict, env: dict, monkeypatch) -> str:
     """prepare's figures: which are drawn, and their sizes."""
-    from pipeline_lib.tables import split_report
+    from pipeline_lib.data.tables import split_report
     from stages import prepare as prepare_stage
 
     prepared = env["prepared"]
@@ -287,7 +287,7 @@ def figures_probe(raw: dict, env: dict, monkeypatch) -> str:
 
 def synthetic_probe(raw: dict, env: dict) -> str:
     """The synthetic dataset: every file it writes."""
-    from pipeline_lib.synthetic import generate_dataset
+    from pipeline_lib.data.synthetic import generate_dataset
 
     out = env["tmp"] / "synthetic"
     shutil.rmtree(out, ignore_errors=True)
@@ -299,8 +299,8 @@ def synthetic_probe(raw: dict, env: dict) -> str:
 def finetune_probe(raw: dict, env: dict, monkeypatch) -> str:
     """The fine-tuning job the stage builds: its loop's settings, what trains, the loaders'
     batches and workers, the augmented images."""
-    from pipeline_lib import finetuning
-    from pipeline_lib.finetuning import finetune_job, read_frozen, training_device
+    from pipeline_lib.training import finetuning
+    from pipeline_lib.training.finetuning import finetune_job, read_frozen, training_device
 
     monkeypatch.setattr(finetuning, "load_backbone", cached_backbone)
 
@@ -489,7 +489,7 @@ def test_every_key_has_a_probe():
 
 def fine_inputs(inputs):
     """The tiny set's training inputs with a second, fine feature level (random, packed)."""
-    from pipeline_lib.featurefiles import Features
+    from pipeline_lib.features.featurefiles import Features
 
     fine = 8
     made = copy.copy(inputs)
@@ -507,7 +507,7 @@ def fine_inputs(inputs):
 def env(trained, tmp_path_factory) -> dict:
     """What the probes read: the tiny set's inputs and models, small VOC folders, photos."""
     tmp = tmp_path_factory.mktemp("effects")
-    from pipeline_lib.tables import read_prepared
+    from pipeline_lib.data.tables import read_prepared
 
     root = tmp / "VOC"
     write_tiny_voc(root / "VOC2007", {"train": 4, "val": 3, "trainval": 0, "test": 0})

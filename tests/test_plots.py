@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pipeline_lib import plots
+from pipeline_lib.reporting import plots
 
 PR_COLUMN_PX = 880  # GitHub's comment column, CSS pixels
 

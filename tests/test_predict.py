@@ -16,15 +16,15 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as F
 from typer.testing import CliRunner
 
-from pipeline_lib.checkpoints import load_checkpoint, save_checkpoint
-from pipeline_lib.detection import Filtering, grid_detections, single_detections
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.geometry import ImageSpec, encoded_to_image
-from pipeline_lib.images import ImageError, load_image_tensor
-from pipeline_lib.inference import cell_rectangles, open_photo, read_photo
-from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.tables import read_prepared
-from pipeline_lib.training import predict as run_head
+from pipeline_lib.boxes.detection import Filtering, grid_detections, single_detections
+from pipeline_lib.boxes.geometry import ImageSpec, encoded_to_image
+from pipeline_lib.data.tables import read_prepared
+from pipeline_lib.evaluation.inference import cell_rectangles, open_photo, read_photo
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.features.images import ImageError, load_image_tensor
+from pipeline_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from pipeline_lib.models.modelcard import GridSpec, ModelCard
+from pipeline_lib.training.loop import predict as run_head
 from stages import predict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,15 @@ import pytest
 import torch
 from test_metrics import image, jittered, random_truth
 
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.metrics import mean_ap, voc_average_precision
-from pipeline_lib.records import Judging, MultiRecords, multi_records, read_records, write_records
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.measures.metrics import mean_ap, voc_average_precision
+from pipeline_lib.measures.records import (
+    Judging,
+    MultiRecords,
+    multi_records,
+    read_records,
+    write_records,
+)
 
 JUDGING = Judging(0.5, "continuous", 0.2)
 

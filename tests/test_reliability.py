@@ -21,16 +21,16 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pipeline_lib import features as features_module
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import ImageError, ImageFolder, load_rgb
-from pipeline_lib.inference import open_photo
-from pipeline_lib.params import ParamsError, load_params
-from pipeline_lib.voc import MAX_ANNOTATION_BYTES, AnnotationError, parse_annotation, read_voc
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import ParamsError, load_params
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.data.voc import MAX_ANNOTATION_BYTES, AnnotationError, parse_annotation, read_voc
+from pipeline_lib.evaluation.inference import open_photo
+from pipeline_lib.features import extraction as features_module
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.features.images import ImageError, ImageFolder, load_rgb
 
 CLASSES = ["cat", "dog"]
 IDS = {name: i for i, name in enumerate(CLASSES)}

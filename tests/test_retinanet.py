@@ -12,13 +12,13 @@ import torch
 import yaml
 from conftest import evaluate_multi_and_predict, invoke
 
-from pipeline_lib.checkpoints import load_checkpoint
-from pipeline_lib.detection import Filtering
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.losses import LossWeights
-from pipeline_lib.modelcard import ModelCard
-from pipeline_lib.retinanet import RetinaNetHead
-from pipeline_lib.targets import box_targets
+from pipeline_lib.boxes.detection import Filtering
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.models.checkpoints import load_checkpoint
+from pipeline_lib.models.losses import LossWeights
+from pipeline_lib.models.modelcard import ModelCard
+from pipeline_lib.models.retinanet import RetinaNetHead
+from pipeline_lib.models.targets import box_targets
 
 
 @pytest.mark.parametrize("fine", [0, 6])

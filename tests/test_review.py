@@ -8,12 +8,12 @@ from PIL import Image
 from test_metrics import image
 from test_records import records_of
 
-from pipeline_lib.bootstrap import Change
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.errortypes import ERROR_TYPES, ErrorSplit
-from pipeline_lib.plots import MAX_WIDTH
-from pipeline_lib.records import Judging
-from pipeline_lib.review import (
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.measures.bootstrap import Change
+from pipeline_lib.measures.errortypes import ERROR_TYPES, ErrorSplit
+from pipeline_lib.measures.records import Judging
+from pipeline_lib.reporting.plots import MAX_WIDTH
+from pipeline_lib.reporting.review import (
     Judged,
     common_images,
     error_splits,

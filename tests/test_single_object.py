@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.geometry import (
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.boxes.geometry import (
     IMAGE_MODES,
     ImageSpec,
     encode_boxes,
@@ -20,13 +19,18 @@ from pipeline_lib.geometry import (
     paired_iou,
     transform_boxes,
 )
-from pipeline_lib.heads import SingleObjectHead
-from pipeline_lib.losses import single_object_loss
-from pipeline_lib.metrics import confusion_matrix, single_object_batch_sums, single_object_metrics
-from pipeline_lib.modelcard import ModelCard
-from pipeline_lib.targets import single_object_targets
-from pipeline_lib.training import Dataset, Objective, TrainConfig, fit, predict, seed_everything
-from pipeline_lib.voc import VOC_CLASSES, parse_annotation
+from pipeline_lib.data.voc import VOC_CLASSES, parse_annotation
+from pipeline_lib.measures.metrics import (
+    confusion_matrix,
+    single_object_batch_sums,
+    single_object_metrics,
+)
+from pipeline_lib.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline_lib.models.heads import MlpSingleHead
+from pipeline_lib.models.losses import Objective, single_object_loss
+from pipeline_lib.models.modelcard import ModelCard
+from pipeline_lib.models.targets import single_object_targets
+from pipeline_lib.training.loop import Dataset, TrainConfig, fit, predict, seed_everything
 
 
 def tables(image_id: str, width: int, height: int, objects: list[tuple]) -> tuple:
@@ -150,7 +154,7 @@ def learnable_data(n: int, n_classes: int = 4, seed: int = 0) -> Dataset:
 
 def train_tiny(epochs=15, seed=0, classifier="pooled"):
     seed_everything(seed)
-    head = SingleObjectHead((8, 4, 4), 4, hidden=32, dropout=0.1, classifier=classifier)
+    head = MlpSingleHead((8, 4, 4), 4, hidden=32, dropout=0.1, classifier=classifier)
     config = TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, weight_decay=0.0, seed=seed)
 
     def loss_fn(outputs, targets):
@@ -241,7 +245,7 @@ def test_largest_box_is_by_area_and_the_first_of_equals():
 def test_batches_of_one_sample_are_refused_before_training():
     # BatchNorm cannot train on one sample: such batches are skipped, so one training sample (or
     # train.batch_size 1) would leave every epoch without a training figure.
-    head = SingleObjectHead((8, 4, 4), 4, hidden=32)
+    head = MlpSingleHead((8, 4, 4), 4, hidden=32)
     config = TrainConfig(epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0)
 
     def loss_fn(outputs, targets):
@@ -260,7 +264,7 @@ def test_batches_of_one_sample_are_refused_before_training():
 
 
 def test_bad_model_files_are_refused(tmp_path):
-    head = SingleObjectHead((8, 4, 4), 4, hidden=32)
+    head = MlpSingleHead((8, 4, 4), 4, hidden=32)
     info = tiny_card()
     good = tmp_path / "good.safetensors"
     save_checkpoint(good, head, ModelCard.from_dict(info))
@@ -291,7 +295,7 @@ def test_monitor_last_keeps_the_last_epoch_whatever_val_says():
 
     def run(monitor):
         seed_everything(0)
-        head = SingleObjectHead((8, 4, 4), 4, hidden=32, dropout=0.1)
+        head = MlpSingleHead((8, 4, 4), 4, hidden=32, dropout=0.1)
         # lr 1.0: val loss is lowest after epoch 1, then rises
         config = TrainConfig(epochs=3, batch_size=16, lr=1.0, weight_decay=0.0, monitor=monitor)
         train, val = learnable_data(64), learnable_data(32, seed=1)

@@ -8,9 +8,9 @@ import re
 import pytest
 from PIL import Image
 
-from pipeline_lib.params import parse_params
-from pipeline_lib.synthetic import generate_dataset
-from pipeline_lib.voc import read_voc
+from pipeline_lib.base.params import parse_params
+from pipeline_lib.data.synthetic import generate_dataset
+from pipeline_lib.data.voc import read_voc
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""What the heads learn, from the prepared tables (pipeline_lib/targets.py), by hand: the largest
-object, grid targets per level with objects exactly at a level's boundary, the ground truth of
-images without objects, and the dtypes each function promises."""
+"""What the heads learn, from the prepared tables (pipeline_lib/models/targets.py), by hand: the
+largest object, grid targets per level with objects exactly at a level's boundary, the ground
+truth of images without objects, and the dtypes each function promises."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.modelcard import GridSpec, ModelCard
-from pipeline_lib.targets import (
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.models.modelcard import GridSpec, ModelCard
+from pipeline_lib.models.targets import (
     GridLevel,
     box_targets,
     encoded_objects,

@@ -6,10 +6,15 @@ from __future__ import annotations
 import yaml
 from conftest import lab_heads
 
-from pipeline_lib.heads import ConvGridHead, MultiObjectHead, SingleObjectHead, SpatialSingleHead
-from pipeline_lib.params import parse_params
-from pipeline_lib.tasks import grid_task, read_training_inputs, single_task
-from pipeline_lib.training import TrainConfig, fit
+from pipeline_lib.base.params import parse_params
+from pipeline_lib.models.heads import (
+    ConvGridHead,
+    MlpGridHead,
+    MlpSingleHead,
+    SpatialSingleHead,
+)
+from pipeline_lib.training.loop import TrainConfig, fit
+from pipeline_lib.training.tasks import grid_task, read_training_inputs, single_task
 
 
 def inputs_and_params(trained, lab: bool = False, **groups: dict):
@@ -25,7 +30,7 @@ def inputs_and_params(trained, lab: bool = False, **groups: dict):
 
 def test_single_task_targets_head_and_card(trained):
     inputs, params = inputs_and_params(trained, lab=True)
-    assert isinstance(single_task(inputs, params).head, SingleObjectHead)
+    assert isinstance(single_task(inputs, params).head, MlpSingleHead)
     head = {"conv_width": 8, "conv_depth": 1, "dropout": 0.2}
     task = single_task(*inputs_and_params(trained, head=head))
     assert isinstance(task.head, SpatialSingleHead) and task.head.trunk[-1].p == 0.2
@@ -42,7 +47,7 @@ def test_single_task_targets_head_and_card(trained):
 def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     inputs, params = inputs_and_params(trained, lab=True)
     lab = grid_task(inputs, params)
-    assert isinstance(lab.head, MultiObjectHead) and lab.card.head == {
+    assert isinstance(lab.head, MlpGridHead) and lab.card.head == {
         "kind": "lab",
         "hidden": 16,
         "dropout": 0.5,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import voc_xml
 
-from pipeline_lib.voc import AnnotationError, DatasetError, parse_annotation, read_voc
+from pipeline_lib.data.voc import AnnotationError, DatasetError, parse_annotation, read_voc
 
 CLASSES = ["cat", "dog", "person"]
 IDS = {name: i for i, name in enumerate(CLASSES)}

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline_lib.tables import read_prepared, split_summary, write_prepared
-from pipeline_lib.voc import VOC_CLASSES, read_voc
+from pipeline_lib.data.tables import read_prepared, split_summary, write_prepared
+from pipeline_lib.data.voc import VOC_CLASSES, read_voc
 
 
 @pytest.fixture(scope="module")

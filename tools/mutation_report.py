@@ -4,8 +4,8 @@
 
 Reads `mutmut results --all true`. A mutant counts as killed when a test failed on it or timed out
 (the mutant made a test hang); "survived" and "no tests" (no fast test runs the function) count as
-not killed. Mutants a run left unchecked (`mutmut run "pipeline_lib.losses*"` runs one module's)
-are left out of the ratios and counted on their own line. Mutants on lines marked
+not killed. Mutants a run left unchecked (`mutmut run "pipeline_lib.models.losses*"` runs one
+module's) are left out of the ratios and counted on their own line. Mutants on lines marked
 `# pragma: no mutate` are not generated at all: each such line is judged equivalent in
 docs/mutation.md.
 """

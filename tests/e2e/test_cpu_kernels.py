@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline_lib.training import pin_cpu_kernels
+from pipeline_lib.training.loop import pin_cpu_kernels
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or not torch.cpu._is_avx2_supported(),

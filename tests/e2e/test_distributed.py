@@ -128,15 +128,15 @@ def test_a_failing_rank_stops_every_process_and_leaves_no_features(project, tmp_
 
 
 def test_finetuning_in_two_processes_reports_the_mean_over_ranks(trained, tmp_path, monkeypatch):
-    from pipeline_lib.checkpoints import load_checkpoint
-    from pipeline_lib.distributed import Ranks
-    from pipeline_lib.finetuning import ImageBatches, image_loader, rebuild
-    from pipeline_lib.losses import grid_loss
-    from pipeline_lib.metrics import multi_object_batch_sums
-    from pipeline_lib.params import load_params
-    from pipeline_lib.tables import read_prepared
-    from pipeline_lib.tasks import loss_weights
-    from pipeline_lib.training import Objective, TrainConfig, run_epoch
+    from pipeline_lib.base.distributed import Ranks
+    from pipeline_lib.base.params import load_params
+    from pipeline_lib.data.tables import read_prepared
+    from pipeline_lib.measures.metrics import multi_object_batch_sums
+    from pipeline_lib.models.checkpoints import load_checkpoint
+    from pipeline_lib.models.losses import Objective, grid_loss
+    from pipeline_lib.training.finetuning import ImageBatches, image_loader, rebuild
+    from pipeline_lib.training.loop import TrainConfig, run_epoch
+    from pipeline_lib.training.tasks import loss_weights
 
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))

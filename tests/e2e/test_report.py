@@ -19,7 +19,7 @@ from PIL import Image
 from test_metrics import image
 from test_records import records_of
 
-from pipeline_lib.records import write_records
+from pipeline_lib.measures.records import write_records
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
