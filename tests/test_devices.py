@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_lib.backbones import Backbone
-from pipeline_lib.devices import pick_precision, prepare_model
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.params import ParamsError, load_params
 
-from pipeline_lib import devices as devices_lib
-from pipeline_lib import features as features_lib
-from pipeline_lib.features import ExtractSettings
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import ParamsError, load_params
+from pipeline_lib.features import devices as devices_lib
+from pipeline_lib.features import extraction as features_lib
+from pipeline_lib.features.backbones import Backbone
+from pipeline_lib.features.devices import pick_precision, prepare_model
+from pipeline_lib.features.extraction import ExtractSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,21 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.devices import pick_precision, prepare_model
-from pipeline_lib.distributed import ONE_PROCESS, Ranks
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.featurefiles import read_features
-from pipeline_lib.geometry import ImageSpec
-from pipeline_lib.images import ImageError, load_image_tensor
-from pipeline_lib.params import ParamsError, load_params
 from safetensors import safe_open
 from torchvision.transforms.v2 import functional as F
 
-from pipeline_lib import devices as devices_lib
-from pipeline_lib import features as features_lib
-from pipeline_lib import images as images_lib
-from pipeline_lib.features import ExtractResult, ExtractSettings, extract_features
+from pipeline_lib.base.distributed import ONE_PROCESS, Ranks
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.base.params import ParamsError, load_params
+from pipeline_lib.boxes.geometry import ImageSpec
+from pipeline_lib.features import devices as devices_lib
+from pipeline_lib.features import extraction as features_lib
+from pipeline_lib.features import images as images_lib
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.devices import pick_precision, prepare_model
+from pipeline_lib.features.extraction import ExtractResult, ExtractSettings, extract_features
+from pipeline_lib.features.featurefiles import read_features
+from pipeline_lib.features.images import ImageError, load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,9 +125,9 @@ COMPILED_VS_EAGER = """
 import sys
 from pathlib import Path
 import torch
-from pipeline_lib.backbones import load_backbone
-from pipeline_lib.features import ExtractSettings, extract_features
-from pipeline_lib.geometry import ImageSpec
+from pipeline_lib.features.backbones import load_backbone
+from pipeline_lib.features.extraction import ExtractSettings, extract_features
+from pipeline_lib.boxes.geometry import ImageSpec
 out, images = Path(sys.argv[1]), sys.argv[2:]
 torch.manual_seed(0)
 backbone = load_backbone("squeezenet1_1", "features", "random")

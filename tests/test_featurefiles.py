@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_lib.errors import PipelineError
-from pipeline_lib.featurefiles import read_features
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline_lib import featurefiles
+from pipeline_lib.base.errors import PipelineError
+from pipeline_lib.features import featurefiles
+from pipeline_lib.features.featurefiles import read_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,8 @@ def test_a_truncated_file_is_refused_when_read_lazily(tmp_path):
 def test_training_from_disk_gives_the_model_training_in_memory_gives(tmp_path):
     from torch import nn
 
-    from pipeline_lib.training import Dataset, Objective, TrainConfig, fit
+    from pipeline_lib.models.losses import Objective
+    from pipeline_lib.training.loop import Dataset, TrainConfig, fit
 
     features = torch.randn(37, 4, 3, 3).half()  # 37: the last batch is short
     write_feature_file(tmp_path / "f.safetensors", features)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from pipeline_lib.images import ImageFolder, load_image_tensor
 from torchvision.transforms.v2 import functional as F
+
+from pipeline_lib.features.images import ImageFolder, load_image_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 
