@@ -1,15 +1,19 @@
 """Measure the rows of docs/ablations.md on the genuine VOC2007 subset, several seeds each.
 
     .venv/bin/python benchmarks/ablations.py [--voc PATH/TO/VOCdevkit] [--work FOLDER]
-        [--seeds 0 --seeds 1] [--row focal ...] [--finetune] [--synthetic]
+        [--seeds 0 --seeds 1] [--row focal ...] [--finetune] [--synthetic] [--folds 3]
 
 Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
 images (`--synthetic`: the embedded synthetic default's 800 and 200), EfficientNet-Lite0 at 224
 (shrink), 7x7 grid, the lab's head and training (LAB: the former default) but 30
 epochs; rows named "448: ..." on 448x448 features (14x14 maps, 14x14 grid) with today's defaults
 (20 epochs) but the row's params; rows named "single: ..." train and evaluate the single head.
-Every run is the real stages in a working folder (`python -m stages.prepare`, `extract` once per
-feature setting, then `train` and `evaluate` per row and seed), so the figures are exactly what
+With `--folds K` the subset's 765 photos (its train and val together) are dealt into K parts, once
+(seed 0), and each row runs K times per seed, each part the val images once and the others the
+training images: every photo is judged once per seed, and the row's figure is the mean over folds
+and seeds (`fold_dataset`). Every run is the real stages in a working folder (`python -m
+stages.prepare`, `extract` once per feature setting (and fold), then `train` and `evaluate` per
+row and seed), so the figures are exactly what
 `dvc exp run -S ...` gives. Besides the stage's metrics (VOC mAP with the devkit's inclusive-pixel
 overlap), each grid run's mAP@0.5 is also computed with the continuous IoU used formerly,
 on the same model and detections. Results go to `<work>/results.jsonl` (one line per run; runs
@@ -20,6 +24,7 @@ brackets.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -220,27 +225,63 @@ FINETUNE = {
 }
 
 
-def voc_params(voc: Path | None, changes: dict) -> dict:
-    """The protocol's params: the VOC2007 subset (None: the synthetic default), the default
-    params and the row's `changes`."""
+def voc_params(voc: Path | None, changes: dict, fold: tuple[int, int] | None = None) -> dict:
+    """The protocol's params: the VOC2007 subset (None: the synthetic default; `fold` = (f, K):
+    fold f of `fold_dataset`'s K, whose folder `voc` then is), the default params and the row's
+    `changes`."""
     if voc is None:
         return changes
+    split = fold_split(*fold) + "_" if fold else ""
     return {
         "data.source": "voc",
         "data.root": str(voc),
         "data.year": 2007,
-        "data.train_split": "train",
-        "data.val_split": "val",
+        "data.train_split": f"{split}train",
+        "data.val_split": f"{split}val",
         **changes,
     }
 
 
-def features_folder(work: Path, feature_setting: str, voc: Path | None) -> Path:
-    """The working folder of a feature setting, prepared and extracted on first use."""
-    folder = work / feature_setting
+def fold_dataset(work: Path, voc: Path, folds: int) -> Path:
+    """A VOCdevkit folder in `work` whose VOC2007 links the subset's Annotations and JPEGImages
+    and holds ImageSets/Main/fold<f>of<K>_train.txt and _val.txt: the subset's train and val ids
+    together, shuffled once (seed 0) and dealt into `folds` parts, part f the val of fold f."""
+    year = work / "folds" / "VOCdevkit" / "VOC2007"
+    main = year / "ImageSets" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    for name in ("Annotations", "JPEGImages"):
+        if not (year / name).exists():
+            (year / name).symlink_to(voc / "VOC2007" / name, target_is_directory=True)
+    listed = voc / "VOC2007" / "ImageSets" / "Main"
+    ids = sorted(
+        {i for split in ("train", "val") for i in (listed / f"{split}.txt").read_text().split()}
+    )
+    random.Random(0).shuffle(ids)
+    for fold in range(folds):
+        parts = {
+            "val": ids[fold::folds],
+            "train": [i for k, i in enumerate(ids) if k % folds != fold],
+        }
+        for split, part in parts.items():
+            (main / f"{fold_split(fold, folds)}_{split}.txt").write_text(
+                "\n".join(sorted(part)) + "\n"
+            )
+    return year.parent
+
+
+def fold_split(fold: int, folds: int) -> str:
+    return f"fold{fold}of{folds}"
+
+
+def features_folder(
+    work: Path, feature_setting: str, voc: Path | None, fold: tuple[int, int] | None = None
+) -> Path:
+    """The working folder of a feature setting (of `fold` = (f, K) of the photos), prepared and
+    extracted on first use."""
+    folder = work / (feature_setting + (f" {fold_split(*fold)}" if fold else ""))
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "data/features/val.safetensors").is_file():
-        write_params(folder, voc_params(voc, FEATURES[feature_setting]))
+        write_params(folder, voc_params(voc, FEATURES[feature_setting], fold))
         if voc is None:
             stage(folder, "synthesize")
         stage(folder, "prepare")
@@ -281,55 +322,65 @@ def main(
     row: list[str] = (),  # noqa: B008
     finetune: bool = False,
     synthetic: bool = False,
+    folds: int = 0,
 ) -> None:
-    """--synthetic: the same rows on the embedded synthetic default instead of VOC2007."""
+    """--synthetic: the same rows on the embedded synthetic default instead of VOC2007; --folds
+    K: every row on K folds of the subset's photos (0: its own train / val split)."""
     voc = None if synthetic else voc.resolve()
     if voc is not None and not (voc / "VOC2007" / "Annotations").is_dir():
         raise SystemExit(f"no VOC2007 folder in {voc} (pass --voc)")
+    if folds and voc is None:
+        raise SystemExit("--folds deals the VOC2007 subset's photos: not with --synthetic")
     results_file = work / "results.jsonl"
     done = set()
     if results_file.is_file():
         done = {
-            (r["row"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())
+            (r["row"], r["seed"], r.get("fold"))
+            for r in map(json.loads, results_file.read_text().splitlines())
         }
+    fold_list = [(f, folds) for f in range(folds)] if folds else [None]
+    dataset = fold_dataset(work, voc, folds) if folds else voc
     for name, (feature_setting, changes) in ROWS.items():
         if row and name not in row:
             continue
-        folder = features_folder(work, feature_setting, voc)
-        for seed in seeds:
-            if (name, seed) in done:
-                continue
-            write_params(
-                folder, voc_params(voc, FEATURES[feature_setting] | changes | {"train.seed": seed})
-            )
-            kind = "single" if name.startswith("single") else "multi"
-            trained = stage(folder, "train", kind, "--no-progress").splitlines()[-1]
-            stage(folder, "evaluate", kind)
-            metrics = json.loads((folder / f"reports/evaluate_{kind}/metrics.json").read_text())
-            result = {"row": name, "seed": seed, "trained": trained, **metrics}
-            if kind == "single":
-                print(
-                    f"{name} seed {seed}: accuracy {metrics['accuracy']:.4f}, mean IoU "
-                    f"{metrics['mean_iou']:.4f}",
-                    flush=True,
-                )
+        for fold in fold_list:
+            label = fold and fold_split(*fold)
+            folder = features_folder(work, feature_setting, dataset, fold)
+            for seed in seeds:
+                if (name, seed, label) in done:
+                    continue
+                params = FEATURES[feature_setting] | changes | {"train.seed": seed}
+                write_params(folder, voc_params(dataset, params, fold))
+                result = run_row(folder, name, seed) | ({"fold": label} if fold else {})
                 with results_file.open("a") as out:
                     out.write(json.dumps(result) + "\n")
-                continue
-            result["continuous_map"] = continuous_map(folder)
-            sizes = folder / "reports/evaluate_multi/ap_by_size.json"
-            if sizes.is_file():  # mAP@0.5 by object size (small, medium, large)
-                result |= {f"map_{r['size']}": r["map"] for r in json.loads(sizes.read_text())}
-            with results_file.open("a") as out:
-                out.write(json.dumps(result) + "\n")
-            print(
-                f"{name} seed {seed}: mAP@0.5 {metrics['map']:.4f} (devkit overlap), "
-                f"{result['continuous_map']:.4f} (continuous)",
-                flush=True,
-            )
     if finetune:
         run_finetune(work, voc, results_file, done, row)
     summarise(results_file)
+
+
+def run_row(folder: Path, name: str, seed: int) -> dict:
+    """Train and evaluate the row's head in `folder` (its params written): its metrics, and for
+    the grid head the continuous-IoU mAP and mAP by object size."""
+    kind = "single" if name.startswith("single") else "multi"
+    trained = stage(folder, "train", kind, "--no-progress").splitlines()[-1]
+    stage(folder, "evaluate", kind)
+    metrics = json.loads((folder / f"reports/evaluate_{kind}/metrics.json").read_text())
+    result = {"row": name, "seed": seed, "trained": trained, **metrics}
+    where = f"{name} seed {seed} ({folder.name})"
+    if kind == "single":
+        print(f"{where}: accuracy {metrics['accuracy']:.4f}, mean IoU {metrics['mean_iou']:.4f}")
+        return result
+    result["continuous_map"] = continuous_map(folder)
+    sizes = folder / "reports/evaluate_multi/ap_by_size.json"
+    if sizes.is_file():  # mAP@0.5 by object size (small, medium, large)
+        result |= {f"map_{r['size']}": r["map"] for r in json.loads(sizes.read_text())}
+    print(
+        f"{where}: mAP@0.5 {metrics['map']:.4f} (devkit overlap), "
+        f"{result['continuous_map']:.4f} (continuous)",
+        flush=True,
+    )
+    return result
 
 
 def run_finetune(
@@ -363,11 +414,15 @@ def run_finetune(
 
 
 def summarise(results_file: Path) -> None:
+    """Per row (and per protocol: the subset's split, or its folds): the mean of each figure over
+    the runs, with the runs' values; over folds also their standard deviation."""
     rows: dict[str, list[dict]] = {}
     for line in results_file.read_text().split("\n"):
         if line:
             result = json.loads(line)
-            rows.setdefault(result["row"], []).append(result)
+            folds = result.get("fold", "").split("of")[-1]
+            name = result["row"] + (f" [{folds} folds]" if folds else "")
+            rows.setdefault(name, []).append(result)
     keys = (
         "accuracy",
         "mean_iou",
@@ -385,15 +440,18 @@ def summarise(results_file: Path) -> None:
         "gain",
     )
     for name, runs in rows.items():
-        runs.sort(key=lambda r: r["seed"])
+        runs.sort(key=lambda r: (r.get("fold", ""), r["seed"]))
         parts = []
         for key in keys:
             values = [r[key] for r in runs if key in r]
             if values:
                 spread = ", ".join(f"{v:.4f}" for v in values)
-                parts.append(f"{key} {statistics.mean(values):.4f} ({spread})")
-        seeds = ", ".join(str(r["seed"]) for r in runs)
-        print(f"{name} [seeds {seeds}]: " + "; ".join(parts))
+                sd = f" sd {statistics.stdev(values):.4f}" if len(values) > 2 else ""
+                parts.append(f"{key} {statistics.mean(values):.4f}{sd} ({spread})")
+        where = ", ".join(
+            " ".join(filter(None, (r.get("fold"), f"seed {r['seed']}"))) for r in runs
+        )
+        print(f"{name} [{where}]: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

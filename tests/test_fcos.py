@@ -5,18 +5,22 @@ with it."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import evaluate_multi_and_predict, invoke
 
+from pipeline_lib.base.params import load_params
 from pipeline_lib.boxes.detection import Filtering
 from pipeline_lib.boxes.geometry import ImageSpec
 from pipeline_lib.models.checkpoints import load_checkpoint
-from pipeline_lib.models.fcos import FcosHead
+from pipeline_lib.models.fcos import FcosHead, fcos_entry
 from pipeline_lib.models.modelcard import ModelCard
 from pipeline_lib.models.targets import box_targets
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("fine", [0, 6])
@@ -31,11 +35,25 @@ def test_outputs_cover_every_location_of_each_level(fine):
     ]
     anchors = head.anchors(2, torch.device("cpu"))
     assert len(anchors) == 2 and anchors[0].shape == (locations, 4)
-    # the coarse level's first location: a box of its stride (32 pixels) centred on (0, 0),
-    # torchvision's AnchorGenerator placing location (i, j) at (j, i) x stride
+    # model files from before (no `centred`): the coarse level's first location a box of its
+    # stride (32 pixels) centred on (0, 0), torchvision's AnchorGenerator placing location
+    # (i, j) at (j, i) x stride, the cell's corner
     assert anchors[0][-16].tolist() == [-16.0, -16.0, 16.0, 16.0]
     assert anchors[0][-1].tolist() == [80.0, 80.0, 112.0, 112.0]  # (3, 3): centre 96, 96
     assert set(head.state_dict()) == {k for k in head.state_dict() if not k.startswith("_")}
+
+
+def test_locations_sit_at_the_centres_of_their_cells():
+    # the paper's location of cell (i, j): (floor(s / 2) + j s, floor(s / 2) + i s); a box of
+    # the stride around it. Stride 32 (4 x 4 of 128) and 16 (the fine level's 8 x 8)
+    head = FcosHead((16 + 4 * 6, 4, 4), 3, 128, 6, width=32, depth=1, centred=True)
+    anchors = head.anchors(1, torch.device("cpu"))[0]
+    assert anchors[0].tolist() == [0.0, 0.0, 16.0, 16.0]  # fine (0, 0): centre (8, 8)
+    assert anchors[8 * 2 + 3].tolist() == [48.0, 32.0, 64.0, 48.0]  # fine (2, 3): (56, 40)
+    assert anchors[64].tolist() == [0.0, 0.0, 32.0, 32.0]  # coarse (0, 0): centre (16, 16)
+    assert anchors[-1].tolist() == [96.0, 96.0, 128.0, 128.0]  # coarse (3, 3): (112, 112)
+    # the stage's heads are centred: params head.* give the card entry that says so
+    assert fcos_entry(load_params(REPO / "params.yaml").head)["centred"] is True
 
 
 def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():

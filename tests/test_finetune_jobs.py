@@ -153,10 +153,13 @@ def test_the_loaders_follow_the_augmentation_params_the_device_and_the_ranks(fol
     checkpoint, prepared = finetuning.read_frozen(folder / "cat.safetensors", folder / "prepared")
     changes = {"hflip": 0.25, "scale_jitter": 0.1, "translate": 0.2, "color_jitter": 0.3}
     ft = finetune_params(**changes, seed=7).finetune  # not the default seed (0)
-    flip, affine, colour, *_ = finetuning.image_loader(
-        ft, checkpoint, prepared, "train", torch.device("cpu")
-    ).dataset.transform.transforms
+    data = finetuning.image_loader(ft, checkpoint, prepared, "train", torch.device("cpu")).dataset
+    flip, (affine, colour, *_) = data.transform.flip, data.transform.jitter.transforms
     assert flip.p == 0.25 and affine.translate == (0.2, 0.2)
+    # VOC's inclusive pixels: one pixel of each 128-wide photo, shrunk to the card's side, is
+    # side / 128 pixels wide there (the flip's shift)
+    side = checkpoint.card.image.size
+    assert data.pixels == pytest.approx([side / SIDE] * len(data))
     assert affine.scale == pytest.approx((0.9, 1.1))
     assert colour.brightness == colour.contrast == colour.saturation == pytest.approx((0.7, 1.3))
     # beside a GPU: pinned memory and, with finetune.workers auto, a decoding process per core

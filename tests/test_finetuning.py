@@ -21,7 +21,7 @@ from pipeline_lib.features.devices import prepare_model
 from pipeline_lib.models.checkpoints import load_checkpoint
 from pipeline_lib.models.heads import MlpGridHead
 from pipeline_lib.models.losses import Objective
-from pipeline_lib.training.finetuning import FineTuner, augment, augmentation
+from pipeline_lib.training.finetuning import Augmentation, FineTuner, augment, augmentation
 from pipeline_lib.training.loop import Dataset, fit
 from pipeline_lib.training.tasks import train_config
 
@@ -35,23 +35,36 @@ def _boxes_image(boxes, height=60, width=80):
 
 
 def test_flip_moves_boxes_with_pixels_by_hand():
-    image = _boxes_image([(1, 2, 5, 6)], height=10, width=20)
+    image = _boxes_image([(1, 2, 5, 6)], height=10, width=20)  # white columns 1..4 (0-based)
     flipped, boxes, labels = augment(
         augmentation(hflip=1.0), image, torch.tensor([[1.0, 2, 5, 6]]), torch.tensor([3])
     )
-    assert boxes.tolist() == [[15.0, 2.0, 19.0, 6.0]]  # x -> 20 - x
+    assert boxes.tolist() == [[15.0, 2.0, 19.0, 6.0]]  # continuous: x -> 20 - x
     assert labels.tolist() == [3]
     assert torch.equal(flipped, image.flip(-1))
+    # the same white columns as VOC writes them, 1-based and inclusive: xmin 2, xmax 5; flipped
+    # they are 0-based columns 15..18, i.e. VOC's 16..19 (x -> 20 + 1 - x)
+    voc = torch.tensor([[2.0, 3, 5, 6]])
+    _, boxes, _ = augment(augmentation(hflip=1.0), image, voc, torch.tensor([3]), pixel=1.0)
+    assert boxes.tolist() == [[16.0, 3.0, 19.0, 6.0]]
+    white = flipped[0, 2].nonzero().flatten() + 1  # 1-based columns of a white row
+    assert (white.min().item(), white.max().item()) == (16, 19)
+    # not flipped (p = 0): the boxes stay as they are, whatever the pixel
+    _, boxes, _ = augment(augmentation(hflip=0.0), image, voc, torch.tensor([3]), pixel=1.0)
+    assert boxes.tolist() == voc.tolist()
 
 
 def test_zoom_by_hand_clamps_and_drops_boxes():
     # scale x2 about the centre (10, 10) of a 20 x 20 image: x -> 2x - 10
-    zoom = v2.Compose(
-        [
-            v2.RandomAffine(degrees=0, scale=(2.0, 2.0)),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0),
-        ]
+    zoom = Augmentation(
+        v2.RandomHorizontalFlip(0.0),
+        v2.Compose(
+            [
+                v2.RandomAffine(degrees=0, scale=(2.0, 2.0)),
+                v2.ClampBoundingBoxes(),
+                v2.SanitizeBoundingBoxes(min_size=1.0),
+            ]
+        ),
     )
     image = _boxes_image([(8, 8, 12, 12)], 20, 20)
     boxes = torch.tensor([[8.0, 8, 12, 12], [0, 0, 4, 4], [2, 9, 6, 11]])
@@ -269,13 +282,15 @@ def test_frozen_units_and_batchnorm_statistics_do_not_change_in_training(lite0):
 
 
 def test_each_augmentation_setting_reaches_its_transform():
-    flip, affine, colour, clamp, sanitize = augmentation(0.3, 0.2, 0.1, 0.4).transforms
+    made = augmentation(0.3, 0.2, 0.1, 0.4)
+    flip, (affine, colour, clamp, sanitize) = made.flip, made.jitter.transforms
     assert flip.p == 0.3 and affine.degrees == [0.0, 0.0]  # never rotated
     assert affine.translate == (0.1, 0.1) and affine.scale == pytest.approx((0.8, 1.2))
     for jitter in (colour.brightness, colour.contrast, colour.saturation):
         assert jitter == pytest.approx((0.6, 1.4))
     assert colour.hue is None and isinstance(clamp, v2.ClampBoundingBoxes)
     assert sanitize.min_size == 1.0  # a box under a pixel wide or high after the affine goes
-    flip, affine, colour, *_ = augmentation().transforms  # the defaults: flips only
+    defaults = augmentation()  # flips only
+    flip, (affine, colour, *_) = defaults.flip, defaults.jitter.transforms
     assert flip.p == 0.5 and affine.translate == (0.0, 0.0) and affine.scale == (1.0, 1.0)
     assert colour.brightness is colour.contrast is colour.saturation is None

@@ -13,7 +13,7 @@ from conftest import invoke
 
 from pipeline_lib.base.errors import PipelineError
 from pipeline_lib.base.params import parse_params
-from pipeline_lib.boxes.geometry import decode_boxes, encode_boxes, mirror_encoded
+from pipeline_lib.boxes.geometry import decode_boxes, encode_boxes, mirror_encoded, pixel_fraction
 from pipeline_lib.features.backbones import (
     load_backbone,
     mirror_features,
@@ -28,11 +28,17 @@ from pipeline_lib.training.tasks import grid_task, read_training_inputs, single_
 
 
 def test_mirrored_boxes_by_hand():
-    # a box over columns 10..30 of a 100-wide image is over columns 70..90 once flipped
+    # continuous coordinates 10..30 of a 100-wide image are 70..90 once flipped (100 - x)
     box = torch.tensor([[10.0, 5.0, 30.0, 25.0]], dtype=torch.float64)
     mirrored = mirror_encoded(encode_boxes(box, 100, 50))
     assert decode_boxes(mirrored, 100, 50)[0].tolist() == pytest.approx([70.0, 5.0, 90.0, 25.0])
     assert torch.allclose(mirror_encoded(mirrored), encode_boxes(box, 100, 50))  # its own inverse
+    # VOC's columns 10..30 (1-based, inclusive) are columns 71..91 once flipped (100 + 1 - x)
+    voc = mirror_encoded(encode_boxes(box, 100, 50), pixel=1 / 100)
+    assert decode_boxes(voc, 100, 50)[0].tolist() == pytest.approx([71.0, 5.0, 91.0, 25.0])
+    assert torch.allclose(mirror_encoded(voc, 1 / 100), encode_boxes(box, 100, 50))
+    assert pixel_fraction(200, "shrink", 100) == pixel_fraction(200, "none", 0) == 1 / 200
+    assert pixel_fraction(200, "crop", 100) == 1 / 100  # crop keeps the pixels
 
 
 def test_mirrored_maps_flip_each_level():
@@ -106,14 +112,14 @@ def test_flipped_extraction_is_the_backbone_on_the_flipped_image(trained, tmp_pa
     task = grid_task(inputs, raw)
     flips = task.data["train"].flips
     assert flips.probability == 1.0 and flips.features is not None and flips.mirror is None
-    boxes, has_obj = task.data["train"].targets[:2]
-    mirrored_boxes, mirrored_has_obj = flips.targets[:2]
-    assert torch.equal(mirrored_has_obj.sum(dim=(1, 2)), has_obj.sum(dim=(1, 2)))
-    assert not torch.equal(mirrored_has_obj, has_obj)
+    has_obj, mirrored_has_obj = task.data["train"].targets[1], flips.targets[1]
+    assert mirrored_has_obj.sum() > 0 and not torch.equal(mirrored_has_obj, has_obj)
     single = single_task(inputs, raw).data["train"]
-    assert (single.flips.targets[0][:, 0] + single.targets[0][:, 0]).tolist() == pytest.approx(
-        [1.0] * len(single)
-    )  # the largest object's centre mirrored: cx -> 1 - cx
+    # the largest object's centre mirrored as VOC's pixels are (x -> W + 1 - x, W the photo's
+    # width under shrink): cx -> 1 + 1 / W - cx
+    widths = inputs.prepared.images.set_index("image_id").loc[original.image_ids, "width"]
+    sums = single.flips.targets[0][:, 0].double() + single.targets[0][:, 0].double()
+    assert sums.tolist() == pytest.approx([1 + 1 / w for w in widths], abs=1e-6)
     invoke(train.app, ["multi", "--no-progress"])
 
 

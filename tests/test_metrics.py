@@ -10,6 +10,7 @@ import torch
 from conftest import SHARED_VOC
 
 from pipeline_lib.measures.metrics import (
+    ELEVEN_POINTS,
     OVERLAP_OF_SOURCE,
     SIZE_RANGES,
     ClassAP,
@@ -158,12 +159,30 @@ def test_a_match_with_a_difficult_object_at_exactly_the_threshold_is_ignored():
     assert c.detections == 2 and c.precision == [0.0, 0.5] and c.ap == 0.5
 
 
-def test_eleven_point_thresholds_are_exactly_tenths():
-    # 10 objects, 3 found first then one false positive: recall reaches exactly 3/10 = 0.3.
-    # The devkit's max(prec(rec >= t)) at t = 0.3 sees the precision 1 there.
-    recall = torch.tensor([0.1, 0.2, 0.3, 0.3])
-    precision = torch.tensor([1.0, 1.0, 1.0, 0.75])
-    assert eleven_point_ap(recall, precision) == pytest.approx(4 / 11)
+def matlab_colon(a: float, d: float, b: float) -> list[float]:
+    """MATLAB's `a:d:b` for a range that ends on b: built from both ends, a + k*d up to the middle
+    and b - (n - k)*d after it (MathWorks' colon algorithm; FreeMat documents the same)."""
+    n = round((b - a) / d)
+    return [a + k * d if k <= n // 2 else b - (n - k) * d for k in range(n + 1)]
+
+
+def test_the_eleven_points_are_the_devkits_in_double_precision():
+    # MATLAB's 0:0.1:1: 3 * 0.1 and 1 - 0.4, 1 - 3 * 0.1 (the doubles nearest 0.6 and 0.7)
+    points = matlab_colon(0.0, 0.1, 1.0)
+    assert points[3] == 0.30000000000000004 and points[6] == 0.6 and points[7] == 0.7
+    assert list(ELEVEN_POINTS) == points
+
+
+def test_a_recall_of_exactly_three_tenths_misses_the_devkits_fourth_point():
+    # 10 objects, 3 found first then one false positive: recall reaches 3/10 in double, which is
+    # below the devkit's 0.30000000000000004: precision 1 counts at 0, 0.1 and 0.2 only.
+    recall = torch.tensor([1, 2, 3, 3], dtype=torch.float64) / 10
+    precision = torch.tensor([1.0, 1.0, 1.0, 0.75], dtype=torch.float64)
+    assert eleven_point_ap(recall, precision) == pytest.approx(3 / 11)
+    # six of ten found, then a miss: 6/10 reaches the devkit's 0.6 (np.arange's would not)
+    recall = torch.tensor([1, 2, 3, 4, 5, 6, 6], dtype=torch.float64) / 10
+    precision = torch.tensor([1.0] * 6 + [6 / 7], dtype=torch.float64)
+    assert eleven_point_ap(recall, precision) == pytest.approx(7 / 11)
 
 
 # --- against the devkit's code, transcribed -------------------------------------------------
@@ -240,7 +259,7 @@ def devkit_ap(detections, ground_truth, cls, minoverlap=0.5):
     changed = [i + 1 for i in range(len(mrec) - 1) if mrec[i + 1] != mrec[i]]
     ap = sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in changed)
     ap11 = 0.0
-    for t in [k / 10 for k in range(11)]:
+    for t in matlab_colon(0.0, 0.1, 1.0):  # the devkit's 0:0.1:1
         p = _nanmax([p for p, r in zip(prec, rec, strict=True) if r >= t])
         ap11 += (0.0 if p is None else p) / 11
     return ap, ap11

@@ -67,7 +67,9 @@ CARDS = {
     "grid conv": card("multi", {"kind": "conv", "width": 8, "depth": 1, "dropout": 0.1}),
     "grid conv anchors": card("multi", {"kind": "conv", "width": 8, "depth": 1}, anchors=ANCHORS),
     "grid conv two levels": card("multi", {"kind": "conv", "width": 8, "depth": 1}, fine=FINE),
-    "grid fcos two levels": card("multi", {"kind": "fcos", "width": 32, "depth": 1}, fine=FINE),
+    "grid fcos two levels": card(
+        "multi", {"kind": "fcos", "width": 32, "depth": 1, "centred": True}, fine=FINE
+    ),
     "grid lab two levels": card("multi", {"kind": "lab", "hidden": 8}, fine=FINE),
     "grid retinanet": card("multi", {"kind": "retinanet", "width": 32, "depth": 1}),
 }

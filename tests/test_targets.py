@@ -149,20 +149,38 @@ def test_lab_grid_example():
 
 
 def test_mirrored_targets_are_those_of_the_flipped_image():
-    # 100 x 100, mode none: (10, 20)-(50, 60) is centre (0.3, 0.4), 0.4 x 0.4; flipped left to
-    # right its centre is (0.7, 0.4): on a 2 x 2 grid, cell (0, 1) instead of (0, 0)
+    # 100 x 100, mode none: (10, 20)-(50, 60) is centre (0.3, 0.4), 0.4 x 0.4. VOC's columns 10..50
+    # (1-based, inclusive) are columns 101 - 50 = 51 .. 101 - 10 = 91 once flipped: centre 0.71;
+    # continuous coordinates (COCO's) mirror to 100 - x: centre 0.7. On a 2 x 2 grid, cell (0, 1)
     images, objects = tables({"a": [(10, 20, 50, 60, 3)]})
     spec = ImageSpec("none", 0)
     [(row, encoded, labels)] = encoded_objects(images, objects, ["a"], spec)  # not mirrored
     assert (row, labels.tolist()) == (0, [3])
     assert encoded[0].tolist() == pytest.approx([0.3, 0.4, 0.4, 0.4])
     single = single_object_targets(images, objects, ["a"], spec, mirrored=True)
-    assert single.boxes[0].tolist() == pytest.approx([0.7, 0.4, 0.4, 0.4])
+    assert single.boxes[0].tolist() == pytest.approx([0.71, 0.4, 0.4, 0.4])
+    coco = single_object_targets(images, objects, ["a"], spec, mirrored=True, inclusive=False)
+    assert coco.boxes[0].tolist() == pytest.approx([0.7, 0.4, 0.4, 0.4])
     grid = multi_object_targets(images, objects, ["a"], spec, GridLevel(2), mirrored=True)
     assert grid.has_obj[0].nonzero().tolist() == [[0, 1]]
-    assert grid.boxes[0, :, 0, 1].tolist() == pytest.approx([0.4, 0.8, 0.4, 0.4])  # 0.7 * 2 - 1
+    assert grid.boxes[0, :, 0, 1].tolist() == pytest.approx([0.42, 0.8, 0.4, 0.4])  # 0.71 * 2 - 1
     plain = multi_object_targets(images, objects, ["a"], spec, GridLevel(2))
     assert plain.has_obj[0].nonzero().tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "centre"),
+    # a 200 x 100 image. shrink to 100: columns 10..50 flip to 201 - 50 .. 201 - 10 = 151..191,
+    # centre 171 / 200; crop to 100 (the window starts after column 50): columns 60..90 are the
+    # window's 10..40, flipped within it to 101 - 40 .. 101 - 10 = 61..91, centre 76 / 100
+    [("shrink", 100, 171 / 200), ("crop", 100, 76 / 100)],
+)
+def test_one_pixel_of_the_original_is_what_the_mirror_adds(mode, size, centre):
+    box = (10, 20, 50, 60, 3) if mode == "shrink" else (60, 20, 90, 60, 3)
+    images, objects = tables({"a": [box]}, size=(200, 100))
+    spec = ImageSpec(mode, size)
+    single = single_object_targets(images, objects, ["a"], spec, mirrored=True)
+    assert single.boxes[0, 0].item() == pytest.approx(centre)
 
 
 def test_a_level_encodes_by_the_labs_rule_or_by_yolov5s():

@@ -125,10 +125,20 @@ def decode_boxes(encoded: torch.Tensor, width: int, height: int) -> torch.Tensor
     return box_convert(encoded * encoded.new_tensor([width, height] * 2), "cxcywh", "xyxy")
 
 
-def mirror_encoded(encoded: torch.Tensor) -> torch.Tensor:
-    """(N, 4) encoded (cx, cy, w, h) boxes -> the same boxes in the image flipped left to right
-    (cx -> 1 - cx). The image is the output one: flipping its S x S pixels flips the boxes so."""
-    return encoded * encoded.new_tensor([-1, 1, 1, 1]) + encoded.new_tensor([1, 0, 0, 0])
+def pixel_fraction(width: int, mode: str, size: int) -> float:
+    """The width of one pixel of a `width`-wide image as a fraction of its output image's width:
+    1 / width (`none`, `shrink`), 1 / size (`crop`, which keeps the pixels)."""
+    _check_mode(mode)
+    return 1 / size if mode == "crop" else 1 / width
+
+
+def mirror_encoded(encoded: torch.Tensor, pixel: float = 0.0) -> torch.Tensor:
+    """(N, 4) encoded (cx, cy, w, h) boxes -> the same boxes in the output image flipped left to
+    right: cx -> 1 + pixel - cx. `pixel` is 0 for continuous coordinates (COCO: x -> W - x); for
+    1-based inclusive pixel indices (VOC, the devkit: column x of a W-wide image is column
+    W + 1 - x once flipped) it is one pixel as a fraction of the width (`pixel_fraction`).
+    Its own inverse."""
+    return encoded * encoded.new_tensor([-1, 1, 1, 1]) + encoded.new_tensor([1 + pixel, 0, 0, 0])
 
 
 def encoded_to_image(

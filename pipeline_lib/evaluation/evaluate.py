@@ -29,7 +29,7 @@ from pipeline_lib.boxes.geometry import encoded_to_image
 from pipeline_lib.data.tables import Prepared, read_prepared
 from pipeline_lib.features.featurefiles import Features, read_features
 from pipeline_lib.measures.bootstrap import image_weights, interval
-from pipeline_lib.measures.errortypes import BACKGROUND_IOU, split_errors
+from pipeline_lib.measures.errortypes import BACKGROUND_IOU, ErrorSplit, split_errors
 from pipeline_lib.measures.metrics import (
     OVERLAP_OF_SOURCE,
     ClassAP,
@@ -265,7 +265,39 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     sized = ap_by_size(detections, truth, len(classes), ev.iou_threshold, overlap)
     by_size = {name: VocSummary(classes, per_class) for name, per_class in sized.items()}
-    names = [*classes, BACKGROUND]
+    tables, figures = grid_plots(voc, by_size, split, confusion, ev)
+    figures["nms_before_after.png"] = nms_grid(nms_pairs(inputs, outputs, truth, ev, sizes))
+    errors = {
+        "map_gain": {kind: round(gain, 4) for kind, gain in split.gains.items()},
+        "errors": split.counts,
+        "foreground_iou": ev.iou_threshold,
+        "background_iou": BACKGROUND_IOU,
+    }
+    m = metrics
+    summary = (
+        f"val: {m['images']} images, mAP@{ev.iou_threshold} "
+        f"{with_interval(m['map'], bounds['map'], ev.confidence)} (11-point "
+        f"{m['map_11point']:.3f}), COCO mAP "
+        f"{with_interval(m['coco_map'], bounds['coco_map'], ev.confidence)}, recall upper bound "
+        f"{m['recall_upper_bound']:.3f}, {m['detections_per_image']:.1f} detections/image"
+    )
+    more = {"intervals.json": bounds, "errors.json": errors}
+    return Report(metrics, tables, figures, summary, more, records)
+
+
+BACKGROUND = "background"  # the confusion matrix's extra class: no object, or no detection
+
+
+def grid_plots(
+    voc: VocSummary,
+    by_size: dict[str, VocSummary],
+    split: ErrorSplit,
+    confusion: torch.Tensor,
+    ev: EvalParams,
+) -> tuple[dict, dict]:
+    """The grid report's plot tables and figures but the NMS one: PR curves, AP per class and by
+    object size, the error split, the confusion of the detections with the background."""
+    classes, names = voc.classes, [*voc.classes, BACKGROUND]
     tables = {
         "pr_curves.json": pr_rows(voc),
         "per_class_ap.json": ap_rows(voc, by_size),
@@ -286,27 +318,8 @@ def grid_report(inputs: EvaluationInputs, ev: EvalParams) -> Report:
         "ap_by_size.png": ap_chart(size_aps, f"mAP@{ev.iou_threshold} by object size (val)"),
         "error_types.png": error_chart(split.gains, split.counts, errors_title),
         "detection_confusion.png": confusion_figure(confusion, names, confusion_title),
-        "nms_before_after.png": nms_grid(nms_pairs(inputs, outputs, truth, ev, sizes)),
     }
-    errors = {
-        "map_gain": {kind: round(gain, 4) for kind, gain in split.gains.items()},
-        "errors": split.counts,
-        "foreground_iou": ev.iou_threshold,
-        "background_iou": BACKGROUND_IOU,
-    }
-    m = metrics
-    summary = (
-        f"val: {m['images']} images, mAP@{ev.iou_threshold} "
-        f"{with_interval(m['map'], bounds['map'], ev.confidence)} (11-point "
-        f"{m['map_11point']:.3f}), COCO mAP "
-        f"{with_interval(m['coco_map'], bounds['coco_map'], ev.confidence)}, recall upper bound "
-        f"{m['recall_upper_bound']:.3f}, {m['detections_per_image']:.1f} detections/image"
-    )
-    more = {"intervals.json": bounds, "errors.json": errors}
-    return Report(metrics, tables, figures, summary, more, records)
-
-
-BACKGROUND = "background"  # the confusion matrix's extra class: no object, or no detection
+    return tables, figures
 
 
 def confusion_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:

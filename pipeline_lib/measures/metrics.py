@@ -173,10 +173,19 @@ def all_point_ap(recall: torch.Tensor, precision: torch.Tensor) -> float:
     return float(((mrec[changed + 1] - mrec[changed]) * mpre[changed + 1]).sum())
 
 
+# The recalls VOCevaldet.m samples: MATLAB's `0:0.1:1`, which MATLAB builds from both ends (a + k*d
+# up to the middle, b - (n - k)*d after it), in double precision: the fourth point is
+# 0.30000000000000004, so a recall of exactly 3/10 does not reach it, while the seventh and
+# eighth are the doubles nearest 0.6 and 0.7 (py-faster-rcnn's np.arange(0., 1.1, 0.1) has
+# 0.6000000000000001 and 0.7000000000000001 there).
+ELEVEN_POINTS = tuple(k * 0.1 if k <= 5 else 1.0 - (10 - k) * 0.1 for k in range(11))
+
+
 def eleven_point_ap(recall: torch.Tensor, precision: torch.Tensor) -> float:
-    """VOC2007 AP (`VOCevaldet.m`) of a ranked list's (K,) recall and precision: the mean over
-    t in {0, 0.1, ..., 1} (exactly k / 10) of the best precision at recall >= t (0 if none)."""
-    points = [precision.double()[recall >= k / 10] for k in range(11)]
+    """VOC2007 AP (`VOCevaldet.m`) of a ranked list's (K,) recall and precision (float64, as
+    the devkit's): the mean over the devkit's 11 recall points t (`ELEVEN_POINTS`) of the best
+    precision at recall >= t (0 if none)."""
+    points = [precision.double()[recall.double() >= t] for t in ELEVEN_POINTS]
     return sum(p.max().item() if len(p) else 0.0 for p in points) / len(points)
 
 

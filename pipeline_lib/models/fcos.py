@@ -10,7 +10,9 @@ rewritten here: this module only feeds it our cached maps and boxes, and turns i
 ours (`detection.Detections`, in the original image's pixels).
 
 Boxes: FCOS works in the pixels of the S x S image the features came from (xyxy); the targets of
-an image are its boxes there (`targets.box_targets`, padded with label -1).
+an image are its boxes there (`targets.box_targets`, padded with label -1). Its locations are the
+centres of the feature cells, (x + 1/2) stride, as the paper puts them (`CellCentres`); model files
+written before they moved there (no `centred` in the card) keep torchvision's cell corners.
 """
 
 from __future__ import annotations
@@ -38,11 +40,25 @@ class _RecordingHead(RecordsMatching, FCOSHead):
     """FCOSHead, keeping its last matching (for the measures)."""
 
 
+class CellCentres(AnchorGenerator):
+    """torchvision's anchors with each location at the centre of its feature cell: (x + 1/2)
+    stride, as the FCOS paper puts them (torchvision's `AnchorGenerator`: x stride, the corner)."""
+
+    def grid_anchors(self, grid_sizes: list, strides: list) -> list[torch.Tensor]:
+        corners = super().grid_anchors(grid_sizes, strides)
+        return [
+            a + torch.stack([sw, sh, sw, sh]).to(a) / 2
+            for a, (sh, sw) in zip(corners, strides, strict=True)
+        ]
+
+
 class FcosHead(TorchvisionHead):
     """Packed cached features (backbones.pack_levels, or one level) -> FCOS's outputs on every
     location of every level: (class logits (B, L, K), box regression (B, L, 4), centerness logits
     (B, L, 1)), the levels concatenated from the finest. `image_size`: S, the side of the image
-    the features came from; `width`, `depth`: the pyramid's channels and the towers' 3x3 layers.
+    the features came from; `width`, `depth`: the pyramid's channels and the towers' 3x3 layers;
+    `centred`: locations at the cells' centres (False: their corners, as model files from
+    before).
     """
 
     output_names = OUTPUT_NAMES
@@ -55,12 +71,14 @@ class FcosHead(TorchvisionHead):
         fine_channels: int = 0,
         width: int = 128,
         depth: int = 4,
+        centred: bool = False,
     ):
         super().__init__(feature_shape, n_classes, image_size, fine_channels)
         self.neck = FeaturePyramidNetwork(self.inputs, width)
         self.head = _RecordingHead(width, 1, n_classes, depth)
         strides = [image_size // h for h, _ in self.grids]  # anchor size = stride (FCOS's)
-        anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+        locations = CellCentres if centred else AnchorGenerator
+        anchors = locations(tuple((s,) for s in strides), ((1.0,),) * len(strides))
         # torchvision's FCOS for its matching, loss and decoding (`model`)
         self._model = (
             FCOS(Placeholder(width), n_classes, anchor_generator=anchors, head=self.head),
@@ -92,8 +110,9 @@ class FcosHead(TorchvisionHead):
 
 
 def fcos_entry(hp: HeadParams) -> dict:
-    """The card's description of an FCOS head: its pyramid's channels and towers' depth."""
-    return {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth}
+    """The card's description of an FCOS head: its pyramid's channels and towers' depth, its
+    locations at the cells' centres."""
+    return {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth, "centred": True}
 
 
 build_fcos = builder(FcosHead)

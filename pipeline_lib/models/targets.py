@@ -26,10 +26,12 @@ from pipeline_lib.boxes.geometry import (
     largest_box,
     mirror_encoded,
     output_size,
+    pixel_fraction,
     transform_boxes,
 )
 from pipeline_lib.boxes.gridcoding import GridEncoding, encode_grid, encode_grid_yolo
 from pipeline_lib.data.tables import Prepared
+from pipeline_lib.measures.metrics import OVERLAP_OF_SOURCE
 from pipeline_lib.models.modelcard import GridSpec, ModelCard
 
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax"]
@@ -71,17 +73,29 @@ def encoded_objects(
     image_ids: list[str],
     spec: ImageSpec,
     mirrored: bool = False,
+    inclusive: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(row, encoded boxes, class ids) per image of `image_ids` that has objects in the tables,
     as `image_boxes` gives them (possibly none left after crop); with `mirrored`, as they are in
-    the output image flipped left to right (the flipped features of backbone.hflip)."""
+    the output image flipped left to right (the flipped features of backbone.hflip), the boxes
+    being 1-based inclusive pixel indices (`inclusive`: VOC's, see `inclusive_pixels`) or
+    continuous coordinates (COCO's)."""
     sizes = images.set_index("image_id")[["width", "height"]]
     by_image = dict(tuple(objects.groupby("image_id", sort=False)))
     for row, image_id in enumerate(image_ids):
         if image_id in by_image:
             width, height = (int(v) for v in sizes.loc[image_id])
             encoded, labels = image_boxes(by_image[image_id], width, height, spec)
-            yield row, mirror_encoded(encoded) if mirrored else encoded, labels
+            if mirrored:
+                pixel = pixel_fraction(width, spec.mode, spec.size) if inclusive else 0.0
+                encoded = mirror_encoded(encoded, pixel)
+            yield row, encoded, labels
+
+
+def inclusive_pixels(prepared: Prepared) -> bool:
+    """Whether the prepared boxes are 1-based inclusive pixel indices (VOC's and the synthetic
+    set's, as the devkit reads them) rather than continuous coordinates (COCO's)."""
+    return OVERLAP_OF_SOURCE[prepared.info["source"]] == "voc_inclusive_pixels"
 
 
 def image_objects(
@@ -91,8 +105,9 @@ def image_objects(
     `encoded_objects` gives them: what every multi-object head kind makes its targets from."""
     none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
     found = [none] * len(image_ids)
+    inclusive = inclusive_pixels(prepared)
     for row, fractions, labels in encoded_objects(
-        prepared.images, prepared.objects, image_ids, spec, mirrored
+        prepared.images, prepared.objects, image_ids, spec, mirrored, inclusive
     ):
         found[row] = (fractions.double(), labels)
     return found
@@ -104,14 +119,16 @@ def single_object_targets(
     image_ids: list[str],
     spec: ImageSpec,
     mirrored: bool = False,
+    inclusive: bool = True,
 ) -> SingleTargets:
     """The largest object of each image in `image_ids` (rows of the prepared tables); `mirrored`:
-    in the images flipped left to right (`encoded_objects`)."""
+    in the images flipped left to right (`encoded_objects`, with `inclusive`)."""
     n = len(image_ids)
     boxes = torch.zeros(n, 4, dtype=torch.float32)
     labels = torch.zeros(n, dtype=torch.int64)
     present = torch.zeros(n, dtype=torch.bool)
-    for row, encoded, classes in encoded_objects(images, objects, image_ids, spec, mirrored):
+    found = encoded_objects(images, objects, image_ids, spec, mirrored, inclusive)
+    for row, encoded, classes in found:
         if len(encoded):
             k = largest_box(encoded)
             boxes[row], labels[row], present[row] = encoded[k].float(), classes[k], True
@@ -191,10 +208,11 @@ def multi_object_targets(
     spec: ImageSpec,
     level: GridLevel,
     mirrored: bool = False,
+    inclusive: bool = True,
 ) -> GridTargets:
     """Grid targets of every image in `image_ids` (rows of the prepared tables) on one grid
     `level`: only the objects of the level's scales are targets there, and counted. `mirrored`:
-    in the images flipped left to right (`encoded_objects`)."""
+    in the images flipped left to right (`encoded_objects`, with `inclusive`)."""
     n, s, anchors = len(image_ids), level.num_cells, level.anchors
     slots = () if anchors is None else (len(anchors),)
     out = GridTargets(
@@ -204,7 +222,7 @@ def multi_object_targets(
         objects=torch.zeros(n, dtype=torch.int64),
         dropped=torch.zeros(n, dtype=torch.int64),
     )
-    found = encoded_objects(images, objects, image_ids, spec, mirrored)
+    found = encoded_objects(images, objects, image_ids, spec, mirrored, inclusive)
     for row, fractions, classes in found:
         fractions, classes = level.select(fractions, classes)
         grid = level.encode(fractions, classes)

@@ -6,7 +6,8 @@ backbone learn too. The loop is `loop.fit`'s (`ImageBatches` gives it batches of
 instead of cached features); the model is `FineTuner`, which starts from the head trained on the
 frozen features, whatever its kind (its targets and objective are the kind's, as in training).
 
-Augmentation (torchvision.transforms.v2, which moves the boxes with the pixels): horizontal flip,
+Augmentation (torchvision.transforms.v2, which moves the boxes with the pixels; VOC's boxes,
+1-based inclusive pixel indices, mirrored as the devkit counts them): horizontal flip,
 scale and shift jitter (an affine map; areas moved in from outside the image are black), colour
 jitter, then boxes clamped to the image and those left smaller than a pixel dropped with their
 labels. It is applied to the S x S image after the image mode, so it costs little.
@@ -32,7 +33,7 @@ from pipeline_lib.base.distributed import ONE_PROCESS, Ranks
 from pipeline_lib.base.errors import PipelineError
 from pipeline_lib.base.params import EvalParams, FinetuneParams, Params, by_name
 from pipeline_lib.boxes.detection import Filtering
-from pipeline_lib.boxes.geometry import ImageSpec, decode_boxes, encode_boxes
+from pipeline_lib.boxes.geometry import ImageSpec, decode_boxes, encode_boxes, pixel_fraction
 from pipeline_lib.data.tables import Prepared, read_prepared
 from pipeline_lib.features.backbones import (
     Backbone,
@@ -48,38 +49,60 @@ from pipeline_lib.models.checkpoints import Checkpoint, check_classes, load_chec
 from pipeline_lib.models.headkinds import Targets, head_kind
 from pipeline_lib.models.losses import Objective
 from pipeline_lib.models.modelcard import ModelCard
-from pipeline_lib.models.targets import Objects, ground_truth, image_objects
+from pipeline_lib.models.targets import Objects, ground_truth, image_objects, inclusive_pixels
 from pipeline_lib.training.loop import FitResult, TrainConfig, best_epoch_stats
 from pipeline_lib.training.tasks import SPLITS, loss_weights, train_config
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Random transforms of an image with its boxes (torchvision.transforms.v2): `flip` (left to
+    right), then `jitter` (scale and shift, colour, boxes clamped and the empty ones dropped)."""
+
+    flip: v2.RandomHorizontalFlip
+    jitter: v2.Compose
+
+
 def augmentation(
     hflip: float = 0.5, scale_jitter: float = 0.0, translate: float = 0.0, color_jitter: float = 0.0
-) -> v2.Compose:
-    """Random transforms of an image with its boxes: called as `t(image, {"boxes": BoundingBoxes,
-    "labels": (K,)})`. `hflip` is a probability, the image is scaled by a factor in
-    [1 - scale_jitter, 1 + scale_jitter] and shifted by up to `translate` of its size, brightness,
-    contrast and saturation are multiplied by factors in [1 - color_jitter, 1 + color_jitter]."""
+) -> Augmentation:
+    """`hflip` is a probability, the image is scaled by a factor in [1 - scale_jitter,
+    1 + scale_jitter] and shifted by up to `translate` of its size, brightness, contrast and
+    saturation are multiplied by factors in [1 - color_jitter, 1 + color_jitter]."""
     shift, scale = (translate, translate), (1 - scale_jitter, 1 + scale_jitter)
-    return v2.Compose(
+    jitter = v2.Compose(
         [
-            v2.RandomHorizontalFlip(hflip),
             v2.RandomAffine(degrees=0, translate=shift, scale=scale),
             v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter),
             v2.ClampBoundingBoxes(),
             v2.SanitizeBoundingBoxes(min_size=1.0),
         ]
     )
+    return Augmentation(v2.RandomHorizontalFlip(hflip), jitter)
 
 
 def augment(
-    transform: v2.Compose, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+    transform: Augmentation,
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    pixel: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply `transform` to a uint8 (3, H, W) image and its (K, 4) xyxy pixel boxes and (K,)
-    labels -> (image, boxes float64, labels), boxes that left the image dropped."""
+    labels -> (image, boxes float64, labels), boxes that left the image dropped.
+
+    torchvision mirrors continuous coordinates (x -> W - x). Boxes in 1-based inclusive pixel
+    indices (VOC's) mirror to W + pixel - x, `pixel` being the width one index spans in this
+    image (`geometry.pixel_fraction` x W; 0 for continuous boxes): their left edges are moved to
+    the continuous ones for the flip, and back. Scaling and shifting move both alike."""
     height, width = image.shape[-2:]
-    boxes = tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(height, width))
-    image, target = transform(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
+    edge = boxes.new_tensor([pixel, 0, 0, 0]).float()
+    boxes = tv_tensors.BoundingBoxes(
+        boxes.float() - edge, format="XYXY", canvas_size=(height, width)
+    )
+    image, target = transform.flip(tv_tensors.Image(image), {"boxes": boxes, "labels": labels})
+    target["boxes"] = tv_tensors.wrap(target["boxes"] + edge, like=target["boxes"])
+    image, target = transform.jitter(image, target)
     boxes = target["boxes"].as_subclass(torch.Tensor).double()
     return image.as_subclass(torch.Tensor), boxes, target["labels"]
 
@@ -88,8 +111,9 @@ class ObjectImages(Dataset):
     """Images after the image mode with their objects, augmented when `transform` is given.
 
     Items are (uint8 (3, S, S) image, fraction boxes (K, 4) float64, labels (K,)); `objects`
-    holds (fraction boxes, labels) per image (`targets.image_objects`). `HeadTargets` makes a
-    batch's targets from them, as the head's kind makes them.
+    holds (fraction boxes, labels) per image (`targets.image_objects`), `pixels` the width of
+    one of each image's pixel indices in the S x S image (`augment`; none: continuous boxes).
+    `HeadTargets` makes a batch's targets from them, as the head's kind makes them.
     """
 
     def __init__(
@@ -97,9 +121,11 @@ class ObjectImages(Dataset):
         paths: list[Path],
         objects: list[Objects],
         spec: ImageSpec,
-        transform: v2.Compose | None = None,
+        transform: Augmentation | None = None,
+        pixels: list[float] | None = None,
     ):
         self.paths, self.objects, self.spec, self.transform = paths, objects, spec, transform
+        self.pixels = pixels or [0.0] * len(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,7 +136,8 @@ class ObjectImages(Dataset):
         fractions, labels = self.objects[index]
         if self.transform is not None:
             boxes = decode_boxes(fractions, spec.size, spec.size)
-            image, boxes, labels = augment(self.transform, image, boxes, labels)
+            pixel = self.pixels[index]
+            image, boxes, labels = augment(self.transform, image, boxes, labels, pixel)
             fractions = encode_boxes(boxes, spec.size, spec.size)
         return image, fractions, labels
 
@@ -262,8 +289,13 @@ def image_loader(
     if split == "train":
         transform = augmentation(ft.hflip, ft.scale_jitter, ft.translate, ft.color_jitter)
     dataset_dir = Path(prepared.info["dataset_dir"])
-    objects = image_objects(prepared, rows["image_id"].tolist(), card.image)
-    data = ObjectImages([dataset_dir / p for p in rows["path"]], objects, card.image, transform)
+    spec = card.image
+    objects = image_objects(prepared, rows["image_id"].tolist(), spec)
+    pixels = None
+    if inclusive_pixels(prepared):
+        pixels = [pixel_fraction(w, spec.mode, spec.size) * spec.size for w in rows["width"]]
+    paths = [dataset_dir / p for p in rows["path"]]
+    data = ObjectImages(paths, objects, spec, transform, pixels)
     sampler = None
     if ranks.world > 1:
         shuffle = split == "train"

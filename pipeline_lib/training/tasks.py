@@ -26,7 +26,12 @@ from pipeline_lib.features.featurefiles import FeatureRows, Features, read_featu
 from pipeline_lib.models.headkinds import build_head, kind_named
 from pipeline_lib.models.losses import LossWeights, Objective
 from pipeline_lib.models.modelcard import GridSpec, ModelCard
-from pipeline_lib.models.targets import image_objects, single_object_targets, training_shapes
+from pipeline_lib.models.targets import (
+    image_objects,
+    inclusive_pixels,
+    single_object_targets,
+    training_shapes,
+)
 from pipeline_lib.training.loop import Dataset, FitResult, Flips, TrainConfig
 
 SPLITS = ("train", "val")
@@ -102,7 +107,8 @@ def single_task(inputs: TrainingInputs, params: Params) -> Task:
         keep = t.present
         data[split] = Dataset(_rows(inputs.features[split], keep), (t.boxes[keep], t.labels[keep]))
     if params.train.hflip:
-        t = single_object_targets(tables.images, tables.objects, inputs.ids("train"), spec, True)
+        ids, inclusive = inputs.ids("train"), inclusive_pixels(tables)
+        t = single_object_targets(tables.images, tables.objects, ids, spec, True, inclusive)
         keep = t.present
         flips = training_flips(inputs, params, (t.boxes[keep], t.labels[keep]), keep)
         data["train"].flips = flips
