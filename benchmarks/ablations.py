@@ -141,6 +141,8 @@ ROWS = {  # name -> (feature setting, params)
             "head.conv_depth": 1,
         },
     ),
+    # today's defaults (issue 39's baseline; with --folds 3 the fold protocol's)
+    "default": ("448 blocks", {}),
     # torchvision's RetinaNet on the cached levels, beside FCOS and the default
     "b16: retinanet, one level": ("448 blocks", {"head.grid_kind": "retinanet"}),
     "b16: retinanet, two levels": ("448 pyramid", {"head.grid_kind": "retinanet"}),
