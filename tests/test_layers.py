@@ -9,6 +9,8 @@ import ast
 import re
 from pathlib import Path
 
+from test_dvc_yaml import imported_modules
+
 import pipeline_lib
 
 LIBRARY = Path(pipeline_lib.__file__).parent
@@ -30,23 +32,10 @@ def library_modules() -> dict[str, Path]:
 
 
 def imports_of(path: Path) -> set[str]:
-    """The library modules `path` imports ("models.heads"), at the top or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            parts = node.module.split(".")
-            if parts[0] != "pipeline_lib":
-                continue
-            if len(parts) == 2:  # from pipeline_lib.models import heads
-                found.update(f"{parts[1]}.{alias.name}" for alias in node.names)
-            else:
-                found.add(".".join(parts[1:3]))
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "pipeline_lib" and len(parts) >= 3:
-                    found.add(".".join(parts[1:3]))
-    return found
+    """The library modules `path` imports ("models.heads"), at the top or inside functions, as
+    test_dvc_yaml reads them."""
+    parts = (module.split(".") for module in imported_modules(path))
+    return {".".join(p[1:3]) for p in parts if p[0] == "pipeline_lib" and len(p) >= 3}
 
 
 def test_every_package_has_a_floor_and_no_module_sits_outside_the_packages():
