@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ablations.py [--voc PATH/TO/VOCdevkit] [--work FOLDER]
         [--seeds 0 --seeds 1] [--row focal ...] [--finetune] [--synthetic] [--folds 3]
+        [--judge default]
 
 Protocol (docs/ablations.md): train on the subset's 579 `train` images, evaluate on its 186 `val`
 images (`--synthetic`: the embedded synthetic default's 800 and 200), EfficientNet-Lite0 at 224
@@ -18,16 +19,22 @@ row and seed), so the figures are exactly what
 overlap), each grid run's mAP@0.5 is also computed with the continuous IoU used formerly,
 on the same model and detections. Results go to `<work>/results.jsonl` (one line per run; runs
 already there are not repeated) and a summary per row is printed: the mean and the runs in
-brackets.
+brackets. Each run's per-image records (the evaluate stage's) are kept in `<work>/records/`;
+`--judge ROW` then judges every other row against ROW as the report judges a change (the paired
+bootstrap over the photos and the seeds both rows have, `review.judge`), a row's folds pooled into
+one set of records: every photo of the subset judged once per seed.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
+from dataclasses import fields, replace
 from pathlib import Path
 
+import pandas as pd
 import typer
 from workfolder import REPO, stage, write_params
 
@@ -141,6 +148,20 @@ ROWS = {  # name -> (feature setting, params)
             "head.conv_depth": 1,
         },
     ),
+    "b16: fcos, one level": ("448 blocks", {"head.grid_kind": "fcos"}),
+    "b16: fcos, one level, 64 wide, 1 convolution": (
+        "448 blocks",
+        {"head.grid_kind": "fcos", "head.conv_width": 64, "head.conv_depth": 1},
+    ),
+    "b16: fcos, two levels, 64 wide, 1 convolution, 10 epochs": (
+        "448 pyramid",
+        {
+            "head.grid_kind": "fcos",
+            "head.conv_width": 64,
+            "head.conv_depth": 1,
+            "train.epochs": 10,
+        },
+    ),
     # today's defaults (issue 39's baseline; with --folds 3 the fold protocol's)
     "default": ("448 blocks", {}),
     # torchvision's RetinaNet on the cached levels, beside FCOS and the default
@@ -172,6 +193,7 @@ ROWS = {  # name -> (feature setting, params)
     "single: flips extracted, 0.5": ("448 hflip", {"train.hflip": 0.5}),
     "single: batch 16": ("448 blocks", {"train.batch_size": 16}),
     "single: batch 8": ("448 blocks", {"train.batch_size": 8}),
+    "single: default": ("448 blocks", {}),
     "single: flips mirrored maps, 0.5": (
         "448 blocks",
         {"train.hflip": 0.5, "train.hflip_from": "mirrored"},
@@ -325,9 +347,11 @@ def main(
     finetune: bool = False,
     synthetic: bool = False,
     folds: int = 0,
+    judge: str = "",
 ) -> None:
     """--synthetic: the same rows on the embedded synthetic default instead of VOC2007; --folds
-    K: every row on K folds of the subset's photos (0: its own train / val split)."""
+    K: every row on K folds of the subset's photos (0: its own train / val split); --judge ROW:
+    each row against ROW with the report's paired bootstrap, over its folds' pooled records."""
     voc = None if synthetic else voc.resolve()
     if voc is not None and not (voc / "VOC2007" / "Annotations").is_dir():
         raise SystemExit(f"no VOC2007 folder in {voc} (pass --voc)")
@@ -354,11 +378,68 @@ def main(
                 params = FEATURES[feature_setting] | changes | {"train.seed": seed}
                 write_params(folder, voc_params(dataset, params, fold))
                 result = run_row(folder, name, seed) | ({"fold": label} if fold else {})
+                kind = "single" if name.startswith("single") else "multi"
+                shutil.copytree(
+                    folder / f"reports/evaluate_{kind}/records",
+                    records_folder(work, name, seed, label),
+                    dirs_exist_ok=True,
+                )
                 with results_file.open("a") as out:
                     out.write(json.dumps(result) + "\n")
     if finetune:
         run_finetune(work, voc, results_file, done, row)
     summarise(results_file)
+    if judge:
+        judge_rows(work, judge, [r for r in ROWS if r != judge and (not row or r in row)], folds)
+
+
+def records_folder(work: Path, row: str, seed: int, fold: str | None) -> Path:
+    """Where a run's per-image records are kept (the evaluate stage's, copied)."""
+    return work / "records" / row.replace("/", "_") / (fold or "split") / f"seed{seed}"
+
+
+def pooled_records(work: Path, row: str, seed: int, folds: int):
+    """A run's records over every fold's val photos, pooled into one set of records (each photo
+    once: the folds' val parts are disjoint), or None when a fold's records are missing."""
+    from pipeline_lib.measures.records import read_records
+
+    parts = [
+        records_folder(work, row, seed, fold_split(f, folds) if folds else None)
+        for f in range(max(folds, 1))
+    ]
+    if not all((p / "records.json").is_file() for p in parts):
+        return None
+    runs = [read_records(p) for p in parts]
+    tables = {
+        f.name: pd.concat([getattr(r, f.name) for r in runs], ignore_index=True)
+        for f in fields(runs[0])
+        if isinstance(getattr(runs[0], f.name), pd.DataFrame)
+    }
+    return replace(runs[0], **tables)
+
+
+def judge_rows(work: Path, base: str, rows: list[str], folds: int) -> None:
+    """Each of `rows` against `base`: the review's verdict (review.judge: the paired bootstrap
+    over the pooled val photos and the seeds both have) on each headline figure."""
+    from pipeline_lib.reporting.review import judge
+
+    seeds = range(10)
+    base_runs = {s: pooled_records(work, base, s, folds) for s in seeds}
+    for name in rows:
+        pairs = [
+            (base_runs[s], new)
+            for s in seeds
+            if base_runs[s] is not None and (new := pooled_records(work, name, s, folds))
+        ]
+        if not pairs:
+            continue
+        for j in judge([b for b, _ in pairs], [n for _, n in pairs], draws=1000, confidence=0.95):
+            c = j.change
+            print(
+                f"{name} against {base} ({len(pairs)} seeds, {j.images} photos): {j.figure} "
+                f"{c.old:.4f} -> {c.new:.4f} ({c.new - c.old:+.4f}, 95 % interval "
+                f"{c.low:+.4f} .. {c.high:+.4f}): {c.verdict}"
+            )
 
 
 def run_row(folder: Path, name: str, seed: int) -> dict:
