@@ -114,20 +114,20 @@ ROWS = {  # name -> (feature setting, params)
     ),
     "fcos: two levels, 64 wide, warm-up 1 epoch": (
         "448 pyramid",
-        {"head.grid_kind": "fcos", "head.conv_width": 64, "train.warmup_epochs": 1.0},
+        {"head.grid_kind": "fcos", "head.tower_width": 64, "train.warmup_epochs": 1.0},
     ),
     "fcos: two levels, 64 wide, 1 convolution, warm-up 1 epoch": (
         "448 pyramid",
         {
             "head.grid_kind": "fcos",
-            "head.conv_width": 64,
-            "head.conv_depth": 1,
+            "head.tower_width": 64,
+            "head.tower_depth": 1,
             "train.warmup_epochs": 1.0,
         },
     ),
     "fcos: one level, 4 convolutions": (
         "448 blocks",
-        {"head.grid_kind": "fcos", "head.conv_depth": 4},
+        {"head.grid_kind": "fcos", "head.tower_depth": 4},
     ),
     "train: batch 16": ("448 blocks", {"train.batch_size": 16}),
     "train: batch 32": ("448 blocks", {"train.batch_size": 32}),
@@ -144,21 +144,21 @@ ROWS = {  # name -> (feature setting, params)
         {
             "train.batch_size": 16,
             "head.grid_kind": "fcos",
-            "head.conv_width": 64,
-            "head.conv_depth": 1,
+            "head.tower_width": 64,
+            "head.tower_depth": 1,
         },
     ),
     "b16: fcos, one level": ("448 blocks", {"head.grid_kind": "fcos"}),
     "b16: fcos, one level, 64 wide, 1 convolution": (
         "448 blocks",
-        {"head.grid_kind": "fcos", "head.conv_width": 64, "head.conv_depth": 1},
+        {"head.grid_kind": "fcos", "head.tower_width": 64, "head.tower_depth": 1},
     ),
     "b16: fcos, two levels, 64 wide, 1 convolution, 10 epochs": (
         "448 pyramid",
         {
             "head.grid_kind": "fcos",
-            "head.conv_width": 64,
-            "head.conv_depth": 1,
+            "head.tower_width": 64,
+            "head.tower_depth": 1,
             "train.epochs": 10,
         },
     ),

@@ -100,13 +100,14 @@ def test_stages_train_evaluate_and_predict_with_fcos(trained, tmp_path, monkeypa
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["head"].update(grid_kind="fcos", conv_width=32, conv_depth=1)
+    params["head"].update(grid_kind="fcos", tower_width=32, tower_depth=1)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(folder)
     output = invoke(train.app, ["multi", "--no-progress"]).output
     assert "objects get no place in the head's assignment" in output  # FCOS: no location
     checkpoint = load_checkpoint("models/multi.safetensors")
-    assert isinstance(checkpoint.head, FcosHead) and checkpoint.card.head["kind"] == "fcos"
+    assert isinstance(checkpoint.head, FcosHead)
+    assert checkpoint.card.head == {"kind": "fcos", "width": 32, "depth": 1, "centred": True}
     metrics, found = evaluate_multi_and_predict(folder)
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 < metrics["recall_upper_bound"] <= 1.0
     assert found and all(0 <= d["xmin"] <= d["xmax"] for d in found)

@@ -74,8 +74,8 @@ def test_unknown_and_missing_keys(raw_params):
     assert (
         "head.dropuot: unknown key, did you mean 'dropout'? (allowed here: dropout, hidden, "
         "classifier, "
-        "classifier_dropout, grid_hidden, single_kind, grid_kind, conv_width, conv_depth)"
-        in error_for(raw_params)
+        "classifier_dropout, grid_hidden, single_kind, grid_kind, conv_width, conv_depth, "
+        "tower_width, tower_depth)" in error_for(raw_params)
     )
     del raw_params["head"]["dropuot"]
     raw_params["extra_group"] = {}
@@ -121,7 +121,7 @@ COMBINED = [
         "two levels' strides, 32 and 16, must divide it)",
     ),
     (
-        {"head": {"grid_kind": "fcos", "conv_width": 64}, "grid": {"anchors": 3}},
+        {"head": {"grid_kind": "fcos", "tower_width": 64}, "grid": {"anchors": 3}},
         "params.yaml: grid.anchors: 3: head.grid_kind fcos predicts one box per location, without "
         "anchor boxes; set grid.anchors: 0",
     ),
@@ -131,18 +131,18 @@ COMBINED = [
         "is not supported: set grid.anchors: 0 or backbone.fine_layer: none",
     ),
     (
-        {"head": {"grid_kind": "fcos", "conv_width": 48}},
-        "params.yaml: head.conv_width: 48: head.grid_kind fcos normalises its towers in 32 groups "
+        {"head": {"grid_kind": "fcos", "tower_width": 48}},
+        "params.yaml: head.tower_width: 48: head.grid_kind fcos normalises its towers in 32 groups "
         "(torchvision's FCOSHead); use a multiple of 32",
     ),
     (
-        {"head": {"grid_kind": "retinanet", "conv_width": 64}, "grid": {"anchors": 3}},
+        {"head": {"grid_kind": "retinanet", "tower_width": 64}, "grid": {"anchors": 3}},
         "params.yaml: grid.anchors: 3: head.grid_kind retinanet places its own 9 anchor boxes per "
         "location; set grid.anchors: 0",
     ),
     (
-        {"head": {"grid_kind": "retinanet", "conv_width": 100}},
-        "params.yaml: head.conv_width: 100: head.grid_kind retinanet normalises its towers in 32 "
+        {"head": {"grid_kind": "retinanet", "tower_width": 100}},
+        "params.yaml: head.tower_width: 100: head.grid_kind retinanet normalises its towers in 32 "
         "groups (torchvision's RetinaNetHead); use a multiple of 32",
     ),
     (
@@ -166,10 +166,10 @@ def test_each_rule_combining_groups_fails_at_load_naming_the_keys(raw_params, ch
 
 
 def test_every_broken_combination_is_listed_at_once(raw_params):
-    raw_params["head"].update(grid_kind="fcos", conv_width=48)
+    raw_params["head"].update(grid_kind="fcos", tower_width=48)
     raw_params["grid"]["anchors"] = 3
     lines = error_for(raw_params).splitlines()
-    assert [line.split(":")[1] for line in lines] == [" grid.anchors", " head.conv_width"]
+    assert [line.split(":")[1] for line in lines] == [" grid.anchors", " head.tower_width"]
     assert all(line.startswith("params.yaml: ") for line in lines)
 
 

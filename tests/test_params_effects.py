@@ -410,6 +410,8 @@ PROBES = {
     "head.grid_kind": (TASK_GRID, "conv", "fcos", {}),
     "head.conv_width": (TASK_GRID, 32, 64, {}),
     "head.conv_depth": (TASK_GRID, 2, 1, {}),
+    "head.tower_width": (TASK_GRID, 32, 64, {"head.grid_kind": "fcos"}),
+    "head.tower_depth": (TASK_GRID, 2, 1, {"head.grid_kind": "fcos"}),
     "train.seed": (fit_probe, 0, 1, {}),
     "train.epochs": (fit_probe, 2, 3, {}),
     "train.batch_size": (fit_probe, 4, 6, {}),
@@ -556,7 +558,7 @@ def base_params(env: dict, changes: dict) -> dict:
     raw["backbone"].update(batch_size=2, device="cpu", precision="float32")
     raw["train"]["device"] = "cpu"
     raw["eval"]["samples"] = 1
-    raw["head"]["conv_width"] = 32  # FCOS's GroupNorm needs a multiple of 32
+    raw["head"]["tower_width"] = 32  # FCOS's GroupNorm needs a multiple of 32
     for key, value in changes.items():
         if key in ("fine", "flipped"):
             continue

@@ -41,7 +41,7 @@ def test_levels_p6_p7_and_nine_anchors_per_location(fine):
     assert boxes[0][-9 + 3].tolist() == [-256.0, -256.0, 256.0, 256.0]
 
 
-def test_head_conv_depth_sets_the_towers_and_the_state_dict_holds_the_head_once():
+def test_head_depth_sets_the_towers_and_the_state_dict_holds_the_head_once():
     shallow = RetinaNetHead((8, 4, 4), 2, 128, width=32, depth=1).state_dict()
     deep = RetinaNetHead((8, 4, 4), 2, 128, width=32, depth=3).state_dict()
     towers = {k.split(".conv.")[1].split(".")[0] for k in deep if ".conv." in k}
@@ -101,7 +101,7 @@ def test_stages_train_evaluate_predict_and_finetune_with_retinanet(trained, tmp_
     folder = tmp_path / "project"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("reports"))
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["head"].update(grid_kind="retinanet", conv_width=32, conv_depth=1)
+    params["head"].update(grid_kind="retinanet", tower_width=32, tower_depth=1)
     params["train"]["epochs"] = 2
     params["finetune"].update(enabled=True, epochs=1, workers=0, unfreeze=1)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

@@ -187,8 +187,10 @@ class HeadParams:
     grid_hidden: PositiveInt
     single_kind: Literal["lab", "spatial"]  # heads.MlpSingleHead / heads.SpatialSingleHead
     grid_kind: Literal["lab", "conv", "fcos", "retinanet"]  # headkinds.py: the classes
-    conv_width: Annotated[Int, Field(ge=1, le=4096)]
+    conv_width: Annotated[Int, Field(ge=1, le=4096)]  # the conv and spatial heads' trunk
     conv_depth: Annotated[Int, Field(ge=0, le=8)]
+    tower_width: Annotated[Int, Field(ge=1, le=4096)]  # torchvision's heads (fcos, retinanet)
+    tower_depth: Annotated[Int, Field(ge=0, le=8)]
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -308,9 +310,9 @@ def combined_problems(p: Params) -> list[str]:
             f"{p.backbone.fine_layer}) is not supported: set grid.anchors: 0 or "
             "backbone.fine_layer: none"
         )
-    if own and p.head.conv_width % 32:
+    if own and p.head.tower_width % 32:
         problems.append(
-            f"head.conv_width: {p.head.conv_width}: head.grid_kind {kind} normalises its towers "
+            f"head.tower_width: {p.head.tower_width}: head.grid_kind {kind} normalises its towers "
             f"in 32 groups (torchvision's {own[1]}); use a multiple of 32"
         )
     if p.grid.assign == "neighbours" and p.head.grid_kind == "lab":

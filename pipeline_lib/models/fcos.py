@@ -112,7 +112,7 @@ class FcosHead(TorchvisionHead):
 def fcos_entry(hp: HeadParams) -> dict:
     """The card's description of an FCOS head: its pyramid's channels and towers' depth, its
     locations at the cells' centres."""
-    return {"kind": "fcos", "width": hp.conv_width, "depth": hp.conv_depth, "centred": True}
+    return {"kind": "fcos", "width": hp.tower_width, "depth": hp.tower_depth, "centred": True}
 
 
 build_fcos = builder(FcosHead)

@@ -110,7 +110,7 @@ class RetinaNetHead(TorchvisionHead):
 
 def retinanet_entry(hp: HeadParams) -> dict:
     """The card's description of a RetinaNet head: its pyramid's channels and towers' depth."""
-    return {"kind": "retinanet", "width": hp.conv_width, "depth": hp.conv_depth}
+    return {"kind": "retinanet", "width": hp.tower_width, "depth": hp.tower_depth}
 
 
 build_retinanet = builder(RetinaNetHead)
