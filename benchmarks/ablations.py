@@ -153,6 +153,15 @@ ROWS = {  # name -> (feature setting, params)
         "448 blocks",
         {"head.grid_kind": "fcos", "head.tower_width": 64, "head.tower_depth": 1},
     ),
+    "b16: fcos, one level, 64 wide, 1 convolution, warm-up 1 epoch": (
+        "448 blocks",
+        {
+            "head.grid_kind": "fcos",
+            "head.tower_width": 64,
+            "head.tower_depth": 1,
+            "train.warmup_epochs": 1.0,
+        },
+    ),
     "b16: fcos, two levels, 64 wide, 1 convolution, 10 epochs": (
         "448 pyramid",
         {
