@@ -387,9 +387,8 @@ def main(
                 params = FEATURES[feature_setting] | changes | {"train.seed": seed}
                 write_params(folder, voc_params(dataset, params, fold))
                 result = run_row(folder, name, seed) | ({"fold": label} if fold else {})
-                kind = "single" if name.startswith("single") else "multi"
                 shutil.copytree(
-                    folder / f"reports/evaluate_{kind}/records",
+                    folder / f"reports/evaluate_{head_task(name)}/records",
                     records_folder(work, name, seed, label),
                     dirs_exist_ok=True,
                 )
@@ -400,6 +399,11 @@ def main(
     summarise(results_file)
     if judge:
         judge_rows(work, judge, [r for r in ROWS if r != judge and (not row or r in row)], folds)
+
+
+def head_task(row: str) -> str:
+    """The head a row trains and evaluates: rows named "single..." the single head's."""
+    return "single" if row.startswith("single") else "multi"
 
 
 def records_folder(work: Path, row: str, seed: int, fold: str | None) -> Path:
@@ -454,7 +458,7 @@ def judge_rows(work: Path, base: str, rows: list[str], folds: int) -> None:
 def run_row(folder: Path, name: str, seed: int) -> dict:
     """Train and evaluate the row's head in `folder` (its params written): its metrics, and for
     the grid head the continuous-IoU mAP and mAP by object size."""
-    kind = "single" if name.startswith("single") else "multi"
+    kind = head_task(name)
     trained = stage(folder, "train", kind, "--no-progress").splitlines()[-1]
     stage(folder, "evaluate", kind)
     metrics = json.loads((folder / f"reports/evaluate_{kind}/metrics.json").read_text())
