@@ -471,6 +471,11 @@ def judge_rows(work: Path, base: str, rows: list[str], folds: int) -> None:
         ]
         if not pairs:
             continue
+        if head_task(name) == "multi":
+            for side in (base, name):
+                gains = error_gains(work, side)
+                split = ", ".join(f"{k} {v:.3f}" for k, v in gains.items() if k != "runs")
+                print(f"{side}: TIDE's mAP gains, mean of {gains['runs']} runs: {split}")
         for j in judge([b for b, _ in pairs], [n for _, n in pairs], draws=1000, confidence=0.95):
             c = j.change
             print(
@@ -478,6 +483,23 @@ def judge_rows(work: Path, base: str, rows: list[str], folds: int) -> None:
                 f"{c.old:.4f} -> {c.new:.4f} ({c.new - c.old:+.4f}, 95 % interval "
                 f"{c.low:+.4f} .. {c.high:+.4f}): {c.verdict}"
             )
+
+
+def error_gains(work: Path, row: str) -> dict[str, float] | None:
+    """TIDE's split of each kept run of a grid row (each fold and seed on its own val photos,
+    errortypes.split_errors as the evaluate stage and the review run it): each error type's mAP
+    gain, the mean over the runs, and how many runs; None without records."""
+    from pipeline_lib.measures.errortypes import ERROR_TYPES
+    from pipeline_lib.measures.records import read_records
+    from pipeline_lib.reporting.review import error_splits
+
+    kept = sorted((work / "records" / row.replace("/", "_")).glob("*/seed*/records.json"))
+    runs = [read_records(path.parent) for path in kept]
+    if not runs:
+        return None
+    splits = [error_splits([run], run.images["image_id"].tolist())[0] for run in runs]
+    gains = {kind: statistics.mean(split.gains[kind] for split in splits) for kind in ERROR_TYPES}
+    return gains | {"runs": len(runs)}
 
 
 def run_row(folder: Path, name: str, seed: int) -> dict:

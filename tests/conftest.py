@@ -170,6 +170,7 @@ def lab_heads(params: dict) -> dict:
         box_loss="smooth_l1",
         obj_loss="bce",
         obj_target="binary",
+        warmup_epochs=0.0,
     )
     return params
 

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import yaml
+from test_docs import leaf_keys
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")  # params.yaml's classes
@@ -97,3 +98,17 @@ def test_dvc_exp_run_s_rewrites_only_the_key_it_sets(tmp_path):
     assert six in original and original.count("  dropout: 0.0 ") == 1
     expected = original.replace(six, "    - circle\n    - star\n")
     assert copy.read_text() == expected.replace("  dropout: 0.0 ", "  dropout: 0.3 ")
+
+
+def test_every_key_of_params_yaml_reruns_a_stage():
+    """DVC re-runs a stage for the params it lists (a key, or a whole group): a key that no stage
+    lists would change nothing under `dvc exp run -S key=value`."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {p for stage in stages.values() for p in stage.get("params", [])}
+
+    def listed(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:n]) in declared for n in range(1, len(parts) + 1))
+
+    keys = leaf_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert sorted(k for k in keys if not listed(k)) == []

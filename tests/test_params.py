@@ -121,12 +121,16 @@ COMBINED = [
         "two levels' strides, 32 and 16, must divide it)",
     ),
     (
-        {"head": {"grid_kind": "fcos", "tower_width": 64}, "grid": {"anchors": 3}},
+        {"grid": {"anchors": 3}, "head": {"grid_kind": "fcos", "tower_width": 64}},
         "params.yaml: grid.anchors: 3: head.grid_kind fcos predicts one box per location, without "
         "anchor boxes; set grid.anchors: 0",
     ),
     (
-        {"backbone": {"fine_layer": "blocks.4"}, "grid": {"anchors": 2}},
+        {
+            "backbone": {"fine_layer": "blocks.4"},
+            "grid": {"anchors": 2},
+            "head": {"grid_kind": "conv"},
+        },
         "params.yaml: grid.anchors: 2 with a second feature level (backbone.fine_layer blocks.4) "
         "is not supported: set grid.anchors: 0 or backbone.fine_layer: none",
     ),
@@ -136,7 +140,7 @@ COMBINED = [
         "(torchvision's FCOSHead); use a multiple of 32",
     ),
     (
-        {"head": {"grid_kind": "retinanet", "tower_width": 64}, "grid": {"anchors": 3}},
+        {"grid": {"anchors": 3}, "head": {"grid_kind": "retinanet", "tower_width": 64}},
         "params.yaml: grid.anchors: 3: head.grid_kind retinanet places its own 9 anchor boxes per "
         "location; set grid.anchors: 0",
     ),

@@ -71,13 +71,13 @@ def test_grid_predictions_equal_the_evaluate_stage(trained, tmp_path):
     sizes = prepared.images.set_index("image_id").loc[features.image_ids]
     image_sizes = list(zip(sizes["width"], sizes["height"], strict=True))
     assert any(w != h for w, h in image_sizes)  # non-square photos among them
-    pred_boxes, logits = run_head(checkpoint.head, features.features)
+    outputs = run_head(checkpoint.head, features.features)
     assert checkpoint.card.image == ImageSpec("shrink", 448)
     # The fixture extracts in bfloat16 (conftest): predict must run the backbone so too.
     assert features.metadata["backbone"]["precision"] == "bfloat16"
     assert checkpoint.card.backbone == features.metadata["backbone"]
-    expected = grid_detections(
-        pred_boxes, logits, image_sizes, checkpoint.card.image, Filtering(0.001, 0.5, 100)
+    expected = checkpoint.head.detections(
+        outputs, image_sizes, checkpoint.card.image, Filtering(0.001, 0.5, 100)
     )
     by_id = {Path(p).stem: p for p in map(str, paths)}
     total = 0

@@ -64,8 +64,8 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     # same targets whatever the head
     for mine, theirs in zip(conv.data["train"].targets, lab.data["train"].targets, strict=True):
         assert mine.equal(theirs)
-    # the default, neighbour cells: up to three cells per object, on the 14 x 14 grid
-    inputs, params = inputs_and_params(trained, grid={"num_cells": 7})
+    # the conv head's default, neighbour cells: up to three cells per object
+    inputs, params = inputs_and_params(trained, head={"grid_kind": "conv"}, grid={"num_cells": 7})
     dense = grid_task(inputs, params)
     has_obj = dense.data["train"].targets[1]
     assert has_obj.sum() > lab.data["train"].targets[1].sum()
@@ -77,7 +77,7 @@ def test_grid_task_of_each_kind_and_what_it_refuses(trained):
     assert len(result.history) == 2 and set(result.history[0]["val"]) >= {"obj_loss", "iou"}
     # anchors: the conv head takes every anchor within grid.anchor_ratio, the lab's the best one
     anchored = {"anchors": 2, "num_cells": 7, "anchor_ratio": 4.0}
-    conv_anchors = grid_task(*inputs_and_params(trained, grid=anchored))
+    conv_anchors = grid_task(*inputs_and_params(trained, head={"grid_kind": "conv"}, grid=anchored))
     lab_anchors = grid_task(*inputs_and_params(trained, lab=True, grid=anchored))
     assert isinstance(conv_anchors.head, ConvGridHead) and conv_anchors.head.n_anchors == 2
     assert conv_anchors.card.grid.anchor_ratio == 4.0 and lab_anchors.card.grid.anchor_ratio is None

@@ -118,8 +118,8 @@ def test_each_param_group_reruns_only_its_stages(project):
 
 def test_experiments_metrics_diff_and_plots(project):
     """The review workflow: commit a baseline, run an experiment, diff it, render the plots."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())  # back to the module's tiny set-up
-    set_param(project, "head", "conv_width", params["head"]["conv_width"])
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))  # back to the
+    set_param(project, "head", "conv_width", params["head"]["conv_width"])  # module's set-up
     set_param(project, "head", "single_kind", params["head"]["single_kind"])
     run(project, "dvc", "repro")
     run(project, "git", "add", "-A")
@@ -130,7 +130,7 @@ def test_experiments_metrics_diff_and_plots(project):
     pr = rendered["data"]["evaluate_multi_pr_curves"][0]["content"]["data"]["values"]
     assert {"class", "recall", "precision"} <= set(pr[0])
 
-    output = run(project, "dvc", "exp", "run", "-S", "head.conv_width=8", "-n", "width8")
+    output = run(project, "dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "lr3")
     assert (
         stages_run(output)
         == {
@@ -142,19 +142,19 @@ def test_experiments_metrics_diff_and_plots(project):
         | FINETUNE
     )
     shown = run(project, "dvc", "exp", "show", "--no-pager", "--csv")
-    assert "width8" in shown and "map_11point" in shown
+    assert "lr3" in shown and "map_11point" in shown
     diff = run(project, "dvc", "metrics", "diff")  # workspace (the experiment) against HEAD
     for path in ("reports/train_single/metrics.json", "reports/train_multi/metrics.json"):
-        assert path in diff, diff  # the trunk's width changes the training losses of both heads
+        assert path in diff, diff  # the learning rate changes the training losses of both heads
     assert "val.loss" in diff
-    diff = run(project, "dvc", "metrics", "diff", "main", "width8")  # by name, from anywhere
+    diff = run(project, "dvc", "metrics", "diff", "main", "lr3")  # by name, from anywhere
     assert "reports/train_multi/metrics.json" in diff and "val.loss" in diff, diff
 
     # What a pull request shows: each plot with one curve per revision.
-    rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "width8", "--json"))
+    rendered = json.loads(run(project, "dvc", "plots", "diff", "main", "lr3", "--json"))
     for plot in ("train_single_loss", "evaluate_multi_per_class_ap"):
         revisions = {rev for entry in rendered["data"][plot] for rev in entry["revisions"]}
-        assert revisions == {"main", "width8"}, (plot, revisions)
+        assert revisions == {"main", "lr3"}, (plot, revisions)
 
     rendered = json.loads(run(project, "dvc", "plots", "show", "--json"))
     plots = set(rendered["data"])
