@@ -5,7 +5,7 @@
 
 For each size a feature file of the default's shape (Lite0's last block at 448: 320 x 14 x 14,
 float16, 125 KB an image; random values: only shape and bytes matter here) is written once, then
-each mode trains the default grid head (ConvGridHead, width 128, depth 2, 20 classes, CIoU and
+each mode trains the conv grid head (ConvGridHead, width 128, depth 2, 20 classes, CIoU and
 focal loss) for one epoch on it, in a fresh process, from which the peak resident memory
 (ru_maxrss) and the epoch's seconds are printed side by side. Targets (4.7 KB an image) are random
 and in memory in both modes. The CPU's flags are printed first; compare only figures of one run.

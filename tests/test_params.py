@@ -150,6 +150,11 @@ COMBINED = [
         "groups (torchvision's RetinaNetHead); use a multiple of 32",
     ),
     (
+        {"head": {"grid_kind": "retinanet", "tower_depth": 5}},
+        "params.yaml: head.tower_depth: 5: head.grid_kind retinanet has at most 4 convolutions "
+        "per tower (torchvision's RetinaNetHead); use 0 to 4",
+    ),
+    (
         {"head": {"grid_kind": "lab"}, "grid": {"assign": "neighbours"}},
         "params.yaml: grid.assign: neighbours needs head.grid_kind conv (the lab's head cannot "
         "reach a centre outside its cell); set grid.assign: centre or head.grid_kind: conv",

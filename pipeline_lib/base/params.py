@@ -286,6 +286,9 @@ OWN_ASSIGNMENT = {
     "fcos": ("predicts one box per location, without anchor boxes", "FCOSHead"),
     "retinanet": ("places its own 9 anchor boxes per location", "RetinaNetHead"),
 }
+# torchvision's RetinaNetHead builds towers of 4 convolutions, which retinanet.py cuts to
+# head.tower_depth (FCOSHead builds as many as it is asked for)
+MOST_TOWER_CONVOLUTIONS = {"retinanet": 4}
 
 
 def combined_problems(p: Params) -> list[str]:
@@ -314,6 +317,12 @@ def combined_problems(p: Params) -> list[str]:
         problems.append(
             f"head.tower_width: {p.head.tower_width}: head.grid_kind {kind} normalises its towers "
             f"in 32 groups (torchvision's {own[1]}); use a multiple of 32"
+        )
+    deepest = MOST_TOWER_CONVOLUTIONS.get(kind)
+    if deepest is not None and p.head.tower_depth > deepest:
+        problems.append(
+            f"head.tower_depth: {p.head.tower_depth}: head.grid_kind {kind} has at most "
+            f"{deepest} convolutions per tower (torchvision's {own[1]}); use 0 to {deepest}"
         )
     if p.grid.assign == "neighbours" and p.head.grid_kind == "lab":
         problems.append(

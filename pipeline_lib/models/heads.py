@@ -5,9 +5,10 @@ MlpSingleHead (the lab's first task): from a (B, C, H, W) feature map, the encod
 MlpGridHead (the second): per cell of an S x S grid, a box (centre relative to the cell,
 size relative to the image), class logits and an objectness logit -- an MLP slid over the feature
 map as 1x1 convolutions. TwoLevelMlpHead: one of those per feature level (multi-scale).
-The default heads share `conv_trunk` (a 1x1 stem, then 3x3 convolutions) and give the same
-outputs: SpatialSingleHead (one box and class by attention over the cells), ConvGridHead (with or
-without anchors) and, on two feature levels, PyramidGridHead (FPN, one head shared by the levels).
+The conv heads share `conv_trunk` (a 1x1 stem, then 3x3 convolutions) and give the same outputs:
+SpatialSingleHead (the default single head: one box and class by attention over the cells),
+ConvGridHead (with or without anchors) and, on two feature levels, PyramidGridHead (FPN, one head
+shared by the levels). The default grid head is torchvision's FCOS (fcos.py).
 """
 
 from __future__ import annotations

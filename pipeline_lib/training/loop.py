@@ -261,7 +261,7 @@ def fit(
     (with `config.ema_decay`: of the weights' moving average, which is also what val measures)."""
     _check_fit(head, train, val, config)
     # channels_last: oneDNN's and cuDNN's faster layout for the heads' convolutions (8 % less time
-    # per epoch for the default grid head on 2 CPU cores); batches follow (Dataset.batches).
+    # per epoch for the conv grid head on 2 CPU cores); batches follow (Dataset.batches).
     head.to(config.device, memory_format=torch.channels_last)
     # fused: one kernel per step instead of many full-size temporaries (2.5x faster on CPU for
     # the 64M-parameter box MLP on flattened EfficientNet-Lite0 features); CPUs and CUDA GPUs
