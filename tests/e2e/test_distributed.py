@@ -131,9 +131,7 @@ def test_finetuning_in_two_processes_reports_the_mean_over_ranks(trained, tmp_pa
     from pipeline_lib.base.distributed import Ranks
     from pipeline_lib.base.params import load_params
     from pipeline_lib.data.tables import read_prepared
-    from pipeline_lib.measures.metrics import multi_object_batch_sums
     from pipeline_lib.models.checkpoints import load_checkpoint
-    from pipeline_lib.models.losses import Objective, grid_loss
     from pipeline_lib.training.finetuning import ImageBatches, image_loader, rebuild
     from pipeline_lib.training.loop import TrainConfig, run_epoch
     from pipeline_lib.training.tasks import loss_weights
@@ -153,11 +151,9 @@ def test_finetuning_in_two_processes_reports_the_mean_over_ranks(trained, tmp_pa
     params = load_params(folder / "params.yaml")
     checkpoint = load_checkpoint(folder / "models/finetuned/model.safetensors")
     prepared = read_prepared(folder / "data/prepared")
-    objective = Objective(
-        lambda o, t: grid_loss(o, t, loss_weights(params.train)), multi_object_batch_sums
-    )
     config = TrainConfig(1, 2, 0.01, 0.0, device="cpu")
     _, model = rebuild(checkpoint)
+    objective = model.head.objective(loss_weights(params.train))  # as fine-tuning asks the head
     losses = []
     for rank in (0, 1):
         ranks = Ranks(rank, 2)
