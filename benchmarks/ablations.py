@@ -219,6 +219,15 @@ ROWS = {  # name -> (feature setting, params on top of CONV_ERA)
         "448 blocks",
         {"train.hflip": 0.5, "train.hflip_from": "mirrored"},
     ),
+    # issue 39's levers for the single head's box, each on the default (warm-up 1 epoch)
+    "single: second level (blocks.4 packed beside the main map)": (
+        "448 pyramid",
+        {"train.warmup_epochs": 1.0},
+    ),
+    "single: trunk 256 wide, 3 convolutions": (
+        "448 blocks",
+        {"train.warmup_epochs": 1.0, "head.conv_width": 256, "head.conv_depth": 3},
+    ),
 }
 FEATURES = {
     "default": {"image.size": 224, "backbone.layer": "head"},
