@@ -34,7 +34,7 @@ lint: $(STAMP)
 # tests/conftest.py). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: lint
-	pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10
+	pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10
 
 # The pull-request report: NEW's (the workspace's) params, judged headline figures, errors, metrics,
 # plots and figures against BASE's (report/report.md; stages/report.py; comma-separated groups of

@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
 # The genuine VOC2007 subset ships beside the clone; VOC2007_DIR points elsewhere (mutation runs
 # test a copy of the repository in mutants/, one folder further down).
+# backbone.precision of the projects the end-to-end tests build (tiny_params, the genuine-VOC
+# chain): auto as params.yaml has it; `TEST_PRECISION=float32 make test` plays, on a CPU with
+# AVX-512 BF16, one without it (docs/testing.md).
+TEST_PRECISION = os.environ.get("TEST_PRECISION", "auto")
 SHARED_VOC = Path(
     os.environ.get("VOC2007_DIR", REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007")
 )
@@ -39,14 +43,34 @@ def pytest_collection_modifyitems(items):
     """Tests that use the `trained` fixture run the real stages: mark them `stages`; those in
     tests/e2e/ run the real dvc CLI or stage processes: mark them `e2e`.
 
-    (`make test` runs the suite in two pytest-xdist processes with `--dist loadgroup`: a module
-    whose tests share a module-scoped project, each starting from the state the one before left,
-    is one `xdist_group`, set by its `pytestmark`, so that it runs in one process, in order.)"""
+    (`make test` runs the suite in two pytest-xdist processes with `--dist loadscope`: each
+    module runs in one process, in order, so that a module whose tests share a module-scoped
+    project builds it once and each test starts from the state the one before left;
+    `built_once` fails a run where that does not hold.)"""
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.stages)
         if "e2e" in Path(item.path).relative_to(REPO / "tests").parts[:-1]:
             item.add_marker(pytest.mark.e2e)
+
+
+def built_once(tmp_path_factory, name: str) -> None:
+    """Called by a module-scoped fixture that builds a project its module's tests share: fails
+    when `name` is built a second time in this run, by another pytest-xdist process or after its
+    module's fixtures were torn down. Its tests then ran apart, each paying for a project of its
+    own (`--dist loadgroup` silently stopped grouping with pytest 9.2: pytest-xdist issue #1386;
+    `make test` uses `--dist loadscope`, one module to a process)."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent / f"built-{run_id}" if run_id else base / "built"
+    folder.mkdir(exist_ok=True)
+    try:
+        (folder / name).touch(exist_ok=False)
+    except FileExistsError:
+        pytest.fail(
+            f"the project of {name} is built a second time in this run: its module's tests ran "
+            "in more than one pytest-xdist process (run them with --dist loadscope)"
+        )
 
 
 def with_param(raw: dict, key: str, value) -> dict:
@@ -149,10 +173,10 @@ def tiny_params(
     params: dict, n_train: int = 8, n_val: int = 4, epochs: int = 2, max_side: int = 128
 ) -> dict:
     """`params` (params.yaml as a dict) shrunk for tests, in place: a few small synthetic images,
-    tiny heads, few epochs, one sample per figure. Returns it."""
+    tiny heads, few epochs, one sample per figure, the backbone in TEST_PRECISION. Returns it."""
     params["data"]["synthetic"].update(n_train=n_train, n_val=n_val, min_side=96, max_side=max_side)
     params["report"].update(samples=1, mode_samples=1)
-    params["backbone"].update(batch_size=8, workers=0)
+    params["backbone"].update(batch_size=8, workers=0, precision=TEST_PRECISION)
     params["head"].update(hidden=16, grid_hidden=16, conv_width=16)
     params["train"].update(epochs=epochs, batch_size=4)
     params["eval"].update(samples=1, score_threshold=0.0)  # 2-epoch heads score low
@@ -211,9 +235,10 @@ def trained(tmp_path_factory) -> Path:
     """A folder where the real stages made a tiny dataset, Lite0 features and both models."""
     folder = tmp_path_factory.mktemp("trained")
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), 12, 5, max_side=200)
-    # bfloat16 on every machine (emulated where the CPU lacks it), whatever auto would pick: the
-    # tests that compare predict with evaluate then fail if predict runs another precision.
-    params["backbone"]["precision"] = "bfloat16"
+    # float32 on every machine, whatever auto would pick: the same features everywhere, and fast
+    # on every CPU (bfloat16 emulated where the CPU lacks it is 6x slower). That predict runs the
+    # precision recorded with the features, not auto's, is test_inference's to check, both ways.
+    params["backbone"]["precision"] = "float32"
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     from stages import extract, prepare, synthesize, train  # only when a test needs models
 

@@ -368,7 +368,9 @@ def test_a_finetune_job_from_params_trains_and_reports(folder):
         "trainable_parameters": trainable,
         "device": "cpu",
     }
-    card = job.card(checkpoint.card, result)
+    # a model whose features were extracted in bfloat16: fine-tuning trains and evaluates float32
+    frozen = replace(checkpoint.card, backbone=checkpoint.card.backbone | {"precision": "bfloat16"})
+    card = job.card(frozen, result)
     assert card.feature_dtype == "float32" and card.backbone["precision"] == "float32"
     assert card.finetuned == {
         "best_epoch": 2,
@@ -377,8 +379,7 @@ def test_a_finetune_job_from_params_trains_and_reports(folder):
         "trainable_units": ["blocks.5", "blocks.6"],
     }
     assert (
-        replace(card, feature_dtype="float16", backbone=checkpoint.card.backbone, finetuned=None)
-        == checkpoint.card
+        replace(card, feature_dtype="float16", backbone=frozen.backbone, finetuned=None) == frozen
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_params, with_param, write_tiny_voc
+from conftest import REPO, built_once, tiny_params, with_param, write_tiny_voc
 from PIL import Image
 
 from pipeline_lib.base.errors import PipelineError
@@ -30,8 +30,6 @@ from pipeline_lib.features import extraction as features_module
 from pipeline_lib.features.devices import pick_device
 from pipeline_lib.training.loop import fit, seed_everything
 from pipeline_lib.training.tasks import grid_task, read_training_inputs, single_task, train_config
-
-pytestmark = pytest.mark.xdist_group("params_effects")  # one `env` for the module
 
 
 def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -510,6 +508,7 @@ def fine_inputs(inputs):
 @pytest.fixture(scope="module")
 def env(trained, tmp_path_factory) -> dict:
     """What the probes read: the tiny set's inputs and models, small VOC folders, photos."""
+    built_once(tmp_path_factory, "test_params_effects")
     tmp = tmp_path_factory.mktemp("effects")
     from pipeline_lib.data.tables import read_prepared
 

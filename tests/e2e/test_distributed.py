@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params
+from conftest import REPO, built_once, tiny_params
 
 # one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.e2e
 FILES = ("train.safetensors", "val.safetensors", "features.json")
 
 
@@ -46,6 +46,7 @@ def set_params(folder: Path, **groups) -> None:
 def project(tmp_path_factory) -> Path:
     """45 images (40 train: three batches of 16, the last short; 5 val), prepared, and the
     features of a one-process run in reference/."""
+    built_once(tmp_path_factory, "test_distributed")
     folder = tmp_path_factory.mktemp("sharded")
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), 40, 5)
     params["backbone"].update(batch_size=16, processes=1)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run, snapshot, tiny_params, write_tiny_voc
+from conftest import built_once, run, snapshot, tiny_params, write_tiny_voc
 
 REPO = Path(__file__).resolve().parents[2]
 # one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dvc_team")]
+pytestmark = pytest.mark.e2e
 DATASET = Path("data/VOCdevkit")
 ANNOTATION = DATASET / "VOC2007/Annotations/000000.xml"
 
@@ -21,6 +21,7 @@ ANNOTATION = DATASET / "VOC2007/Annotations/000000.xml"
 @pytest.fixture(scope="module")
 def alice(tmp_path_factory) -> Path:
     """A repository whose VOC folder is under `dvc add` with DVC's symlink cache, committed."""
+    built_once(tmp_path_factory, "test_dvc_team")
     root = tmp_path_factory.mktemp("team") / "alice"
     for name in ("stages", "pipeline_lib"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))

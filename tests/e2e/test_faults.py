@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import snapshot, tiny_params
+from conftest import built_once, snapshot, tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
 # one project for the module, its tests in order (one pytest-xdist process: tests/conftest.py)
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.e2e
 
 
 def environment() -> dict:
@@ -38,6 +38,7 @@ def dvc(cwd: Path, *args: str, ok: bool = True) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict]:
     """A committed tiny pipeline run once: (folder, its snapshot)."""
+    built_once(tmp_path_factory, "test_faults")
     root = tmp_path_factory.mktemp("faults")
     for name in ("stages", "pipeline_lib"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
