@@ -71,6 +71,8 @@ def test_a_draw_without_the_class_s_objects_is_nan_and_left_out_of_the_mean():
     # draw 0: (1 + 0) / 2; draw 1: dog alone, 0; draw 2: cat alone, 1
     assert map_draws([cat, dog], weights).tolist() == [0.5, 0.0, 1.0]
     assert map_draws([], weights).tolist() == [0.0] * 3
+    # draw 1 holds no cat at all: the cats' mAP there is 0, as metrics.mean_ap of no class
+    assert map_draws([cat], weights).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_detections_left_out_count_for_nothing():
@@ -218,6 +220,19 @@ def test_as_many_runs_a_side_are_drawn_in_pairs():
     assert torch.equal(paired_change(runs, runs, seed=1), torch.zeros(draws, dtype=torch.float64))
     flat = torch.full((draws, 2), 0.6, dtype=torch.float64)
     assert set(paired_change(runs, flat, seed=1).round(decimals=9).tolist()) == {-0.1, 0.0, 0.1}
+
+
+def test_the_runs_drawn_follow_the_seed_and_not_the_sides_order():
+    """The report's seed decides which runs each draw takes: the same seed, the same draws;
+    another seed, others. A side of one run draws nothing, so B against A is minus A against B
+    whichever side holds several runs."""
+    draws = 500
+    one = torch.full((draws, 1), 0.6, dtype=torch.float64)
+    three = torch.tensor([0.5, 0.7, 0.9], dtype=torch.float64).expand(draws, 3)
+    change = paired_change(one, three, seed=3)
+    assert torch.equal(paired_change(one, three, seed=3), change)
+    assert not torch.equal(paired_change(one, three, seed=4), change)
+    assert torch.equal(paired_change(three, one, seed=3), -change)
 
 
 @pytest.mark.parametrize(

@@ -171,3 +171,64 @@ def test_equals_tidecv_with_its_own_ap(seed):
     for kind in ERROR_TYPES:
         assert ours.gains[kind] * 100 == pytest.approx(gains[SHORT[kind]], abs=1e-9), kind
     assert sum(ours.counts.values()) > 50 and sum(g > 0 for g in ours.gains.values()) >= 4
+
+
+def test_voc_s_inclusive_pixels_by_default_and_one_truth_per_image():
+    """A cat box (1, 1, 10, 10) in VOC's inclusive pixels is 10 x 10; the detection (1, 1, 10, 5)
+    covers 10 x 5 of it: IoU 50 / 100 = 0.5, found. Read as continuous coordinates (9 x 9 and
+    9 x 4): 36 / 81 = 0.44, a localisation error."""
+    images = [image([[1, 1, 10, 5]], [0.9], [[1, 1, 10, 10]])]
+    dets, gts = zip(*images, strict=True)
+    found = split_errors(list(dets), list(gts), 1)
+    assert found.map == pytest.approx(1.0) and sum(found.counts.values()) == 0
+    continuous = split_errors(list(dets), list(gts), 1, overlap="continuous")
+    assert continuous.counts["localisation"] == 1 and continuous.map == 0.0
+    with pytest.raises(ValueError, match="zip"):  # detections of two images, truth of one
+        split_errors(list(dets) * 2, list(gts), 1)
+
+
+FAR = [200, 200, 300, 300]
+BOUNDARIES = {  # continuous overlap with OBJECT (100 x 100): 100 x 50 is IoU 0.5, 100 x 10 0.1
+    "found at IoU 0.5 exactly": [image([[0, 0, 100, 50]], [0.9], [OBJECT])],
+    "localisation at 0.1 exactly": [image([[0, 0, 100, 10]], [0.8], [OBJECT])],
+    "classification at 0.5 exactly": [image([[0, 0, 100, 50]], [0.7], [OBJECT], det_labels=[DOG])],
+    "background at 0.1 exactly": [image([[0, 0, 100, 10]], [0.6], [OBJECT], gt_labels=[DOG])],
+    "a found object again at 0.5": [image([OBJECT, [0, 0, 100, 50]], [0.9, 0.5], [OBJECT])],
+    "a class with detections and no object": [
+        image([OBJECT], [0.9], [OBJECT]),
+        image([FAR], [0.8], [OBJECT], det_labels=[DOG]),
+    ],
+    "an image without objects": [image([OBJECT], [0.9], []), image([OBJECT], [0.8], [OBJECT])],
+    "a class with neither before one with both": [
+        image([OBJECT], [0.9], [OBJECT], det_labels=[DOG], gt_labels=[DOG])
+    ],
+    "a class with detections and no object before one with objects": [
+        image([FAR], [0.8], [OBJECT], gt_labels=[DOG]),
+        image([OBJECT], [0.9], [OBJECT], det_labels=[DOG], gt_labels=[DOG]),
+    ],
+    "the 101st detection counts for nothing": [
+        image([FAR] * 100 + [OBJECT], [0.9 - k / 1000 for k in range(101)], [OBJECT])
+    ],
+}
+
+
+@pytest.mark.parametrize("case", BOUNDARIES)
+def test_equals_tidecv_at_its_thresholds_and_limits(case):
+    """Hand-made edges of TIDE's rules (IoU exactly at 0.5 and 0.1, a class without objects, an
+    image without any, its 100 detections an image): counts, AP and gains as tidecv's."""
+    dets, truth = (list(t) for t in zip(*BOUNDARIES[case], strict=True))
+    ours = split_errors(dets, truth, 2, TIDE, "continuous")
+    ap, gains, counts = tidecv_split(dets, truth)
+    assert {kind: counts[SHORT[kind]] for kind in ERROR_TYPES} == ours.counts
+    assert ours.map * 100 == pytest.approx(ap, abs=1e-9)
+    for kind in ERROR_TYPES:
+        assert ours.gains[kind] * 100 == pytest.approx(gains[SHORT[kind]], abs=1e-9), kind
+
+
+@pytest.mark.parametrize("scoring", [DEVKIT, TIDE], ids=lambda s: s.name)
+def test_nothing_to_find_and_nothing_found_is_map_0(scoring):
+    """No class with objects or detections: mAP 0, as metrics.mean_ap of no class, and nothing
+    to gain (tidecv itself divides by zero there)."""
+    dets, truth = zip(image([], [], []), strict=True)
+    found = split_errors(list(dets), list(truth), 2, scoring, "continuous")
+    assert found.map == 0.0 and set(found.gains.values()) == {0.0}

@@ -39,6 +39,11 @@ def test_levels_p6_p7_and_nine_anchors_per_location(fine):
     assert boxes[0][first + 5].tolist() == [-102.0, -102.0, 102.0, 102.0]
     # P7's one location: side 4 x 128 = 512 at 1:1, the first scale (its 4th anchor)
     assert boxes[0][-9 + 3].tolist() == [-256.0, -256.0, 256.0, 256.0]
+    # strides in whole pixels, as torchvision's AnchorGenerator computes them: 160-pixel images
+    # (5 x 5 maps) give P6 3 x 3 of stride 160 // 3 = 53; its first location's 6th anchor (1:1,
+    # 2^(2/3)) is round(4 x 53 x 1.5874) = 337 wide, halved and rounded to even: 168
+    odd = RetinaNetHead((8, 5, 5), 3, 160, width=32, depth=1).anchors(1, torch.device("cpu"))[0]
+    assert odd[25 * 9 + 5].tolist() == [-168.0, -168.0, 168.0, 168.0]
 
 
 def test_head_depth_sets_the_towers_and_the_state_dict_holds_the_head_once():
@@ -128,3 +133,44 @@ def test_stages_train_evaluate_predict_and_finetune_with_retinanet(trained, tmp_
     assert math.isfinite(compared["map"]) and compared["map_frozen"] == pytest.approx(
         metrics["map"], abs=0.05
     )
+
+
+def test_defaults_one_level_128_wide_four_convolutions_and_the_loss_parts_named():
+    """torchvision's RetinaNet head as it is by default; the loss's parts named as the grid
+    heads name theirs (what the training curves plot): the sum, GIoU box, focal class, no
+    objectness."""
+    head = RetinaNetHead((8, 4, 4), 2, 128)
+    assert head.grids == [(4, 4), (2, 2), (1, 1)]  # no fine level
+    assert head.neck.layer_blocks[0][0].out_channels == 128
+    for tower in (head.head.classification_head.conv, head.head.regression_head.conv):
+        assert len(tower) == 4  # each a 3x3 convolution, GroupNorm of 32 groups, ReLU
+        assert all(isinstance(unit[1], torch.nn.GroupNorm) for unit in tower)
+        assert {unit[1].num_groups for unit in tower} == {32}
+    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
+    box = (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1]))
+    losses = head.loss(head(torch.randn(1, 8, 4, 4)), box_targets(card, [box]))
+    assert set(losses) == {"loss", "box_loss", "class_loss", "obj_loss"}
+    assert float(losses["loss"]) == pytest.approx(float(losses["box_loss"] + losses["class_loss"]))
+    assert float(losses["box_loss"]) > 0 and float(losses["class_loss"]) > 0
+
+
+def test_an_anchor_counts_as_found_where_its_best_class_s_sigmoid_passes_0_5():
+    """obj_accuracy: found (the best class logit > 0, sigmoid > 0.5) against matched. Logits
+    exactly 0 everywhere (sigmoid 0.5): nothing found, so only the unmatched anchors count as
+    right; 0.5 everywhere: everything found, only the matched ones right."""
+    head = RetinaNetHead((8, 4, 4), 2, 128, width=64, depth=1)
+    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
+    box = (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1]))
+    targets = box_targets(card, [box])
+    cls_logits, regression = head(torch.randn(1, 8, 4, 4))
+    head.loss((cls_logits, regression), targets)  # records the matching
+    matched = int((torch.stack(head.head.matched) >= 0).sum())
+    anchors = cls_logits.shape[1]
+    assert 0 < matched < anchors
+    zeros = torch.zeros_like(cls_logits)
+    assert head.measures((zeros, regression), targets)["obj_accuracy"] == (
+        anchors - matched,
+        anchors,
+    )
+    halves = torch.full_like(cls_logits, 0.5)
+    assert head.measures((halves, regression), targets)["obj_accuracy"] == (matched, anchors)
