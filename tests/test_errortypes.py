@@ -133,6 +133,15 @@ def tidecv_split(detections, truth):
     return run.ap, gains, counts
 
 
+def assert_equals_tidecv(ours, detections, truth) -> None:
+    """Our split (TIDE's scoring) has tidecv's counts, AP and gains (its percent) to 1e-9."""
+    ap, gains, counts = tidecv_split(detections, truth)
+    assert {kind: counts[SHORT[kind]] for kind in ERROR_TYPES} == ours.counts
+    assert ours.map * 100 == pytest.approx(ap, abs=1e-9)
+    for kind in ERROR_TYPES:
+        assert ours.gains[kind] * 100 == pytest.approx(gains[SHORT[kind]], abs=1e-9), kind
+
+
 SHORT = {
     "classification": "Cls",
     "localisation": "Loc",
@@ -165,11 +174,7 @@ def test_equals_tidecv_with_its_own_ap(seed):
         k = torch.where(relabel, torch.randint(0, 4, (len(k),), generator=g), k)
         detections.append((found, torch.rand(len(k), generator=g, dtype=torch.float64), k))
     ours = split_errors(detections, truth, 4, TIDE, "continuous")
-    ap, gains, counts = tidecv_split(detections, truth)
-    assert {kind: counts[SHORT[kind]] for kind in ERROR_TYPES} == ours.counts
-    assert ours.map * 100 == pytest.approx(ap, abs=1e-9)
-    for kind in ERROR_TYPES:
-        assert ours.gains[kind] * 100 == pytest.approx(gains[SHORT[kind]], abs=1e-9), kind
+    assert_equals_tidecv(ours, detections, truth)
     assert sum(ours.counts.values()) > 50 and sum(g > 0 for g in ours.gains.values()) >= 4
 
 
@@ -217,12 +222,7 @@ def test_equals_tidecv_at_its_thresholds_and_limits(case):
     """Hand-made edges of TIDE's rules (IoU exactly at 0.5 and 0.1, a class without objects, an
     image without any, its 100 detections an image): counts, AP and gains as tidecv's."""
     dets, truth = (list(t) for t in zip(*BOUNDARIES[case], strict=True))
-    ours = split_errors(dets, truth, 2, TIDE, "continuous")
-    ap, gains, counts = tidecv_split(dets, truth)
-    assert {kind: counts[SHORT[kind]] for kind in ERROR_TYPES} == ours.counts
-    assert ours.map * 100 == pytest.approx(ap, abs=1e-9)
-    for kind in ERROR_TYPES:
-        assert ours.gains[kind] * 100 == pytest.approx(gains[SHORT[kind]], abs=1e-9), kind
+    assert_equals_tidecv(split_errors(dets, truth, 2, TIDE, "continuous"), dets, truth)
 
 
 @pytest.mark.parametrize("scoring", [DEVKIT, TIDE], ids=lambda s: s.name)
