@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"seconds", "seconds_per_epoch", "images_per_second", "wall_seconds"}
-# The genuine VOC2007 subset ships beside the clone; VOC2007_DIR points elsewhere (mutation runs
-# test a copy of the repository in mutants/, one folder further down).
 # backbone.precision of the projects the end-to-end tests build (tiny_params, the genuine-VOC
 # chain): auto as params.yaml has it; `TEST_PRECISION=float32 make test` plays, on a CPU with
 # AVX-512 BF16, one without it (docs/testing.md).
 TEST_PRECISION = os.environ.get("TEST_PRECISION", "auto")
+# The genuine VOC2007 subset ships beside the clone; VOC2007_DIR points elsewhere (mutation runs
+# test a copy of the repository in mutants/, one folder further down).
 SHARED_VOC = Path(
     os.environ.get("VOC2007_DIR", REPO.parent / "shared" / "voc" / "VOCdevkit" / "VOC2007")
 )
