@@ -20,6 +20,14 @@ from pipeline_lib.models.modelcard import ModelCard
 from pipeline_lib.models.retinanet import RetinaNetHead
 from pipeline_lib.models.targets import box_targets
 
+# 128 x 128 images seen as 4 x 4 maps of 8 channels, two classes; one object of class 1, centred
+CARD = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
+
+
+def one_box() -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensors made at a test's call, not when mutmut's server imports the module)"""
+    return torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1])
+
 
 @pytest.mark.parametrize("fine", [0, 6])
 def test_levels_p6_p7_and_nine_anchors_per_location(fine):
@@ -59,12 +67,11 @@ def test_the_head_learns_a_box_and_decodes_it_to_the_original_pixels():
     torch.manual_seed(0)
     head = RetinaNetHead((8, 4, 4), 2, 128, 0, width=32, depth=1)
     features = torch.randn(2, 8, 4, 4)
-    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
     objects = [
         (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1])),
         (torch.tensor([[0.25, 0.25, 0.4, 0.4]], dtype=torch.float64), torch.tensor([0])),
     ]
-    targets = box_targets(card, objects)
+    targets = box_targets(CARD, objects)
     objective = head.objective(LossWeights())
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     first = None
@@ -94,10 +101,9 @@ def test_every_object_gets_an_anchor_even_a_tiny_one():
     """RetinaNet keeps each box's best anchors (low-quality matches): none is left out, however
     small (a 4-pixel box's best IoU with a 64-pixel anchor is far below 0.4)."""
     head = RetinaNetHead((8, 4, 4), 2, 128, 0, width=32, depth=1)
-    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
     tiny = torch.tensor([[0.5, 0.5, 4 / 128, 4 / 128], [0.2, 0.8, 0.3, 0.3]], dtype=torch.float64)
     none = (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
-    assert head.matched_objects(*box_targets(card, [(tiny, torch.tensor([0, 1])), none])) == 2
+    assert head.matched_objects(*box_targets(CARD, [(tiny, torch.tensor([0, 1])), none])) == 2
 
 
 def test_stages_train_evaluate_predict_and_finetune_with_retinanet(trained, tmp_path, monkeypatch):
@@ -146,9 +152,7 @@ def test_defaults_one_level_128_wide_four_convolutions_and_the_loss_parts_named(
         assert len(tower) == 4  # each a 3x3 convolution, GroupNorm of 32 groups, ReLU
         assert all(isinstance(unit[1], torch.nn.GroupNorm) for unit in tower)
         assert {unit[1].num_groups for unit in tower} == {32}
-    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
-    box = (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1]))
-    losses = head.loss(head(torch.randn(1, 8, 4, 4)), box_targets(card, [box]))
+    losses = head.loss(head(torch.randn(1, 8, 4, 4)), box_targets(CARD, [one_box()]))
     assert set(losses) == {"loss", "box_loss", "class_loss", "obj_loss"}
     parts = {name: float(value.detach()) for name, value in losses.items()}
     assert parts["loss"] == pytest.approx(parts["box_loss"] + parts["class_loss"])
@@ -160,9 +164,7 @@ def test_an_anchor_counts_as_found_where_its_best_class_s_sigmoid_passes_0_5():
     exactly 0 everywhere (sigmoid 0.5): nothing found, so only the unmatched anchors count as
     right; 0.5 everywhere: everything found, only the matched ones right."""
     head = RetinaNetHead((8, 4, 4), 2, 128, width=64, depth=1)
-    card = ModelCard("multi", {}, ["a", "b"], [8, 4, 4], "float32", {}, ImageSpec("shrink", 128))
-    box = (torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), torch.tensor([1]))
-    targets = box_targets(card, [box])
+    targets = box_targets(CARD, [one_box()])
     cls_logits, regression = head(torch.randn(1, 8, 4, 4))
     head.loss((cls_logits, regression), targets)  # records the matching
     matched = int((torch.stack(head.head.matched) >= 0).sum())
