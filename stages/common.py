@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -25,6 +26,14 @@ REPORTS_DIR = Path("reports")  # train_<kind>/ and evaluate_<kind>/ per head kin
 VAL_FEATURES = FEATURES_DIR / "val.safetensors"
 
 PARAMS_OPTION = typer.Option("params.yaml", "--params", help="The params file to read.")
+
+
+def main(app: Callable[[], object]) -> None:
+    """Run a stage's command line APP, everything its imports made frozen out of the garbage
+    collector's walks first and the collector back on (stages/__init__.py says why)."""
+    gc.freeze()
+    gc.enable()
+    app()
 
 
 def command_group(help: str) -> typer.Typer:

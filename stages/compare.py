@@ -81,4 +81,4 @@ def git(*args: str) -> str:
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    common.main(lambda: typer.run(main))

@@ -18,6 +18,7 @@ import typer
 
 from pipeline_lib.data.coco import voc_to_coco
 from pipeline_lib.data.voc import VOC_CLASSES
+from stages import common
 from stages.common import clean_errors
 
 app = typer.Typer(add_completion=False)
@@ -40,4 +41,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

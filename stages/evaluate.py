@@ -97,4 +97,4 @@ def evaluate(
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

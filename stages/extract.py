@@ -37,6 +37,7 @@ from pipeline_lib.data.tables import read_prepared
 from pipeline_lib.features.backbones import load_backbone
 from pipeline_lib.features.extraction import ExtractSettings, extract_features
 from pipeline_lib.features.images import check_stackable
+from stages import common
 from stages.common import (
     EXTRACT_REPORTS,
     FEATURES_DIR,
@@ -116,4 +117,4 @@ def output_folder(ranks: distributed.Ranks) -> Iterator[Path]:
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

@@ -27,6 +27,7 @@ import typer
 from pipeline_lib.base.errors import PipelineError
 from pipeline_lib.base.files import atomic_dir, write_json
 from pipeline_lib.base.params import Params, load_params
+from stages import common
 from stages.common import (
     MODELS_DIR,
     PARAMS_OPTION,
@@ -174,4 +175,4 @@ def compare(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

@@ -19,6 +19,7 @@ import typer
 
 from pipeline_lib.base.files import atomic_file
 from pipeline_lib.reporting.review import VEGA_LITE
+from stages import common
 
 TEMPLATE_PATH = Path(".dvc/plots_template.html")
 
@@ -75,4 +76,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    common.main(lambda: typer.run(main))

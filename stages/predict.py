@@ -156,4 +156,4 @@ def write_table(rows: list[dict], table: Path) -> Path:
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

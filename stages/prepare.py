@@ -25,6 +25,7 @@ from pipeline_lib.data.sources import read_source
 from pipeline_lib.data.tables import Prepared, read_prepared, split_report, write_prepared
 from pipeline_lib.data.voc import DatasetError
 from pipeline_lib.reporting import plots
+from stages import common
 from stages.common import (
     PARAMS_OPTION,
     PREPARE_REPORTS,
@@ -88,4 +89,4 @@ def write_figures(prepared: Prepared, dataset_dir: Path, summary: dict, params: 
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

@@ -252,4 +252,4 @@ def _text(value) -> str:
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    common.main(lambda: typer.run(main))

@@ -12,6 +12,7 @@ import typer
 
 from pipeline_lib.base.params import load_params
 from pipeline_lib.data.synthetic import generate_dataset
+from stages import common
 from stages.common import PARAMS_OPTION, SYNTHETIC_DATASET, clean_errors
 
 app = typer.Typer(add_completion=False)
@@ -30,4 +31,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

@@ -135,4 +135,4 @@ def open_live(reports: Path) -> Live:
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)
