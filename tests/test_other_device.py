@@ -351,7 +351,7 @@ def test_a_fine_tuning_step_works_on_another_device(tmp_path, name):
     """FineTuner (its normalisation buffers, frozen and trainable units, both levels where the
     head has two, the head of every multi-object kind) trained one epoch on augmented images,
     their targets made by the kind (HeadTargets), with loop.fit on OTHER."""
-    paths, objects = _photos(tmp_path)
+    paths, objects = _photos(tmp_path, n=2)  # one batch: a step on OTHER is the point
     c = tuner_card(name)
     data = ObjectImages(paths, objects, c.image, augmentation(0.5, 0.2, 0.1, 0.3))
     collate = HeadTargets(c, head_kind(c).targets)
