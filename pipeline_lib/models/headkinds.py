@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -61,18 +62,19 @@ class HeadKind:
     targets: Targets | None = None
 
 
-def _conv(kind: str) -> Callable[[HeadParams], dict]:
-    return lambda hp: heads.conv_entry(kind, hp)
-
-
 HEAD_KINDS: dict[tuple[str, str], HeadKind] = {
     ("single", LAB): HeadKind(heads.build_mlp_single, heads.mlp_single_entry),
-    ("single", "spatial"): HeadKind(heads.build_spatial_single, _conv("spatial")),
+    ("single", "spatial"): HeadKind(
+        heads.build_spatial_single, partial(heads.conv_entry, "spatial")
+    ),
     ("multi", LAB): HeadKind(
         heads.build_mlp_grid, heads.mlp_grid_entry, heads.best_anchor_layout, grid_targets
     ),
     ("multi", "conv"): HeadKind(
-        heads.build_conv_grid, _conv("conv"), heads.close_anchors_layout, grid_targets
+        heads.build_conv_grid,
+        partial(heads.conv_entry, "conv"),
+        heads.close_anchors_layout,
+        grid_targets,
     ),
     ("multi", "fcos"): HeadKind(fcos.build_fcos, fcos.fcos_entry, heads.levels_layout, box_targets),
     ("multi", "retinanet"): HeadKind(
