@@ -489,7 +489,7 @@ def test_extraction_hands_its_settings_to_the_loader_and_the_model(
     assert kwargs["batch_size"] == 2 and kwargs["num_workers"] == 0
     assert kwargs["pin_memory"] is False and kwargs["prefetch_factor"] is None
     assert models == [(resnet18, torch.device("cpu"), False, 2, "bfloat16")]
-    assert threads == [ONE_PROCESS.threads()] and out.is_file()
+    assert threads == [] and out.is_file()  # one process: torch's threads (OMP_NUM_THREADS)
     with safe_open(str(out), framework="pt") as handle:
         assert handle.metadata()["flipped"] == "left-right"
     loaders.clear()
@@ -513,7 +513,12 @@ def test_extraction_hands_its_settings_to_the_loader_and_the_model(
             extract_features(resnet18, paths, out, ImageSpec("crop", 64), settings, None, world)
         assert loaders[0][1]["pin_memory"] is True
     assert [m[1] for m in models[-2:]] == [torch.device("cuda", 1), torch.device("cuda")]
-    assert len(threads) == 2  # the two CPU runs' only: on a GPU the CPU's threads are left alone
+    assert threads == []  # on a GPU the CPU's threads are left alone
+    # On the CPU under torchrun: this process's share of the cores.
+    monkeypatch.setattr(features_lib, "pick_device", lambda device, key: torch.device("cpu"))
+    with pytest.raises(Recorded):
+        extract_features(resnet18, paths, out, ImageSpec("crop", 64), settings, None, ranks)
+    assert threads == [ranks.threads()]
 
 
 def test_the_progress_bar_counts_every_image_on_the_main_process_only(
