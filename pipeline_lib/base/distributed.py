@@ -59,6 +59,12 @@ class Ranks:
         """CPU threads for this process: the machine's cores shared by its local processes."""
         return max(1, (os.cpu_count() or 1) // self.local_world)
 
+    def share_cpu(self) -> None:
+        """Under torchrun, set torch's thread count to this process's share of the cores
+        (`threads`); one process keeps torch's own (OMP_NUM_THREADS where set)."""
+        if self.world > 1:
+            torch.set_num_threads(self.threads())
+
 
 ONE_PROCESS = Ranks()
 

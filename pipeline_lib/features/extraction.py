@@ -111,8 +111,8 @@ def extract_features(
     device = pick_device(settings.device, "backbone.device")
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
-    if device.type == "cpu" and ranks.world > 1:  # one process keeps torch's (OMP_NUM_THREADS)
-        torch.set_num_threads(ranks.threads())
+    if device.type == "cpu":
+        ranks.share_cpu()
     workers = pick_workers(settings.workers, device)
     share = batch_share(len(images), settings.batch_size, ranks)
     ids = list(images)[share.start : share.stop]

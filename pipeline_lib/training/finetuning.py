@@ -232,8 +232,8 @@ def training_device(device: str, ranks: Ranks = ONE_PROCESS) -> torch.device:
     if chosen.type == "cuda" and ranks.world > 1:
         chosen = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(chosen)
-    elif chosen.type == "cpu" and ranks.world > 1:
-        torch.set_num_threads(ranks.threads())
+    elif chosen.type == "cpu":
+        ranks.share_cpu()
     return chosen
 
 
