@@ -12,10 +12,17 @@ import torch
 from test_metrics import image, random_truth
 
 from pipeline_lib.measures.errortypes import DEVKIT, ERROR_TYPES, TIDE, split_errors
-from pipeline_lib.measures.metrics import mean_ap, voc_average_precision
+from pipeline_lib.measures.metrics import (
+    FALSE_POSITIVE,
+    IGNORED,
+    TRUE_POSITIVE,
+    mean_ap,
+    voc_average_precision,
+)
 
 OBJECT = [0, 0, 100, 100]
 CAT, DOG = 0, 1
+FAR = [200, 200, 300, 300]  # overlaps no OBJECT
 
 
 def one_image_per_type():
@@ -109,6 +116,33 @@ def test_difficult_objects_are_ignore_regions():
     assert found.map == pytest.approx(0.5)  # the background error (0.8) ranks before the find
 
 
+@pytest.mark.parametrize("scoring", [DEVKIT, TIDE], ids=lambda s: s.name)
+def test_each_scoring_s_matching_names_the_object_taken_or_minus_1(scoring):
+    """Scoring.match's contract, read by the split. A dog at OBJECT and a cat at FAR; cats
+    detected at FAR (0.7: finds object 1), at OBJECT (0.9: on the dog, another class) and far
+    from both (0.8): TRUE_POSITIVE with its object, FALSE_POSITIVE with -1, in either scoring."""
+    dets, truth = image(
+        [FAR, OBJECT, [500, 500, 600, 600]],
+        [0.7, 0.9, 0.8],
+        [OBJECT, FAR],
+        gt_labels=[DOG, CAT],
+    )
+    outcome, taken = scoring.match(dets, truth, 0.5, "continuous")
+    assert outcome.tolist() == [TRUE_POSITIVE, FALSE_POSITIVE, FALSE_POSITIVE]
+    assert taken.tolist() == [1, -1, -1]
+
+
+def test_tide_s_matching_counts_an_image_s_100_best_detections_only():
+    """TIDE's max_dets: the 101st detection by score (the lowest, first in the input) is
+    IGNORED, and takes no object even where it covers one exactly."""
+    dets, truth = image(
+        [OBJECT] + [FAR] * 100, [0.01] + [0.9 - k / 1000 for k in range(100)], [OBJECT]
+    )
+    outcome, taken = TIDE.match(dets, truth, 0.5, "continuous")
+    assert outcome.tolist() == [IGNORED] + [FALSE_POSITIVE] * 100
+    assert taken.tolist() == [-1] * 101
+
+
 def tidecv_split(detections, truth):
     """tidecv's own figures: (AP, {type: dAP}, {type: count}), in its percent."""
     from tidecv import TIDE as Reference
@@ -192,7 +226,6 @@ def test_voc_s_inclusive_pixels_by_default_and_one_truth_per_image():
         split_errors(list(dets) * 2, list(gts), 1)
 
 
-FAR = [200, 200, 300, 300]
 BOUNDARIES = {  # continuous overlap with OBJECT (100 x 100): 100 x 50 is IoU 0.5, 100 x 10 0.1
     "found at IoU 0.5 exactly": [image([[0, 0, 100, 50]], [0.9], [OBJECT])],
     "localisation at 0.1 exactly": [image([[0, 0, 100, 10]], [0.8], [OBJECT])],

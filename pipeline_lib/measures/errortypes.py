@@ -20,22 +20,26 @@ figures (tests/test_errortypes.py checks them against it).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pipeline_lib.measures.metrics import (
+    FALSE_POSITIVE,
+    IGNORED,
     TRUE_POSITIVE,
     _class_ap,
     box_overlap,
     match_image,
     mean_ap,
-    precision_envelope,
 )
 
 ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
 BACKGROUND_IOU = 0.1  # TIDE's: below this overlap with every object, a detection is background
+MAX_DETECTIONS = 100  # TIDE's max_dets: an image's detections beyond its 100 best count for nothing
 # How a review names the errors of each type, in a sentence ("fewer localisation errors").
 ERROR_NAMES = {
     "classification": "classification errors",
@@ -48,65 +52,77 @@ ERROR_NAMES = {
 Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@dataclass
+class ClassRanking:
+    """One class's AP entries: each detection's score and whether it found an object, and the
+    number of objects to find."""
+
+    objects: int
+    scores: list[float] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+
+    def add(self, score: float, hit: bool) -> None:
+        self.scores.append(score)
+        self.hits.append(hit)
+
+
 @dataclass(frozen=True)
 class Scoring:
     """How detections become true and false positives, and how their AP is averaged.
 
-    `match(detections, truth, foreground, overlap)`: one image's (outcome (D,) int8 as
-    metrics.match_image's, with IGNORED for detections that count for nothing, object (D,) the
-    index in `truth` of the object taken or -1); `mean_ap(scores, hits, positives)`: per-class
-    lists -> the mean AP."""
+    `match(detections, truth, foreground, overlap)`: one image's (outcome (D,) integer as
+    metrics.match_image's: TRUE_POSITIVE, FALSE_POSITIVE or IGNORED for a detection that counts
+    for nothing; object (D,) int64: the index in `truth` of the object taken, else -1);
+    `mean_ap(classes)`: one ClassRanking per class -> the mean AP."""
 
     name: str
     match: Callable[[Pair, Pair, float, str], tuple[torch.Tensor, torch.Tensor]]
-    mean_ap: Callable[[list[list[float]], list[list[bool]], list[int]], float]
+    mean_ap: Callable[[list[ClassRanking]], float]
 
 
-def _devkit_mean(scores, hits, positives) -> float:
-    per_class = [_class_ap(s, h, p) for s, h, p in zip(scores, hits, positives, strict=True)]
-    return mean_ap(per_class)
+def _by_score(scores: list[float]) -> list[int]:
+    """The indices of `scores` from the highest score down, equal scores in input order."""
+    # Python's sort is stable (reverse=True too), as the devkit's and TIDE's rankings; a plain
+    # list, as every caller reads its detections one by one.
+    return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+
+
+def _devkit_mean(classes: list[ClassRanking]) -> float:
+    return mean_ap([_class_ap(c.scores, c.hits, c.objects) for c in classes])
 
 
 def _tide_match(detections: Pair, truth: Pair, foreground: float, overlap: str):
-    """TIDE's matching (quantify.py's TIDEExample): over the image's detections in score order
-    (its 100 best), each takes the object of its class not taken yet that it overlaps most (the
-    first of equal maxima) from `foreground` on."""
+    """TIDE's matching (quantify.py's TIDEExample): over the image's MAX_DETECTIONS best
+    detections in score order, each takes the object of its class not taken yet that it overlaps
+    most (the first of equal maxima) from `foreground` on; the other detections count for
+    nothing."""
     boxes, scores, labels = detections
     g_boxes, g_labels, _ = truth
-    outcome = torch.zeros(len(scores), dtype=torch.int8)
-    taken_by = torch.full((len(scores),), -1, dtype=torch.int64)
-    order = torch.argsort(scores, descending=True, stable=True)
-    outcome[order[100:]] = -1  # TIDE's max_dets: the rest count for nothing
+    outcome = torch.full((len(scores),), IGNORED)
+    taken_by = torch.full((len(scores),), -1)
     iou = box_overlap(boxes.double(), g_boxes.double(), overlap)
     iou = iou * (labels[:, None] == g_labels[None, :])
-    for d in order[:100].tolist():
-        if not len(g_boxes):
-            break
-        g = int(iou[d].argmax())
-        if iou[d, g] >= foreground:
+    for d in _by_score(scores.tolist())[:MAX_DETECTIONS]:
+        outcome[d] = FALSE_POSITIVE
+        if len(g_boxes) and iou[d].max() >= foreground:
+            g = int(iou[d].argmax())
             outcome[d], taken_by[d] = TRUE_POSITIVE, g
             iou[:, g] = 0
     return outcome, taken_by
 
 
-def _tide_mean(scores, hits, positives) -> float:
+def _tide_mean(classes: list[ClassRanking]) -> float:
     """tidecv's ap.py: per class, precision made non-increasing, read at the first rank reaching
-    each recall k / 100 (0 where none does), averaged; 0 for a class without objects; the mean
+    each recall k / 100 (0 where none does), averaged (0 for a class without objects); the mean
     over the classes with objects or detections."""
     aps = []
-    for s, h, p in zip(scores, hits, positives, strict=True):
-        if not s and not p:
+    for c in classes:
+        if not c.scores and not c.objects:
             continue
-        if not p:
-            aps.append(0.0)
-            continue
-        order = torch.argsort(torch.tensor(s, dtype=torch.float64), descending=True, stable=True)
-        ranked = torch.tensor(h, dtype=torch.bool)[order]
-        tp = torch.cumsum(ranked, 0).double()
-        precision = precision_envelope(tp / torch.arange(1, len(ranked) + 1, dtype=torch.float64))
-        points = torch.tensor([k / 100 for k in range(101)], dtype=torch.float64)
-        first = torch.searchsorted(tp / p, points)
-        values = [float(precision[i]) if i < len(precision) else 0.0 for i in first.tolist()]
+        curve = _class_ap(c.scores, c.hits, c.objects)  # no ranks for a class without objects
+        envelope = list(itertools.accumulate(reversed(curve.precision), max))[::-1]
+        ranks = [bisect.bisect_left(curve.recall, k / 100) for k in range(101)]
+        values = [envelope[i] if i < len(envelope) else 0.0 for i in ranks]
         aps.append(sum(values) / len(values))
     return sum(aps) / len(aps) if aps else 0.0
 
@@ -126,12 +142,14 @@ class ErrorSplit:
 
 
 @dataclass
-class _Error:
-    kind: str | None  # one of ERROR_TYPES, None for a true positive
-    label: int  # the class of its AP entry as it is (a missed object: the object's class)
+class _Entry:
+    """A detection's AP entry: a true positive (kind None) or an error of one of ERROR_TYPES."""
+
+    kind: str | None
+    label: int  # the class it is ranked in as it is
     score: float
-    fixed_label: int | None = None  # the class it finds once fixed, if it can find an object
-    object: tuple[int, int] | None = None  # (image, object) that fix finds
+    fixed_label: int | None = None  # the class it finds once fixed: set on the best-scored fix
+    # of each object, None for the others (a fix that finds nothing is dropped)
 
 
 def split_errors(
@@ -145,93 +163,81 @@ def split_errors(
 ) -> ErrorSplit:
     """TIDE's error split (see the module docstring) of `detections` against `truth`, per image
     as metrics.voc_average_precision takes them."""
-    entries: list[_Error] = []  # per image, in score order: true positives (kind None), errors
-    positives = [0] * n_classes
-    best: dict[tuple[int, int], tuple[float, int]] = {}  # object -> (score, error that fixes it)
-    for n, (dets, objs) in enumerate(zip(detections, truth, strict=True)):
+    entries: list[_Entry] = []  # per image, in score order
+    positives, missed = [0] * n_classes, [0] * n_classes  # objects per class, and those missed
+    for dets, objs in zip(detections, truth, strict=True):
         boxes, scores, labels = dets
+        outcome, taken = scoring.match(dets, objs, foreground, overlap)
         keep = ~objs[2].bool()  # difficult objects are TIDE's ignore regions
         g_boxes, g_labels = objs[0][keep], objs[1][keep]
-        for k in g_labels.tolist():
-            positives[k] += 1
-        outcome, taken = scoring.match(dets, objs, foreground, overlap)
-        used = torch.zeros(len(objs[1]), dtype=torch.bool)
-        used[taken[outcome == TRUE_POSITIVE]] = True
-        used = used[keep]
-        iou = box_overlap(boxes.double(), g_boxes.double(), overlap).tolist()
-        same = (labels[:, None] == g_labels[None, :]).tolist()
-        used_list, objects = used.tolist(), g_labels.tolist()
-        usable = [False] * len(objects)
-        outcomes, labels_list, scores_list = outcome.tolist(), labels.tolist(), scores.tolist()
-        for d in torch.argsort(scores, descending=True, stable=True).tolist():
-            label, score = labels_list[d], float(scores_list[d])
+        found = torch.zeros_like(keep)
+        found[taken[outcome == TRUE_POSITIVE]] = True
+        found = found[keep]
+        iou = box_overlap(boxes.double(), g_boxes.double(), overlap)
+        same = labels[:, None] == g_labels[None, :]
+        types = _error_types(iou, same, found, foreground, background)
+        reached = found.tolist()  # found by a detection, or by the fix of one
+        objects, outcomes, classes = g_labels.tolist(), outcome.tolist(), labels.tolist()
+        for d in _by_score(scores.tolist()):
             if outcomes[d] == TRUE_POSITIVE:
-                entries.append(_Error(None, label, score))
-                continue
-            if outcomes[d] < 0:
-                continue  # counts for nothing (it matched a difficult object)
-            kind, g = _error_type(iou[d], same[d], used_list, foreground, background)
-            error = _Error(kind, label, score)
-            if g is not None and not used_list[g]:  # a fix can find this object
-                error.fixed_label, error.object = objects[g], (n, g)
-                usable[g] = True
-                if error.object not in best or best[error.object][0] < score:
-                    best[error.object] = (score, len(entries))
-            entries.append(error)
-        entries += [
-            _Error("missed", k, 0.0)
-            for k, found, could in zip(objects, used_list, usable, strict=True)
-            if not found and not could
-        ]
-    fixes = {i for _, i in best.values()}
+                entries.append(_Entry(None, classes[d], float(scores[d])))
+            elif outcomes[d] != IGNORED:  # IGNORED: it matched a difficult object
+                kind, g = types[d]
+                entries.append(_Entry(kind, classes[d], float(scores[d])))
+                if g is not None and not reached[g]:  # the first fix to find g, the best-scored
+                    entries[-1].fixed_label, reached[g] = objects[g], True
+        for g, k in enumerate(objects):
+            positives[k] += 1
+            missed[k] += not reached[g]
 
     def fixed_map(kind: str | None) -> float:
-        scores: list[list[float]] = [[] for _ in range(n_classes)]
-        hits: list[list[bool]] = [[] for _ in range(n_classes)]
-        objects = list(positives)
-        for i, error in enumerate(entries):
-            if error.kind is None:  # a true positive
-                scores[error.label].append(error.score)
-                hits[error.label].append(True)
-            elif error.kind == "missed":
-                objects[error.label] -= error.kind == kind
-            elif error.kind != kind:
-                scores[error.label].append(error.score)
-                hits[error.label].append(False)
-            elif i in fixes:  # the best-scored fix of its object; the other fixes are dropped
-                scores[error.fixed_label].append(error.score)
-                hits[error.fixed_label].append(True)
-        return scoring.mean_ap(scores, hits, objects)
+        ranked = [
+            ClassRanking(positives[k] - (missed[k] if kind == "missed" else 0))
+            for k in range(n_classes)
+        ]
+        for entry in entries:
+            if entry.kind is None:  # a true positive
+                ranked[entry.label].add(entry.score, True)
+            elif entry.kind != kind:
+                ranked[entry.label].add(entry.score, False)
+            elif entry.fixed_label is not None:  # the others of this kind are dropped
+                ranked[entry.fixed_label].add(entry.score, True)
+        return scoring.mean_ap(ranked)
 
     start = fixed_map(None)
     gains = {kind: max(fixed_map(kind) - start, 0.0) for kind in ERROR_TYPES}
-    counts = {kind: sum(e.kind == kind for e in entries) for kind in ERROR_TYPES}
+    counts = {kind: sum(entry.kind == kind for entry in entries) for kind in ERROR_TYPES}
+    counts["missed"] = sum(missed)  # missed objects have no entry
     return ErrorSplit(start, gains, counts)
 
 
-def _error_type(
-    iou: list[float], same: list[bool], used: list[bool], foreground: float, background: float
-) -> tuple[str, int | None]:
-    """TIDE's tests, in its order, of a detection that found nothing: (its error type, the
-    object a localisation or classification fix would find, else None). `iou` its overlap with
-    each of the image's objects, `same` whether each is of its class, `used` whether found."""
-    if not iou:
-        return "background", None
-    own = [v if s else 0.0 for v, s in zip(iou, same, strict=True)]
-    g = _first_max(own)
-    if background <= own[g] <= foreground:
-        return "localisation", g
-    other = [0.0 if s else v for v, s in zip(iou, same, strict=True)]
-    g = _first_max(other)
-    if other[g] >= foreground:
-        return "classification", g
-    if max(v if u else 0.0 for v, u in zip(own, used, strict=True)) >= foreground:
-        return "duplicate", None
-    if max(iou) <= background:
-        return "background", None
-    return "both", None
-
-
-def _first_max(values: list[float]) -> int:
-    """The index of the first of the largest values (numpy's argmax)."""
-    return values.index(max(values))
+def _error_types(
+    iou: torch.Tensor,
+    same: torch.Tensor,
+    found: torch.Tensor,
+    foreground: float,
+    background: float,
+) -> list[tuple[str, int | None]]:
+    """TIDE's tests, in its order, of each detection as one that found nothing: (its error type,
+    the object a localisation or classification fix would find, else None). iou (D, G): each
+    detection's overlap with each of the image's objects; same (D, G) bool: the object is of the
+    detection's class; found (G,) bool: a detection found the object."""
+    if not iou.shape[1]:  # no object: nothing overlaps
+        return [("background", None)] * len(iou)
+    own = iou * same
+    own_best, own_object = (t.tolist() for t in own.max(1))  # the first of equal maxima
+    other_best, other_object = (t.tolist() for t in (iou * ~same).max(1))
+    found_best, any_best = (own * found).amax(1).tolist(), iou.amax(1).tolist()
+    types: list[tuple[str, int | None]] = []
+    for d in range(len(iou)):
+        if background <= own_best[d] <= foreground:
+            types.append(("localisation", own_object[d]))
+        elif other_best[d] >= foreground:
+            types.append(("classification", other_object[d]))
+        elif found_best[d] >= foreground:
+            types.append(("duplicate", None))
+        elif any_best[d] <= background:
+            types.append(("background", None))
+        else:
+            types.append(("both", None))
+    return types
