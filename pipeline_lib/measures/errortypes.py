@@ -21,7 +21,6 @@ figures (tests/test_errortypes.py checks them against it).
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from pipeline_lib.measures.metrics import (
     box_overlap,
     match_image,
     mean_ap,
+    precision_envelope,
 )
 
 ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
@@ -120,7 +120,8 @@ def _tide_mean(classes: list[ClassRanking]) -> float:
         if not c.scores and not c.objects:
             continue
         curve = _class_ap(c.scores, c.hits, c.objects)  # no ranks for a class without objects
-        envelope = list(itertools.accumulate(reversed(curve.precision), max))[::-1]
+        precision = torch.tensor(curve.precision, dtype=torch.float64)
+        envelope = precision_envelope(precision).tolist()
         ranks = [bisect.bisect_left(curve.recall, k / 100) for k in range(101)]
         values = [envelope[i] if i < len(envelope) else 0.0 for i in ranks]
         aps.append(sum(values) / len(values))
