@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import socket
+import sys
 import tarfile
 import threading
 import urllib.error
@@ -49,14 +50,28 @@ def make_archive(tmp_path, extra_member: str | None = None) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(tmp_path / "src" / "VOCdevkit", arcname="VOCdevkit")
-        if extra_member:
+        if extra_member == "link out":  # a link to a file outside the folder
+            info = tarfile.TarInfo("VOCdevkit/VOC2012/passwd")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        elif extra_member:
             info = tarfile.TarInfo(extra_member)
             info.size = 4
             tar.addfile(info, io.BytesIO(b"evil"))
     return buffer.getvalue()
 
 
-def test_download_extract_and_read(server, tmp_path):
+@pytest.fixture(params=["data filter", "before Python 3.11.4"])
+def tarfile_of(request, monkeypatch):
+    """Runs a test with tarfile's "data" filter, and as on Pythons without it (3.11.0-3.11.3)."""
+    if request.param != "data filter":
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"Python {sys.version.split()[0]} has no tarfile data filter (3.11.4 on)")
+    return request.param
+
+
+def test_download_extract_and_read(server, tmp_path, tarfile_of):
     site, base = server
     data = make_archive(tmp_path)
     (site / ARCHIVE).write_bytes(data)
@@ -80,9 +95,10 @@ def test_checksum_mismatch_is_rejected(server, tmp_path):
     assert list(dest.iterdir()) == []  # neither the corrupt archive nor a partial dataset
 
 
-def test_unsafe_archive_member_is_refused(server, tmp_path):
+@pytest.mark.parametrize("member", ["../escaped.txt", "link out"])
+def test_unsafe_archive_member_is_refused(server, tmp_path, tarfile_of, member):
     site, base = server
-    data = make_archive(tmp_path, extra_member="../escaped.txt")
+    data = make_archive(tmp_path, extra_member=member)
     (site / ARCHIVE).write_bytes(data)
     with pytest.raises(DatasetError, match="cannot unpack"):
         download_voc2012(tmp_path / "data", f"{base}/{ARCHIVE}", hashlib.md5(data).hexdigest())

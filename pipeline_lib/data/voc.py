@@ -325,12 +325,26 @@ def _unpack_voc(archive: Path, dataset_dir: Path) -> None:
     """
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".unpack.") as tmp:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            _extract_inside(tar, tmp)
         unpacked = Path(tmp) / "VOCdevkit" / dataset_dir.name
         if not (unpacked / "Annotations").is_dir():
             raise DatasetError(f"{archive.name} holds no VOCdevkit/{dataset_dir.name}/Annotations")
         dataset_dir.parent.mkdir(exist_ok=True)  # dest/VOCdevkit: dest holds the archive
         os.replace(unpacked, dataset_dir)
+
+
+def _extract_inside(tar: tarfile.TarFile, folder: str) -> None:
+    """Every member of `tar` into `folder`, none outside it: tarfile's "data" filter (Python
+    3.11.4 on); before it (Debian 12's 3.11.2), only plain files and folders at relative paths
+    without `..` (VOC's archives hold nothing else), else tarfile.TarError naming the member."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(folder, filter="data")
+        return
+    for member in tar.getmembers():
+        path = Path(member.name)
+        if not (member.isfile() or member.isdir()) or path.is_absolute() or ".." in path.parts:
+            raise tarfile.TarError(f"{member.name!r} is not a file or folder inside the archive")
+    tar.extractall(folder)  # every member checked above
 
 
 # --- small helpers ------------------------------------------------------------------------------
