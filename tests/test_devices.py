@@ -112,7 +112,7 @@ def test_compile_goes_through_torch_compile_frozen_and_static(monkeypatch):
 
     def compile_(model, **kwargs):
         calls.append(kwargs)
-        return lambda x: model(x) * 2
+        return lambda x: model(x) * 1.01  # within check_compiled's 5 % of the eager model
 
     monkeypatch.setattr(features_lib.torch, "compile", compile_)
     batch = torch.full((2, 3, 2, 2), 255, dtype=torch.uint8)
@@ -120,7 +120,7 @@ def test_compile_goes_through_torch_compile_frozen_and_static(monkeypatch):
     assert calls == [] and eager(batch)[0, 0, 0, 0].item() == 1.0
     compiled = prepare_model(recorder_backbone(), torch.device("cpu"), compile=True)
     assert calls == [{"dynamic": False, "options": {"freezing": True}}]
-    assert compiled(batch)[0, 0, 0, 0].item() == 2.0
+    assert compiled(batch)[0, 0, 0, 0].item() == pytest.approx(1.01)
 
     def failure(inner: Exception) -> str:
         """The message of a compiled model whose compiler fails with `inner`."""
@@ -144,6 +144,36 @@ def test_compile_goes_through_torch_compile_frozen_and_static(monkeypatch):
     assert failure(RuntimeError("")).endswith("(RuntimeError: ); set backbone.compile: false")
     long = failure(OSError("x" * 300))  # the first 200 characters of the first line
     assert long.endswith(f"(OSError: {'x' * 200}); set backbone.compile: false")
+
+
+def test_a_compiled_model_computing_other_features_is_refused(monkeypatch):
+    """torch.compile where ATen's kernels are capped below the CPU's (ATEN_CPU_CAPABILITY=avx2 on
+    an AVX-512 CPU, torch 2.14) computes values of 1e35 and NaN: the first batch is compared with
+    the eager model's, which gives 1.0 here; 5 % of that (and 1e-3) is allowed."""
+    batch = torch.full((2, 3, 2, 2), 255, dtype=torch.uint8)
+
+    def compiled_as(factor: float):
+        monkeypatch.setattr(
+            features_lib.torch, "compile", lambda model, **kwargs: lambda x: model(x) * factor
+        )
+        return prepare_model(recorder_backbone(), torch.device("cpu"), compile=True)
+
+    assert compiled_as(1.05)(batch)[0, 0, 0, 0].item() == pytest.approx(1.05)  # 0.05 <= 0.051
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with pytest.raises(PipelineError) as raised:
+        compiled_as(1.052)(batch)
+    assert str(raised.value) == (
+        "backbone.compile: the compiled stand-in computes other features than the eager one "
+        "(largest difference 0.052 on the first batch, features up to 1); set backbone.compile: "
+        "false"
+    )
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.raises(PipelineError) as raised:
+        compiled_as(float("nan"))(batch)
+    assert str(raised.value).endswith(
+        "(largest difference nan on the first batch, features up to 1); set backbone.compile: "
+        "false or unset ATEN_CPU_CAPABILITY (=avx2)"
+    )
 
 
 def test_bfloat16_runs_the_backbone_under_bfloat16_autocast(monkeypatch):

@@ -59,6 +59,25 @@ def pick_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def check_compiled(compiled: torch.Tensor, eager: torch.Tensor, name: str) -> None:
+    """Refuses (PipelineError) a compiled backbone whose features of one batch differ from the
+    eager model's by more than 5 % of their largest magnitude, or are not finite: torch.compile's
+    CPU code computes garbage (1e35, NaN) where ATen's kernels are capped below the CPU's own
+    (`ATEN_CPU_CAPABILITY=avx2` on an AVX-512 CPU, torch 2.14); kernels that merely sum in
+    another order, in float32 or bfloat16, stay far inside the bound."""
+    compiled, eager = compiled.float(), eager.float()
+    difference = float((compiled - eager).abs().max()) if eager.numel() else 0.0
+    scale = float(eager.abs().max()) if eager.numel() else 0.0
+    if not difference <= 0.05 * scale + 1e-3:  # NaN fails too
+        capped = os.environ.get("ATEN_CPU_CAPABILITY")
+        cause = f" or unset ATEN_CPU_CAPABILITY (={capped})" if capped else ""
+        raise PipelineError(
+            f"backbone.compile: the compiled {name} computes other features than the eager one "
+            f"(largest difference {difference:.3g} on the first batch, features up to "
+            f"{scale:.3g}); set backbone.compile: false{cause}"
+        )
+
+
 def prepare_model(
     backbone: Backbone,
     device: torch.device,
@@ -90,6 +109,7 @@ def prepare_model(
             return pack_levels(*run_levels(trunk, backbone.fine_layer, x))
 
     run = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
+    checked = []  # the compiled model's first batch, once checked against the eager model
 
     def call(x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -98,7 +118,7 @@ def prepare_model(
         if not compile:
             return run(x)[:rows]
         try:
-            return run(x)[:rows]
+            features = run(x)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             cause = error.inner_exception  # the error's own first line names only the backend
             first = (str(cause).splitlines() or [""])[0][:200]
@@ -106,6 +126,10 @@ def prepare_model(
                 f"backbone.compile: torch.compile failed for {backbone.name} "
                 f"({type(cause).__name__}: {first}); set backbone.compile: false"
             ) from error
+        if not checked:
+            check_compiled(features, model(x), backbone.name)
+            checked.append(True)
+        return features[:rows]
 
     bf16 = pick_precision(precision, device) == "bfloat16"
 
