@@ -186,12 +186,15 @@ def test_experiments_metrics_diff_and_plots(project):
     page = (html / "index.html").read_text()
     assert "evaluate_multi_pr_curves" in page and "nms_before_after.png" in page
 
-    # A new backbone re-runs extract, never prepare (up to extract: what follows new features is
-    # the image-size step's of the param-group test); `backbone.layer: auto` (the default) takes
-    # resnet18's last feature map, layer4, with no second key to set.
+    # A new backbone re-runs extract and everything after it, never prepare; `backbone.layer:
+    # auto` (the default) takes resnet18's last feature map, layer4, with no second key to set.
     resnet = ["-S", "backbone.name=resnet18", "-S", "backbone.weights=random"]
-    output = run(project, "dvc", "exp", "run", *resnet, "extract")
-    assert stages_run(output) == {"extract"}
+    output = run(project, "dvc", "exp", "run", *resnet)
+    assert (
+        stages_run(output)
+        == {"extract", "train_single", "evaluate_single", "train_multi", "evaluate_multi"}
+        | FINETUNE
+    )
     described = json.loads((project / "data/features/features.json").read_text())
     assert (described["name"], described["layer"]) == ("resnet18", "layer4")
 
