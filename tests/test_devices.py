@@ -15,7 +15,7 @@ from pipeline_lib.base.params import ParamsError, load_params
 from pipeline_lib.features import devices as devices_lib
 from pipeline_lib.features import extraction as features_lib
 from pipeline_lib.features.backbones import Backbone
-from pipeline_lib.features.devices import pick_precision, prepare_model
+from pipeline_lib.features.devices import check_compiled, pick_precision, prepare_model
 from pipeline_lib.features.extraction import ExtractSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,19 @@ def test_a_compiled_model_computing_other_features_is_refused(monkeypatch):
         "(largest difference nan on the first batch, features up to 1); set backbone.compile: "
         "false or unset ATEN_CPU_CAPABILITY (=avx2)"
     )
+
+
+def test_the_compiled_check_allows_5_percent_of_the_largest_feature():
+    """Eager features [4, -2]: the bound is 0.05 * 4 + 0.001 = 0.201, on any feature."""
+    eager = torch.tensor([4.0, -2.0])
+    check_compiled(torch.tensor([4.2, -2.0]), eager, "trunk")  # 0.2 off: allowed
+    check_compiled(torch.tensor([4.0, -1.81]), eager, "trunk")  # 0.19 off the smaller one
+    with pytest.raises(
+        PipelineError, match=r"difference 0.21 on the first batch, features up to 4\)"
+    ):
+        check_compiled(torch.tensor([4.0, -2.21]), eager, "trunk")
+    with pytest.raises(PipelineError, match="difference inf"):
+        check_compiled(torch.tensor([float("inf"), -2.0]), eager, "trunk")
 
 
 def test_bfloat16_runs_the_backbone_under_bfloat16_autocast(monkeypatch):

@@ -65,9 +65,8 @@ def check_compiled(compiled: torch.Tensor, eager: torch.Tensor, name: str) -> No
     CPU code computes garbage (1e35, NaN) where ATen's kernels are capped below the CPU's own
     (`ATEN_CPU_CAPABILITY=avx2` on an AVX-512 CPU, torch 2.14); kernels that merely sum in
     another order, in float32 or bfloat16, stay far inside the bound."""
-    compiled, eager = compiled.float(), eager.float()
-    difference = float((compiled - eager).abs().max()) if eager.numel() else 0.0
-    scale = float(eager.abs().max()) if eager.numel() else 0.0
+    compiled, eager = compiled.float(), eager.float()  # a batch holds at least one image
+    difference, scale = float((compiled - eager).abs().max()), float(eager.abs().max())
     if not difference <= 0.05 * scale + 1e-3:  # NaN fails too
         capped = os.environ.get("ATEN_CPU_CAPABILITY")
         cause = f" or unset ATEN_CPU_CAPABILITY (={capped})" if capped else ""
@@ -109,9 +108,10 @@ def prepare_model(
             return pack_levels(*run_levels(trunk, backbone.fine_layer, x))
 
     run = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
-    checked = []  # the compiled model's first batch, once checked against the eager model
+    checked = False  # whether the compiled model's first batch was checked against the eager one
 
     def call(x: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
         rows = x.shape[0]
         if batch_size and rows < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - rows, *x.shape[1:]))])
@@ -128,7 +128,7 @@ def prepare_model(
             ) from error
         if not checked:
             check_compiled(features, model(x), backbone.name)
-            checked.append(True)
+            checked = True
         return features[:rows]
 
     bf16 = pick_precision(precision, device) == "bfloat16"
