@@ -179,12 +179,13 @@ def split_errors(
         types = _error_types(iou, same, found, foreground, background)
         reached = found.tolist()  # found by a detection, or by the fix of one
         objects, outcomes, classes = g_labels.tolist(), outcome.tolist(), labels.tolist()
-        for d in _by_score(scores.tolist()):
+        values = scores.tolist()
+        for d in _by_score(values):
             if outcomes[d] == TRUE_POSITIVE:
-                entries.append(_Entry(None, classes[d], float(scores[d])))
+                entries.append(_Entry(None, classes[d], values[d]))
             elif outcomes[d] != IGNORED:  # IGNORED: it matched a difficult object
                 kind, g = types[d]
-                entries.append(_Entry(kind, classes[d], float(scores[d])))
+                entries.append(_Entry(kind, classes[d], values[d]))
                 if g is not None and not reached[g]:  # the first fix to find g, the best-scored
                     entries[-1].fixed_label, reached[g] = objects[g], True
         for g, k in enumerate(objects):
